@@ -1,0 +1,31 @@
+"""DQAR: Dynamic Quantized Attention Reuse for Diffusion Transformers.
+
+Heavy dependencies (diffusers, the harness) are imported lazily so `import dqar` stays fast.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DQARConfig": "dqar.config",
+    "DQARController": "dqar.controller",
+    "Decision": "dqar.controller",
+    "apply_dqar": "dqar.hooks",
+    "remove_dqar": "dqar.hooks",
+    "DiT": "dqar.models.dit",
+    "DiTConfig": "dqar.models.dit",
+    "build_dit": "dqar.models.dit",
+    "load_dit": "dqar.models.io",
+    "save_dit": "dqar.models.io",
+    "sample": "dqar.sampling",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dqar' has no attribute {name!r}")
