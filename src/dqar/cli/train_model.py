@@ -1,0 +1,145 @@
+"""`dqar train-model`: train the embedded digits DiT and its evaluator, write the four asset files.
+
+The files go to --out (a local folder, never the package by default). `--install` then copies them over the
+shipped assets in `dqar/assets/` (an editable install or source checkout); the manual equivalent is
+`cp OUT/dit_digits_ema.safetensors OUT/dit_digits.json OUT/evaluator.safetensors OUT/evaluator.json
+src/dqar/assets/`. Measured quality is added to the cards afterwards by `benchmarks/embedded_quality.py`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import UsageError
+
+DEFAULT_OUT = "embedded-model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for the assets (default ./{DEFAULT_OUT})")
+    parser.add_argument("--steps", type=int, default=4000, help="DiT optimizer steps (default 4000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="DiT batch size (default 64)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="DiT peak learning rate (default 1e-3)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the shipped weights (0.999)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
+    parser.add_argument("--evaluator-epochs", type=int, default=20, help="evaluator CNN epochs (default 20)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--install", action="store_true",
+                        help="after training, copy the four files over the package's shipped assets")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    parts = ["dqar train-model", f"--out {args.out}", f"--steps {args.steps}", f"--batch-size {args.batch_size}",
+             f"--lr {args.lr:g}", f"--ema-decay {args.ema_decay:g}", f"--seed {args.seed}",
+             f"--evaluator-epochs {args.evaluator_epochs}"]
+    if args.threads is not None:
+        parts.append(f"--threads {args.threads}")
+    return " ".join(parts)
+
+
+def _write_json(path, obj) -> None:
+    import json
+
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def install_assets(out) -> list:
+    """Copy the four asset files from `out` into the package's assets folder; returns the destinations."""
+    import shutil
+    from importlib import resources
+    from pathlib import Path
+
+    from dqar.embedded import ASSET_FILES
+
+    dest = Path(str(resources.files("dqar").joinpath("assets")))
+    if not dest.is_dir():
+        raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not a writable folder "
+                         "(installed from a wheel?); copy the files by hand instead")
+    missing = [name for name in ASSET_FILES if not (out / name).is_file()]
+    if missing:
+        raise UsageError(f"--install: {str(out / missing[0])!r} does not exist")
+    return [Path(shutil.copy2(out / name, dest / name)) for name in ASSET_FILES]
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from dqar.cli.common import setup_torch
+    from dqar.data import IMAGE_SIZE, SPLIT_SEED, TEST_FRACTION, load_split
+    from dqar.embedded import (DIT_CARD, DIT_FILE, EVALUATOR_CARD, EVALUATOR_FILE, save_embedded_dit,
+                               save_embedded_evaluator, tensor_digest)
+    from dqar.evaluator import ARCH, EvaluatorTrainConfig, accuracy, train_evaluator
+    from dqar.training import DiTTrainConfig, train_dit
+
+    if args.evaluator_epochs < 1:
+        raise UsageError(f"--evaluator-epochs={args.evaluator_epochs} is not allowed: must be >= 1")
+    try:
+        dit_cfg = DiTTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 ema_decay=args.ema_decay, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("steps=", "--steps=").replace("batch_size=", "--batch-size=")) from None
+    setup_torch(argparse.Namespace(threads=args.threads, device="cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    train, test = load_split("train"), load_split("test")
+    data_card = {
+        "source": "sklearn.datasets.load_digits (UCI optdigits, 1,797 real 8x8 scans, grey levels 0..16)",
+        "preprocessing": "8x8 -> 16x16 bilinear upsampling (torch interpolate, align_corners=False), "
+                         "[0,16] -> [-1,1]",
+        "split": f"stratified train_test_split, test_size={TEST_FRACTION}, random_state={SPLIT_SEED}",
+        "train_images": len(train), "test_images": len(test),
+    }
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "machine": platform.machine()}
+    command = reproduce_command(args)
+
+    # The evaluator first: it takes a minute, so a broken setup shows before the long DiT run.
+    ev_cfg = EvaluatorTrainConfig(epochs=args.evaluator_epochs, seed=args.seed)
+    evaluator, ev_summary = train_evaluator(train, ev_cfg, progress=progress)
+    held_out = accuracy(evaluator, test)
+    save_embedded_evaluator(evaluator, out / EVALUATOR_FILE)
+    _write_json(out / EVALUATOR_CARD, {
+        "name": "dqar digits evaluator", "architecture": ARCH, "data": data_card,
+        "held_out_accuracy": held_out, "held_out_images": len(test),
+        "training": {**ev_summary, "command": command, "environment": env},
+        "use": "evaluator accuracy of generated digits against the requested class; FID in the 128-d "
+               "penultimate features (DigitsEvaluator.features)",
+    })
+    print(f"evaluator: held-out accuracy {held_out:.4f} on {len(test)} test digits "
+          f"({ev_summary['wall_time_s']:.0f} s)", file=sys.stderr)
+
+    result = train_dit(train, dit_cfg, progress=progress)
+    with open(out / "dit_loss.csv", "w", encoding="utf-8") as f:
+        f.write("step,loss,lr,elapsed_s\n")
+        for row in result.loss_log:
+            f.write(f"{row['step']},{row['loss']:.6f},{row['lr']:.6g},{row['elapsed_s']:.2f}\n")
+    save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema"})
+    config = result.ema.config
+    _write_json(out / DIT_CARD, {
+        "name": "dqar embedded digits DiT", "preset": "DiT-Digits", "config": config.to_dict(),
+        "image_shape": [config.in_channels, config.input_size, config.input_size],
+        "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
+        "parameters": sum(p.numel() for p in result.ema.parameters()),
+        "weights": "EMA of the trained weights", "weights_sha256": tensor_digest(result.ema.state_dict()),
+        "data": data_card,
+        "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                     "prediction": "epsilon", "loss": "MSE", "label_dropout": config.class_dropout_prob},
+        "training": {**result.summary(), "steps_trained": dit_cfg.steps, "optimizer": "AdamW",
+                     "lr_schedule": "linear warmup then cosine to min_lr_ratio * lr",
+                     "final_loss_definition": "mean training MSE over the last 10% of steps",
+                     "loss_log": "dit_loss.csv beside the weights in the --out folder",
+                     "evaluator_wall_time_s": ev_summary["wall_time_s"], "command": command, "environment": env},
+        "metrics": {},
+    })
+    print(f"DiT: {dit_cfg.steps} steps in {result.wall_time_s / 60:.1f} min, final loss {result.final_loss:.4f}; "
+          f"wrote {out}", file=sys.stderr)
+    if args.install:
+        for dest in install_assets(out):
+            print(f"installed {dest}", file=sys.stderr)
+    return 0
