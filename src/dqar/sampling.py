@@ -11,6 +11,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .controller import CONTROLLER_ATTR
+
 SAMPLERS = ("ddim", "dpm")
 BRANCHES_CFG = ("cond", "uncond")
 BRANCHES_COND = ("cond",)
@@ -106,6 +108,9 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
     null_class = cfg.num_classes if null_class is None else null_class
     denoiser = denoiser or (lambda x, t, y: model(x, t, y))
 
+    hooked = getattr(model, CONTROLLER_ATTR, None)
+    if hooked is not None:
+        observers = [hooked[0], *observers]
     scheduler = make_scheduler(sampler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps

@@ -1,0 +1,187 @@
+"""DQARConfig: every knob of attention-output reuse, validated when constructed.
+
+Validation happens in `__post_init__`, so `dataclasses.replace` re-validates too. The config is
+never written back to: defaults are resolved where they are used.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MODES = ("output", "kv")
+SCHEDULES = ("none", "static", "depth", "gate", "policy", "interval")
+ORDERS = ("shallow", "deep", "random")
+SNR_FORMS = ("schedule", "x0")
+GATE_WITH = (None, "static", "depth")
+TARGETS = ("attn", "mlp")
+CACHE_BITS = (16, 8, 4)
+GRANULARITIES = ("tensor", "channel", "token")
+# The seed's depth-aware phases for 28 layers, {0,1,2} / {0..12} / all, as fractions of depth.
+SEED_DEPTH_PHASES = ((0.3, 3 / 28), (0.7, 13 / 28), (1.0, 1.0))
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"DQARConfig.{name}={value!r} is not allowed: {allowed}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class DQARConfig:
+    """When and how a DiT's attention (and optionally MLP) outputs are cached and reused.
+
+    schedule   which rule decides reuse: "none" (never), "static" (seed 000's warmup + layer
+               fraction), "depth" (seed 002's depth phases), "gate" (entropy below tau(p_len) and
+               SNR inside `snr_range`), "policy" (learned MLP), "interval" (FORA: compute every
+               `interval`-th step after warmup, reuse in between).
+    warmup     progress before which nothing is reused, for every schedule.
+    mode       "output" caches the module output before the adaLN gate; "kv" caches K and V and
+               recomputes Q and attention (the seeds' failure mode, kept to show it).
+    cache_bits 16 stores outputs unquantized in the compute dtype; 8 / 4 quantize them.
+    tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
+               models have p_len = 1, so tau = tau0 / 8 (entropy in nats, mean over query rows).
+    """
+
+    schedule: str = "static"
+    mode: str = "output"
+    warmup: float = 0.4
+    layer_fraction: float = 0.33
+    order: str = "shallow"
+    order_seed: int = 0
+    depth_phases: tuple = SEED_DEPTH_PHASES
+    tau0: float = 24.0
+    snr_range: tuple = (0.5, 50.0)
+    snr_form: str = "schedule"
+    entropy_rows: int = 16
+    entropy_seed: int = 0
+    record_entropy: bool = False
+    gate_with: str | None = None
+    cfg_sharing: bool = False
+    cfg_sharing_eps: float = 0.05
+    targets: tuple = ("attn",)
+    interval: int = 2
+    policy_path: str | None = None
+    policy_threshold: float | None = None
+    policy_budget: float | None = None
+    cache_bits: int = 16
+    kv_bits: tuple | None = None
+    quant_granularity: str = "channel"
+    csb_topk: float = 0
+    csb_calibration_steps: int = 0
+    trace: bool = False
+
+    def __post_init__(self):
+        # Normalise sequence fields to tuples (JSON and CLI give lists) without mutating caller data.
+        for name in ("depth_phases", "snr_range", "targets", "kv_bits"):
+            value = getattr(self, name)
+            if isinstance(value, str) and name == "targets":
+                value = tuple(t.strip() for t in value.split(",") if t.strip())
+            if isinstance(value, list):
+                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, allowed in (("schedule", SCHEDULES), ("mode", MODES), ("order", ORDERS),
+                              ("snr_form", SNR_FORMS), ("quant_granularity", GRANULARITIES)):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
+        if self.gate_with not in GATE_WITH:
+            _fail("gate_with", self.gate_with, "must be None, 'static' or 'depth'")
+        if not _is_number(self.warmup) or not 0.0 <= self.warmup <= 1.0:
+            _fail("warmup", self.warmup, "must be a number in [0, 1]")
+        if not _is_number(self.layer_fraction) or not 0.0 < self.layer_fraction <= 1.0:
+            _fail("layer_fraction", self.layer_fraction, "must be a number in (0, 1]")
+        if not _is_int(self.order_seed):
+            _fail("order_seed", self.order_seed, "must be an integer")
+        self._validate_phases()
+        if not _is_number(self.tau0) or self.tau0 <= 0:
+            _fail("tau0", self.tau0, "must be a number > 0")
+        sr = self.snr_range
+        if (not isinstance(sr, tuple) or len(sr) != 2 or not all(_is_number(v) for v in sr)
+                or sr[0] < 0 or sr[0] > sr[1]):
+            _fail("snr_range", sr, "must be a pair (a, b) of numbers with 0 <= a <= b")
+        if not _is_int(self.entropy_rows) or self.entropy_rows < 1:
+            _fail("entropy_rows", self.entropy_rows, "must be an integer >= 1")
+        if not _is_int(self.entropy_seed):
+            _fail("entropy_seed", self.entropy_seed, "must be an integer")
+        if not _is_number(self.cfg_sharing_eps) or self.cfg_sharing_eps < 0:
+            _fail("cfg_sharing_eps", self.cfg_sharing_eps, "must be a number >= 0")
+        t = self.targets
+        if not isinstance(t, tuple) or not t or any(x not in TARGETS for x in t) or len(set(t)) != len(t):
+            _fail("targets", t, f"must be a non-empty tuple of distinct names from {', '.join(TARGETS)}")
+        if self.mode == "kv" and "mlp" in t:
+            _fail("targets", t, "mode='kv' caches attention keys/values only; use targets=('attn',)")
+        if not _is_int(self.interval) or self.interval < 1:
+            _fail("interval", self.interval, "must be an integer >= 1")
+        if self.policy_threshold is not None and (not _is_number(self.policy_threshold)
+                                                  or not 0.0 <= self.policy_threshold <= 1.0):
+            _fail("policy_threshold", self.policy_threshold, "must be None or a number in [0, 1]")
+        if self.policy_budget is not None and (not _is_number(self.policy_budget)
+                                               or not 0.0 < self.policy_budget <= 1.0):
+            _fail("policy_budget", self.policy_budget, "must be None or a number in (0, 1]")
+        if self.cache_bits not in CACHE_BITS or isinstance(self.cache_bits, bool):
+            _fail("cache_bits", self.cache_bits, "must be 16 (unquantized), 8 or 4")
+        if self.kv_bits is not None:
+            kb = self.kv_bits
+            if not isinstance(kb, tuple) or len(kb) != 2 or any(b not in CACHE_BITS for b in kb):
+                _fail("kv_bits", kb, "must be None or a pair (k_bits, v_bits), each 16, 8 or 4")
+        if not _is_number(self.csb_topk) or self.csb_topk < 0:
+            _fail("csb_topk", self.csb_topk, "must be 0 (off), a channel count >= 1 or a fraction in (0, 1)")
+        if isinstance(self.csb_topk, float) and self.csb_topk >= 1 and not self.csb_topk.is_integer():
+            _fail("csb_topk", self.csb_topk, "a count must be a whole number; a fraction must be < 1")
+        if not _is_int(self.csb_calibration_steps) or self.csb_calibration_steps < 0:
+            _fail("csb_calibration_steps", self.csb_calibration_steps, "must be an integer >= 0")
+        for name in ("record_entropy", "cfg_sharing", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
+
+    def _validate_phases(self) -> None:
+        ph = self.depth_phases
+        ok = isinstance(ph, tuple) and len(ph) >= 1
+        prev = 0.0
+        for item in ph if ok else ():
+            if not (isinstance(item, tuple) and len(item) == 2 and all(_is_number(v) for v in item)):
+                ok = False
+                break
+            end, frac = item
+            if not (prev < end <= 1.0 and 0.0 <= frac <= 1.0):
+                ok = False
+                break
+            prev = end
+        if not ok or prev != 1.0:
+            _fail("depth_phases", ph, "must be ((p_end, layer_fraction), ...) with increasing p_end in (0, 1], "
+                                      "the last p_end = 1.0, fractions in [0, 1]")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.record_entropy or self.trace or self.schedule in ("gate", "policy")
+
+    @property
+    def resolved_kv_bits(self) -> tuple[int, int]:
+        return self.kv_bits if self.kv_bits is not None else (self.cache_bits, self.cache_bits)
+
+    def to_dict(self) -> dict:
+        """JSON-safe: tuples become lists."""
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+        return {k: plain(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DQARConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DQARConfig field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

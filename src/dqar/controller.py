@@ -1,0 +1,255 @@
+"""DQARController: per-step reuse decisions, the cache, statistics and the run summary.
+
+Seed 002's API: begin_step / should_reuse / reuse / commit / reset / summary. The controller is
+also a sampler observer (on_step_begin / on_step_end), which is how `dqar.sampling.sample` and
+the diffusers step detector drive it. It holds all per-generation state; `reset()` clears it and
+runs at step 0 of every generation, so nothing leaks from one image batch into the next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import CacheEntry, ReuseCache, encode
+from .config import DQARConfig
+from .schedules import StepState, build_schedule
+from .stats import latent_norm as _latent_norm
+from .stats import policy_features, schedule_snr, x0_snr
+
+
+# The attribute under which apply_dqar leaves the controller on the model (read by the sampler).
+CONTROLLER_ATTR = "_dqar_controller"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a (layer, branch) reuses this step, and the entry it would reuse."""
+
+    use_cache: bool
+    entry: CacheEntry | None = None
+
+
+_COMPUTE = Decision(False, None)
+
+
+class DQARController:
+    def __init__(self, config: DQARConfig, num_layers: int, branches: tuple[str, ...] = ("cond",)):
+        if not isinstance(config, DQARConfig):
+            raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
+        self.config = config
+        self.num_layers = num_layers
+        self.default_branches = branches
+        self.schedule = build_schedule(config)
+        # Per-sample FLOPs measured once per input shape by the hooks (survive reset: they describe the model).
+        self.flops_profile: dict | None = None
+        self.profiler = None          # a FlopCounterMode while the hooks measure that profile
+        self.profile_acc: dict = {}
+        self.cache = ReuseCache()
+        self.trace_rows: list[dict] = []
+        self.reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        """Forget everything about the previous generation."""
+        self.cache.clear()
+        self.active = False
+        self.branches = self.default_branches
+        self.step: StepState | None = None
+        self.prompt_length = getattr(self, "prompt_length", 1)
+        self._plans: dict[str, frozenset] = {}
+        self._entropy: dict[str, dict[int, float]] = {}
+        self._last_x0_snr: float | None = None
+        self._calibrators: dict = {}
+        self._salient: dict = {}
+        self.reuse_events = 0
+        self.compute_events = 0
+        self.share_events = 0
+        self.events_per_layer = [0] * self.num_layers
+        self.events_per_step: list[int] = []
+        self.entropy_per_step: list[float | None] = []
+        self.snr_per_step: list[float | None] = []
+        self.x0_snr_per_step: list[float | None] = []
+        self._step_entropies: list[float] = []
+        self._flops_total = 0.0
+        self._flops_skipped = 0.0
+        self.trace_rows = []
+
+    def set_prompt_length(self, n: int) -> None:
+        """Token count of the text prompt (class-conditional models use 1); feeds tau(p_len) and the policy."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"prompt_length={n!r} is not allowed: must be an integer >= 1")
+        self.prompt_length = n
+
+    def begin_step(self, step_index: int, total_steps: int, snr: float | None = None,
+                   prompt_length: int | None = None, latent_norm: float | None = None,
+                   branches: tuple[str, ...] | None = None) -> None:
+        if step_index == 0:
+            self.reset()
+        self._finish_step_stats()
+        if prompt_length is not None:
+            self.set_prompt_length(prompt_length)
+        if branches is not None:
+            self.branches = tuple(branches)
+        if self.config.snr_form == "x0":
+            snr = self._last_x0_snr
+        self.step = StepState(step_index, total_steps, self.num_layers, snr, latent_norm, self.prompt_length)
+        self.active = True
+        self.events_per_step.append(0)
+        self.snr_per_step.append(snr)
+        self._plans = {b: self.schedule.plan(self.step, b, self._entropy.get(b, {})) for b in self.branches}
+        self._count_step_flops()
+
+    def end_step(self, x0: torch.Tensor | None = None, xt: torch.Tensor | None = None) -> None:
+        """Record the x0-form SNR of this step; the next step's gate reads it."""
+        snr = x0_snr(x0, xt) if x0 is not None and xt is not None else None
+        self._last_x0_snr = snr
+        self.x0_snr_per_step.append(snr)
+
+    def end_generation(self) -> dict:
+        self._finish_step_stats()
+        self.active = False
+        return self.summary()
+
+    # Sampler observer protocol (dqar.sampling.StepObserver).
+    def on_step_begin(self, info) -> None:
+        self.begin_step(info.step_index, info.total_steps, snr=schedule_snr(info.alpha, info.sigma),
+                        latent_norm=_latent_norm(info.x), branches=info.branches)
+
+    def on_step_end(self, info) -> None:
+        self.end_step(info.x0, info.x)
+        if info.step_index == info.total_steps - 1:
+            self.end_generation()
+
+    # ------------------------------------------------------------------ decisions
+    def should_reuse(self, layer_id: int, branch: str, target: str = "attn") -> Decision:
+        if not self.active or layer_id not in self._plans.get(branch, ()):
+            return _COMPUTE
+        entry = self.cache.get(layer_id, branch, target)
+        return Decision(True, entry) if entry is not None else _COMPUTE
+
+    def should_share(self, layer_id: int) -> bool:
+        """Uncond may take cond's fresh output when their last entropies are within epsilon."""
+        if not (self.config.cfg_sharing and self.active and self.step.progress >= self.config.warmup):
+            return False
+        hc = self._entropy.get("cond", {}).get(layer_id)
+        hu = self._entropy.get("uncond", {}).get(layer_id)
+        return hc is not None and hu is not None and abs(hc - hu) < self.config.cfg_sharing_eps
+
+    def reuse(self, entry: CacheEntry, shared: bool = False) -> torch.Tensor | None:
+        """Count a reuse event for `entry` and return its dequantized output (None in kv mode)."""
+        self._count(entry.layer, entry.target, reused=True, kv=entry.output is None)
+        if shared:
+            self.share_events += 1
+        return entry.output.dequantize() if entry.output is not None else None
+
+    def count_share(self, layer_id: int, target: str) -> None:
+        self._count(layer_id, target, reused=True, kv=False)
+        self.share_events += 1
+
+    def commit(self, layer_id: int, branch: str, output: torch.Tensor | None = None,
+               entropy: float | None = None, keys: torch.Tensor | None = None,
+               values: torch.Tensor | None = None, target: str = "attn") -> CacheEntry:
+        """Store what (layer, branch, target) just computed, quantized as configured."""
+        cfg = self.config
+        step_index = self.step.step_index if self.step else 0
+        if entropy is not None:
+            self._entropy.setdefault(branch, {})[layer_id] = entropy
+            self._step_entropies.append(entropy)
+        if cfg.trace and output is not None and target == "attn":
+            self._trace(layer_id, branch, output, entropy)
+        entry = CacheEntry(layer_id, branch, target, step_index, entropy=entropy)
+        if output is not None:
+            entry.output = encode(output, cfg.cache_bits, cfg.quant_granularity,
+                                  self._salient_channels(layer_id, target, output, cfg.cache_bits))
+        if keys is not None:
+            kb, vb = cfg.resolved_kv_bits
+            entry.keys = encode(keys, kb, cfg.quant_granularity)
+            entry.values = encode(values, vb, cfg.quant_granularity)
+        self.cache.put(entry)
+        self._count(layer_id, target, reused=False)
+        return entry
+
+    # ------------------------------------------------------------------ accounting
+    def _count(self, layer_id: int, target: str, reused: bool, kv: bool = False) -> None:
+        if not reused:
+            self.compute_events += 1
+            return
+        self.reuse_events += 1
+        self.events_per_layer[layer_id] += 1
+        if self.events_per_step:
+            self.events_per_step[-1] += 1
+        if self.flops_profile:
+            key = ("kv", layer_id) if kv else (target, layer_id)
+            self._flops_skipped += self.flops_profile.get(key, 0.0)
+
+    def _count_step_flops(self) -> None:
+        if self.flops_profile:
+            self._flops_total += self.flops_profile["total"] * len(self.branches)
+
+    def _finish_step_stats(self) -> None:
+        if self.step is not None and len(self.entropy_per_step) < len(self.events_per_step):
+            ents = self._step_entropies
+            self.entropy_per_step.append(sum(ents) / len(ents) if ents else None)
+        self._step_entropies = []
+
+    def _salient_channels(self, layer_id: int, target: str, x: torch.Tensor, bits: int):
+        """CSB: top-k channels kept exact; calibrated over the first computed steps when asked."""
+        cfg = self.config
+        if bits == 16 or not cfg.csb_topk:
+            return None
+        from .quant import SalienceCalibrator, select_salient_channels
+
+        topk = int(cfg.csb_topk) if cfg.csb_topk >= 1 else float(cfg.csb_topk)
+        if cfg.csb_calibration_steps <= 0:
+            return select_salient_channels(x, topk)
+        key = (layer_id, target)
+        if key in self._salient:
+            return self._salient[key]
+        cal = self._calibrators.setdefault(key, [SalienceCalibrator(), 0])
+        cal[0].update(x)
+        cal[1] += 1
+        channels = cal[0].channels(topk)
+        if cal[1] >= cfg.csb_calibration_steps:
+            self._salient[key] = channels
+        return channels
+
+    def _trace(self, layer_id: int, branch: str, output: torch.Tensor, entropy: float | None) -> None:
+        """One policy-training row: features now, and how far reuse of the cached output would be off."""
+        prev = self.cache.get(layer_id, branch, "attn")
+        if prev is None or prev.output is None or self.step is None:
+            return
+        cached = prev.output.dequantize().float()
+        fresh = output.float()
+        rel = float((fresh - cached).norm() / (fresh.norm() + 1e-12))
+        s = self.step
+        feats = policy_features(entropy if entropy is not None else float("nan"), s.snr or 0.0,
+                                s.latent_norm or 0.0, s.progress, s.prompt_length)
+        self.trace_rows.append({"step": s.step_index, "total_steps": s.total_steps, "layer": layer_id,
+                                "branch": branch, "features": feats, "rel_change": rel,
+                                "cached_step": prev.step})
+
+    @property
+    def ideal_speedup(self) -> float | None:
+        if not self._flops_total:
+            return None
+        return self._flops_total / max(self._flops_total - self._flops_skipped, 1e-9)
+
+    def summary(self) -> dict:
+        decided = self.reuse_events + self.compute_events
+        return {
+            "reuse_events": self.reuse_events,
+            "compute_events": self.compute_events,
+            "share_events": self.share_events,
+            "reuse_fraction": self.reuse_events / decided if decided else 0.0,
+            "events_per_layer": list(self.events_per_layer),
+            "events_per_step": list(self.events_per_step),
+            "ideal_speedup": self.ideal_speedup,
+            "cache_bytes": self.cache.bytes,
+            "peak_cache_bytes": self.cache.peak_bytes,
+            "entropy_per_step": list(self.entropy_per_step),
+            "snr_per_step": list(self.snr_per_step),
+            "x0_snr_per_step": list(self.x0_snr_per_step),
+            "num_layers": self.num_layers,
+            "config": self.config.to_dict(),
+        }

@@ -1,0 +1,158 @@
+"""Reuse schedules behind one interface: given the step, which layers may reuse their cache.
+
+Every schedule answers `plan(step, branch, entropies) -> frozenset of layer ids` once per step and
+branch; the controller turns that into per-layer decisions. Warmup (no reuse while progress <
+warmup) is applied by every schedule, because the seeds found it to be the dominant quality knob.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import DQARConfig
+
+# Guards floor() against float error: (0.7 - 0.4) / 0.6 * 0.5 * 28 must give 7, not 6.
+_FLOOR_EPS = 1e-9
+
+
+@dataclass
+class StepState:
+    """What a schedule may read about the current step."""
+
+    step_index: int
+    total_steps: int
+    num_layers: int
+    snr: float | None = None
+    latent_norm: float | None = None
+    prompt_length: int = 1
+
+    @property
+    def progress(self) -> float:
+        return self.step_index / max(self.total_steps - 1, 1)
+
+
+def reusable_layer_count(progress: float, warmup: float, layer_fraction: float, num_layers: int) -> int:
+    """Seed 000: 0 if p < w else floor((p - w) / (1 - w) * l * L)."""
+    if progress < warmup or warmup >= 1.0:
+        return 0
+    n = math.floor((progress - warmup) / (1.0 - warmup) * layer_fraction * num_layers + _FLOOR_EPS)
+    return max(0, min(n, num_layers))
+
+
+def layer_order(order: str, num_layers: int, seed: int = 0) -> list[int]:
+    """The order in which layers become reusable: shallow-first, deep-first or a seeded permutation."""
+    if order == "shallow":
+        return list(range(num_layers))
+    if order == "deep":
+        return list(range(num_layers - 1, -1, -1))
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randperm(num_layers, generator=g).tolist()
+
+
+def depth_layer_count(progress: float, phases: tuple, num_layers: int) -> int:
+    """Seed 002's depth phases scaled to L: the first phase whose end exceeds p gives the fraction."""
+    for end, fraction in phases:
+        if progress < end or end >= 1.0:
+            return min(num_layers, int(round(fraction * num_layers)))
+    return num_layers
+
+
+def entropy_threshold(tau0: float, prompt_length: int) -> float:
+    """tau(p_len) = tau0 * sqrt(p_len / 64) (seed 002)."""
+    return tau0 * math.sqrt(max(prompt_length, 1) / 64.0)
+
+
+class Schedule:
+    """Base: nothing is reusable."""
+
+    def __init__(self, config: DQARConfig):
+        self.config = config
+
+    def plan(self, step: StepState, branch: str, entropies: dict[int, float]) -> frozenset[int]:
+        return frozenset()
+
+    def in_warmup(self, step: StepState) -> bool:
+        return step.progress < self.config.warmup
+
+
+class StaticSchedule(Schedule):
+    def plan(self, step, branch, entropies):
+        c = self.config
+        n = reusable_layer_count(step.progress, c.warmup, c.layer_fraction, step.num_layers)
+        return frozenset(layer_order(c.order, step.num_layers, c.order_seed)[:n])
+
+
+class DepthSchedule(Schedule):
+    def plan(self, step, branch, entropies):
+        if self.in_warmup(step):
+            return frozenset()
+        return frozenset(range(depth_layer_count(step.progress, self.config.depth_phases, step.num_layers)))
+
+
+class GateSchedule(Schedule):
+    """Reuse where the layer's last measured entropy < tau(p_len) and the SNR is inside the window."""
+
+    def __init__(self, config: DQARConfig, base: Schedule | None = None):
+        super().__init__(config)
+        self.base = base
+
+    def plan(self, step, branch, entropies):
+        if self.in_warmup(step) or step.snr is None:
+            return frozenset()
+        a, b = self.config.snr_range
+        if not a <= step.snr <= b:
+            return frozenset()
+        candidates = self.base.plan(step, branch, entropies) if self.base else range(step.num_layers)
+        tau = entropy_threshold(self.config.tau0, step.prompt_length)
+        return frozenset(i for i in candidates if i in entropies and entropies[i] < tau)
+
+
+class IntervalSchedule(Schedule):
+    """FORA-style: after warmup, every `interval`-th step computes and the steps between reuse."""
+
+    def plan(self, step, branch, entropies):
+        if self.in_warmup(step):
+            return frozenset()
+        first = math.ceil(self.config.warmup * max(step.total_steps - 1, 1) - _FLOOR_EPS)
+        if (step.step_index - first) % self.config.interval == 0:
+            return frozenset()
+        return frozenset(range(step.num_layers))
+
+
+class PolicySchedule(Schedule):
+    """The learned policy: p_reuse per layer from the five seed features, threshold and budget."""
+
+    def __init__(self, config: DQARConfig, policy):
+        super().__init__(config)
+        self.policy = policy
+
+    def plan(self, step, branch, entropies):
+        from .stats import policy_features
+
+        if self.in_warmup(step) or step.snr is None or not entropies:
+            return frozenset()
+        layers = sorted(entropies)
+        feats = torch.tensor([policy_features(entropies[i], step.snr, step.latent_norm or 0.0, step.progress,
+                                              step.prompt_length) for i in layers], dtype=torch.float32)
+        mask = self.policy.reuse_mask(feats, num_layers=step.num_layers,
+                                      threshold=self.config.policy_threshold, budget=self.config.policy_budget)
+        return frozenset(i for i, m in zip(layers, mask.tolist()) if m)
+
+
+def build_schedule(config: DQARConfig) -> Schedule:
+    if config.schedule == "static":
+        return StaticSchedule(config)
+    if config.schedule == "depth":
+        return DepthSchedule(config)
+    if config.schedule == "interval":
+        return IntervalSchedule(config)
+    if config.schedule == "gate":
+        base = {"static": StaticSchedule, "depth": DepthSchedule}.get(config.gate_with)
+        return GateSchedule(config, base(config) if base else None)
+    if config.schedule == "policy":
+        from .policy import load_policy
+
+        return PolicySchedule(config, load_policy(config.policy_path))
+    return Schedule(config)

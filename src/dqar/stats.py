@@ -1,0 +1,61 @@
+"""Statistics the reuse gate and policy read: sampled attention entropy, SNR (two forms), norms."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+ENTROPY_EPS = 1e-6
+SNR_EPS = 1e-6
+
+
+def sample_query_rows(num_tokens: int, rows: int, seed: int) -> torch.Tensor:
+    """A fixed, seeded subset of query-row indices (all rows when rows >= num_tokens)."""
+    if rows >= num_tokens:
+        return torch.arange(num_tokens)
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randperm(num_tokens, generator=g)[:rows].sort().values
+
+
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Mean per-query-row entropy (nats) of softmax(q k^T) for the sampled rows, one value per batch row.
+
+    q, k: (N, H, T, hd). Only `len(rows)` query rows are materialised, so the main path keeps its
+    fused attention; the mean over rows (not the sum) keeps the value from growing with T.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qs = q[:, :, rows.to(q.device)].float()                                    # (N, H, r, hd)
+    logits = torch.matmul(qs, k.float().transpose(-1, -2)) * scale            # (N, H, r, T)
+    a = logits.softmax(dim=-1)
+    h = -(a * torch.log(a + ENTROPY_EPS)).sum(dim=-1)                          # (N, H, r)
+    return h.mean(dim=(1, 2))                                                  # (N,)
+
+
+def schedule_snr(alpha: float, sigma: float) -> float:
+    """alpha_t^2 / sigma_t^2 from the noise schedule (seed 000)."""
+    return alpha * alpha / max(sigma * sigma, 1e-12)
+
+
+def x0_snr(x0: torch.Tensor, xt: torch.Tensor) -> float:
+    """||x0||^2 / (||x_t - x0||^2 + eps) with x0 the model's current prediction (seed 002)."""
+    x0 = x0.float()
+    return float(x0.pow(2).sum() / ((xt.float() - x0).pow(2).sum() + SNR_EPS))
+
+
+def latent_norm(x: torch.Tensor) -> float:
+    """Mean per-sample L2 norm of the current latent."""
+    return float(x.float().flatten(1).norm(dim=1).mean())
+
+
+def policy_features(entropy: float, snr: float, norm: float, progress: float, prompt_length: int) -> list[float]:
+    """The seed's five policy features, in the order the policy file records."""
+    return [
+        float(entropy),
+        math.log(max(snr, 0.0) + 1e-8),
+        math.log(max(norm, 0.0) + 1e-8),
+        float(progress),
+        min(int(prompt_length), 128) / 128.0,
+    ]
+
+
+POLICY_FEATURE_NAMES = ("entropy", "log_snr", "log_norm", "step_progress", "prompt_length")
