@@ -1,9 +1,17 @@
 """The timing helper's call order (fake callables, no timing values) and `dqar bench` end to end."""
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+from dqar import DQARConfig
+from dqar.eval.bench import SCHEMA, bench
 from dqar.eval.timing import Contender, interleaved_timing
+from dqar.hooks import get_controller
+from dqar.models.dit import build_dit
+from dqar.sampling import sample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,3 +57,137 @@ def test_interleaved_timing_rejects_bad_arguments():
         interleaved_timing({}, rounds=1)
     with pytest.raises(TypeError, match="'a'"):
         interleaved_timing({"a": 3}, rounds=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench on the tiny random DiT
+# ------------------------------------------------------------------------------------------------
+
+LABELS, SEEDS, STEPS = [0, 1, 2, 3], [10, 11, 12, 13], 4
+
+
+class FakeEvaluator:
+    """Three summary statistics as 'features' and sign-of-mean as the 'class'."""
+
+    def features(self, images):
+        return torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3)), images.amax((1, 2, 3))], dim=1)
+
+    def predict(self, images):
+        return (images.mean((1, 2, 3)) > 0).long()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_dit("DiT-Tiny").randomize_(0).eval()
+
+
+def _run(model, config, **kw):
+    return bench(model, config, labels=LABELS, seeds=SEEDS, steps=STEPS, cfg_scale=1.5, repeats=1, warmup_runs=0,
+                 **kw)
+
+
+def _schema_keys(record):
+    return {k: (sorted(v) if isinstance(v, dict) and k != "config" else None) for k, v in record.items()}
+
+
+def test_bench_record_has_exact_schema_and_null_quality_without_evaluator(tiny):
+
+    cfg = DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0)
+    rec = _run(tiny, cfg).record
+    assert _schema_keys(rec) == {k: (sorted(v) if isinstance(v, tuple) else None) for k, v in SCHEMA.items()}
+    assert rec["config"] == cfg.to_dict()
+    assert all(v is None for v in rec["quality"].values())
+    assert rec["dqar"]["reuse_events"] > 0 and 0 < rec["dqar"]["reuse_fraction"] < 1
+    assert rec["baseline"]["ms_per_step"] == pytest.approx(rec["baseline"]["seconds"] * 1000 / STEPS, rel=1e-12)
+    assert rec["speedup"] == pytest.approx(rec["baseline"]["seconds"] / rec["dqar"]["seconds"], rel=1e-12)
+    json.dumps(rec, allow_nan=False)
+
+
+def test_bench_leaves_model_unhooked_and_reference_is_uncached(tiny):
+
+    before = sample(tiny, LABELS, SEEDS, steps=STEPS, cfg_scale=1.5)
+    res = _run(tiny, DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0))
+    assert get_controller(tiny) is None
+    assert torch.equal(res.reference_images, before)
+    assert not torch.equal(res.images, before)          # the cache fired
+    assert torch.equal(sample(tiny, LABELS, SEEDS, steps=STEPS, cfg_scale=1.5), before)
+
+
+def test_bench_quality_with_fake_evaluator(tiny):
+
+    ev = FakeEvaluator()
+    # schedule "none": the candidate is the baseline, so paired metrics hit their ideal values.
+    same = _run(tiny, DQARConfig(schedule="none"), evaluator=ev, real_features=torch.randn(
+        20, 3, generator=torch.Generator().manual_seed(0)))
+    q = same.record["quality"]
+    assert q["psnr"] is None and q["ssim"] == pytest.approx(1.0, abs=1e-12)   # infinite PSNR is null in JSON
+    assert abs(q["fid_vs_baseline"]) < 1e-6
+    assert q["fid_vs_data"] > 0
+    expected_acc = float((ev.predict(same.images) == torch.tensor(LABELS)).double().mean())
+    assert q["accuracy"] == expected_acc
+    assert same.record["dqar"]["reuse_events"] == 0
+
+    cached = _run(tiny, DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0), evaluator=ev)
+    q = cached.record["quality"]
+    assert q["psnr"] is not None and q["psnr"] > 0 and q["ssim"] < 1.0
+    assert q["fid_vs_baseline"] > 0 and q["fid_vs_data"] is None
+
+
+def test_bench_uses_precomputed_baseline_images(tiny):
+
+    fake_ref = torch.zeros(len(SEEDS), 1, 8, 8)
+    res = _run(tiny, DQARConfig(schedule="none"), evaluator=FakeEvaluator(), baseline_images=fake_ref)
+    assert res.reference_images is fake_ref
+    assert res.record["quality"]["psnr"] is not None     # compared with the given images, not the rerun
+    with pytest.raises(ValueError, match="same seeds"):
+        _run(tiny, DQARConfig(schedule="none"), baseline_images=torch.zeros(1, 1, 8, 8))
+
+
+def test_bench_rejects_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="repeats=0"):
+        bench(tiny, DQARConfig(), labels=[0], seeds=[0], steps=2, repeats=0)
+    with pytest.raises(ValueError, match="2 labels but 1 seeds"):
+        bench(tiny, DQARConfig(), labels=[0, 1], seeds=[0], steps=2)
+    with pytest.raises(TypeError, match="DQARConfig"):
+        bench(tiny, {"schedule": "static"}, labels=[0], seeds=[0], steps=2)
+
+
+def test_ptq_int8_baseline_is_a_quantized_copy(tiny):
+    from dqar.eval.baselines import make_baseline
+
+    assert make_baseline("none", tiny) is None
+    q = make_baseline("ptq-int8", tiny)
+    assert q is not tiny and type(tiny.blocks[0].attn.qkv) is torch.nn.Linear
+    assert q.blocks[0].attn.qkv._get_name() == "DynamicQuantizedLinear"
+    assert q.blocks[0].attn.qkv.weight().dtype == torch.qint8
+    ref = sample(tiny, [0, 1], [0, 1], steps=2, cfg_scale=1.0)
+    out = sample(q, [0, 1], [0, 1], steps=2, cfg_scale=1.0)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
+    with pytest.raises(ValueError, match="'int4' is not known; allowed: none, ptq-int8"):
+        make_baseline("int4", tiny)
+
+
+def test_cli_bench_json_on_tiny_preset(tmp_path, capsys):
+    from dqar.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "4", "--repeats", "1", "--warmup-runs", "0",
+               "--schedule", "static", "--warmup", "0.2", "--json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert _schema_keys(rec) == {k: (sorted(v) if isinstance(v, tuple) else None) for k, v in SCHEMA.items()}
+    assert rec["config"]["schedule"] == "static" and rec["config"]["warmup"] == 0.2
+    assert all(v is None for v in rec["quality"].values())
+    for block in ("baseline", "dqar"):
+        assert rec[block]["seconds"] > 0 and rec[block]["ms_per_step"] > 0
+    assert isinstance(rec["dqar"]["reuse_events"], int)
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_cli_bench_usage_errors(capsys):
+    from dqar.cli import main
+
+    assert main(["bench", "--model", "DiT-Tiny", "--n", "0"]) == 2
+    assert "--n=0 is not allowed" in capsys.readouterr().err
+    assert main(["bench", "--model", "DiT-Tiny", "--json", "/nonexistent/dir/x.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -14,6 +14,7 @@ Two references are used: held-out real data (`fid_vs_data`) and the uncached sam
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -66,11 +67,16 @@ def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    with warnings.catch_warnings():
+        # N <= D makes the product singular; scipy warns, and the non-finite case is handled just below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         # Few samples relative to D make the product singular; a small ridge is the usual (pytorch-fid) fix.
         offset = np.eye(a.sigma.shape[0]) * _SQRTM_EPS
-        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
     if np.iscomplexobj(covmean):
         # sqrtm of a PSD product is real; imaginary parts are round-off, but only if they are tiny.
         imag = np.abs(covmean.imag).max()
@@ -183,7 +189,11 @@ class EvaluatorFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        chunks = [self.evaluator.features(images[i:i + self.batch_size])
+        # Real data arrives on the CPU while the evaluator may sit on the GPU: follow the evaluator.
+        params = getattr(self.evaluator, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        device = first.device if first is not None else images.device
+        chunks = [self.evaluator.features(images[i:i + self.batch_size].to(device))
                   for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(chunks).detach().to("cpu", torch.float64)
 

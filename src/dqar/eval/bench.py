@@ -1,0 +1,215 @@
+"""One DQAR configuration against a baseline on the same seeds: speed, memory and quality in one record.
+
+`run_bench` returns the `dqar bench --json` record (schema below, every key always present, null where
+not measurable); `dqar sweep` calls it once per grid point and passes the uncached reference images and
+feature statistics it computed once, so only the timing baseline is re-run (it must be: interleaving
+baseline and candidate runs is what makes their ratio trustworthy on a drifting machine).
+
+    {"config": DQARConfig.to_dict(),
+     "baseline": {"ms_per_step", "seconds", "peak_mem_mb"},
+     "dqar": {"ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction"},
+     "speedup", "ideal_speedup",
+     "quality": {"fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"}}
+
+- seconds: median wall time of one generation (all N images in one batch); ms_per_step = seconds/steps.
+- peak_mem_mb: per-generation peak, MiB; CUDA max allocated, or on CPU the peak RSS growth over the
+  call (see `dqar.eval.timing`). cache_mb: the controller's peak cache size, MiB.
+- speedup: baseline seconds / dqar seconds (medians). ideal_speedup: the controller's FLOP-count bound.
+- quality: only with an evaluator (the embedded digits model); the reference for fid_vs_baseline, psnr
+  and ssim is always the uncached full-precision model on the same seeds, whatever the timing baseline.
+  psnr is null when the images are identical (infinite PSNR has no JSON spelling); fid needs N >= 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.hooks import get_controller
+from dqar.sampling import sample
+
+from .metrics import (EvaluatorFeatures, FeatureExtractor, FeatureStats, accuracy, feature_stats,
+                      frechet_distance_from_stats, psnr, ssim)
+from .timing import Contender, TimingResult, interleaved_timing
+
+MIB = 2 ** 20
+SCHEMA = {
+    "config": None,
+    "baseline": ("ms_per_step", "seconds", "peak_mem_mb"),
+    "dqar": ("ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction"),
+    "speedup": None,
+    "ideal_speedup": None,
+    "quality": ("fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"),
+}
+
+
+@dataclass
+class BenchResult:
+    """The JSON record plus what a caller may want to keep (images, the controller summary, raw timings)."""
+
+    record: dict
+    summary: dict
+    timings: dict[str, TimingResult]
+    images: torch.Tensor                 # (N, C, H, W) candidate samples
+    reference_images: torch.Tensor       # (N, C, H, W) uncached full-precision samples, same seeds
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def empty_record(config: DQARConfig | None = None) -> dict:
+    """The schema with every value null (config filled when given)."""
+    out: dict = {}
+    for key, sub in SCHEMA.items():
+        out[key] = {k: None for k in sub} if isinstance(sub, tuple) else None
+    out["config"] = config.to_dict() if config is not None else None
+    return out
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else n / MIB
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed: must be an integer >= {minimum}")
+
+
+def _fid(stats: FeatureStats, reference) -> float:
+    # Sample statistics are computed once and compared with both references.
+    ref = reference if isinstance(reference, FeatureStats) else feature_stats(reference, "reference")
+    return frechet_distance_from_stats(stats, ref)
+
+
+def quality_metrics(images: torch.Tensor, reference_images: torch.Tensor, labels: Sequence[int], *,
+                    evaluator=None, extractor: FeatureExtractor | None = None,
+                    real_features=None, baseline_features=None) -> dict:
+    """The record's "quality" block; keys whose inputs are missing stay null.
+
+    `real_features` / `baseline_features`: (M, D) features or FeatureStats of real data / the reference.
+    """
+    q = {k: None for k in SCHEMA["quality"]}
+    q["psnr"] = _finite_or_none(psnr(images, reference_images))
+    q["ssim"] = ssim(images, reference_images)
+    if extractor is None and evaluator is not None:
+        extractor = EvaluatorFeatures(evaluator)
+    if extractor is not None and images.shape[0] >= 2:
+        feats = feature_stats(extractor(images), "sample features")
+        ref = baseline_features if baseline_features is not None else extractor(reference_images)
+        q["fid_vs_baseline"] = _fid(feats, ref)
+        if real_features is not None:
+            q["fid_vs_data"] = _fid(feats, real_features)
+    if evaluator is not None and hasattr(evaluator, "predict"):
+        q["accuracy"] = accuracy(evaluator.predict(images), torch.as_tensor(list(labels)))
+    return q
+
+
+def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], seeds: Sequence[int],
+          steps: int, sampler: str = "ddim", cfg_scale: float = 1.5, repeats: int = 3, warmup_runs: int = 1,
+          device: torch.device | str = "cpu", evaluator=None, extractor: FeatureExtractor | None = None,
+          real_features=None, baseline_images: torch.Tensor | None = None, baseline_features=None,
+          baseline_model: torch.nn.Module | None = None, measure_memory: bool = True) -> BenchResult:
+    """Time `model` under `config` against `baseline_model` (default: `model` uncached), then score quality.
+
+    DQAR is applied to `model` only around each candidate run and removed after it, so `model` is the
+    exact uncached model for the baseline runs and is returned to the caller unhooked.
+    """
+    if not isinstance(config, DQARConfig):
+        raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup_runs", warmup_runs, 0)
+    if len(labels) != len(seeds):
+        raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds: one seed per image")
+    if get_controller(model) is not None:
+        raise ValueError("bench needs the model without DQAR applied: call dqar.remove_dqar(model) first")
+    labels, seeds = list(labels), list(seeds)
+
+    def generate(m: torch.nn.Module) -> torch.Tensor:
+        return sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+
+    state: dict[str, Any] = {}
+
+    def attach() -> None:
+        state["controller"] = apply_dqar(model, config)
+
+    def detach(_out) -> None:
+        # remove_dqar resets the controller, so the summary is read first.
+        state["summary"] = state["controller"].summary()
+        remove_dqar(model)
+
+    baseline_target = model if baseline_model is None else baseline_model
+    contenders = {"baseline": lambda: generate(baseline_target),
+                  "dqar": Contender(fn=lambda: generate(model), setup=attach, teardown=detach)}
+    try:
+        timings = interleaved_timing(contenders, rounds=repeats, warmup_runs=warmup_runs, device=device,
+                                     measure_memory=measure_memory)
+    finally:
+        if get_controller(model) is not None:   # an exception inside a candidate run
+            remove_dqar(model)
+    images = timings["dqar"].last_output
+    summary = state["summary"]
+
+    if baseline_images is not None:
+        reference = baseline_images
+    elif baseline_model is None:
+        reference = timings["baseline"].last_output      # the uncached model, same seeds: the reference
+    else:
+        reference = generate(model)                      # timed baseline is not the full-precision model
+    if reference.shape != images.shape:
+        raise ValueError(f"baseline_images has shape {tuple(reference.shape)}, the samples "
+                         f"{tuple(images.shape)}: they must be the same seeds and labels")
+
+    record = empty_record(config)
+    b, d = timings["baseline"], timings["dqar"]
+    record["baseline"] = {"ms_per_step": b.median * 1000.0 / steps, "seconds": b.median,
+                          "peak_mem_mb": _mib(b.peak_mem_bytes)}
+    record["dqar"] = {"ms_per_step": d.median * 1000.0 / steps, "seconds": d.median,
+                      "peak_mem_mb": _mib(d.peak_mem_bytes), "cache_mb": _mib(summary.get("peak_cache_bytes")),
+                      "reuse_events": int(summary["reuse_events"]),
+                      "reuse_fraction": float(summary["reuse_fraction"])}
+    record["speedup"] = b.median / d.median if d.median > 0 else None
+    ideal = summary.get("ideal_speedup")
+    record["ideal_speedup"] = float(ideal) if ideal is not None else None
+    if evaluator is not None or extractor is not None:
+        record["quality"] = quality_metrics(images, reference, labels, evaluator=evaluator, extractor=extractor,
+                                            real_features=real_features, baseline_features=baseline_features)
+    return BenchResult(record, summary, timings, images, reference,
+                       extras={"memory_method": b.memory_method})
+
+
+def run_bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], seeds: Sequence[int],
+              steps: int, sampler: str = "ddim", cfg_scale: float = 1.5, repeats: int = 3, warmup_runs: int = 1,
+              evaluator=None, real_features=None, baseline_images: torch.Tensor | None = None,
+              **kwargs) -> dict:
+    """`bench(...)` reduced to its JSON record (the `dqar bench --json` schema)."""
+    return bench(model, config, labels=labels, seeds=seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                 repeats=repeats, warmup_runs=warmup_runs, evaluator=evaluator, real_features=real_features,
+                 baseline_images=baseline_images, **kwargs).record
+
+
+def format_table(record: dict, *, title: str = "") -> str:
+    """A small fixed-width summary of a bench record for people."""
+
+    def fmt(v, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    b, d, q = record["baseline"], record["dqar"], record["quality"]
+    lines = [title] if title else []
+    lines += [
+        f"{'':10} {'ms/step':>10} {'seconds':>10} {'peak MiB':>10} {'cache MiB':>10} {'reuse':>8}",
+        f"{'baseline':10} {fmt(b['ms_per_step'], '.2f'):>10} {fmt(b['seconds'], '.3f'):>10} "
+        f"{fmt(b['peak_mem_mb'], '.1f'):>10} {'-':>10} {'-':>8}",
+        f"{'dqar':10} {fmt(d['ms_per_step'], '.2f'):>10} {fmt(d['seconds'], '.3f'):>10} "
+        f"{fmt(d['peak_mem_mb'], '.1f'):>10} {fmt(d['cache_mb'], '.2f'):>10} {fmt(d['reuse_fraction'], '.1%'):>8}",
+        f"speedup {fmt(record['speedup'], '.3f')}x (ideal {fmt(record['ideal_speedup'], '.3f')}x), "
+        f"{d['reuse_events']} reuse events",
+        f"quality: fid_vs_baseline {fmt(q['fid_vs_baseline'], '.3f')}  fid_vs_data {fmt(q['fid_vs_data'], '.3f')}  "
+        f"psnr {'inf' if q['psnr'] is None and q['ssim'] is not None else fmt(q['psnr'], '.2f')} dB  "
+        f"ssim {fmt(q['ssim'], '.4f')}  accuracy {fmt(q['accuracy'], '.1%')}",
+    ]
+    return "\n".join(lines)
