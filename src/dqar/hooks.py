@@ -210,7 +210,10 @@ class _TargetHook:
 
     def _commit_chunks(self, branches, out, ents):
         chunks = out.chunk(len(branches)) if len(branches) > 1 else (out,)
-        ent_chunks = ents.chunk(len(branches)) if ents is not None and len(branches) > 1 else (ents,)
+        if ents is None:
+            ent_chunks = (None,) * len(branches)
+        else:
+            ent_chunks = ents.chunk(len(branches)) if len(branches) > 1 else (ents,)
         for branch, o, e in zip(branches, chunks, ent_chunks):
             self.ctl.commit(self.layer, branch, output=o, target=self.target,
                             entropy=float(e.mean()) if e is not None else None)

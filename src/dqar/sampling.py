@@ -81,7 +81,10 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.de
 
 def guide(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
     """Classifier-free guidance on the first `channels` (epsilon) channels; learned sigma stays conditional."""
-    eps = out_uncond[:, :channels] + scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+    # Written as cond + (s - 1)(cond - uncond), which equals uncond + s(cond - uncond) and is exactly
+    # the conditional prediction at s = 1.
+    c, u = out_cond[:, :channels], out_uncond[:, :channels]
+    eps = c + (scale - 1.0) * (c - u)
     return torch.cat([eps, out_cond[:, channels:]], dim=1)
 
 

@@ -1,0 +1,66 @@
+"""DQARConfig validation: every bad value names the field, the value and what is allowed."""
+import dataclasses
+
+import pytest
+
+from dqar import DQARConfig
+
+BAD = [
+    ("mode", "qk", "must be one of output, kv"),
+    ("schedule", "sometimes", "must be one of none, static"),
+    ("warmup", 1.5, "must be a number in [0, 1]"),
+    ("warmup", -0.1, "must be a number in [0, 1]"),
+    ("layer_fraction", 0.0, "must be a number in (0, 1]"),
+    ("layer_fraction", 1.2, "must be a number in (0, 1]"),
+    ("order", "middle", "must be one of shallow, deep, random"),
+    ("order_seed", 1.5, "must be an integer"),
+    ("depth_phases", ((0.7, 0.5), (0.3, 1.0)), "increasing p_end"),
+    ("depth_phases", ((0.3, 0.5),), "the last p_end = 1.0"),
+    ("tau0", 0, "must be a number > 0"),
+    ("snr_range", (50.0, 0.5), "0 <= a <= b"),
+    ("snr_range", (1.0,), "must be a pair"),
+    ("snr_form", "psnr", "must be one of schedule, x0"),
+    ("entropy_rows", 0, "must be an integer >= 1"),
+    ("gate_with", "gate", "must be None, 'static' or 'depth'"),
+    ("cfg_sharing_eps", -1.0, "must be a number >= 0"),
+    ("targets", ("attn", "ffn"), "distinct names from attn, mlp"),
+    ("targets", (), "non-empty"),
+    ("interval", 0, "must be an integer >= 1"),
+    ("policy_threshold", 1.5, "in [0, 1]"),
+    ("policy_budget", 0.0, "in (0, 1]"),
+    ("cache_bits", 3, "must be 16 (unquantized), 8 or 4"),
+    ("kv_bits", (16, 2), "each 16, 8 or 4"),
+    ("quant_granularity", "row", "must be one of tensor, channel, token"),
+    ("csb_topk", -1, "csb_topk"),
+    ("csb_calibration_steps", -2, "must be an integer >= 0"),
+    ("record_entropy", "yes", "must be True or False"),
+]
+
+
+@pytest.mark.parametrize("field, value, allowed", BAD)
+def test_bad_values_raise_naming_field_value_and_allowed(field, value, allowed):
+    with pytest.raises(ValueError) as info:
+        DQARConfig(**{field: value})
+    msg = str(info.value)
+    assert f"DQARConfig.{field}={value!r}" in msg and allowed in msg
+
+
+def test_kv_mode_rejects_mlp_target():
+    with pytest.raises(ValueError, match="mode='kv' caches attention keys/values only"):
+        DQARConfig(mode="kv", targets=("attn", "mlp"))
+
+
+def test_replace_revalidates_and_dict_round_trip():
+    cfg = DQARConfig(schedule="gate", gate_with="depth", targets=["attn", "mlp"], snr_range=[1, 10])
+    assert cfg.targets == ("attn", "mlp") and cfg.snr_range == (1, 10)
+    assert DQARConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="warmup"):
+        dataclasses.replace(cfg, warmup=2.0)
+    with pytest.raises(ValueError, match="unknown DQARConfig field 'layers'"):
+        DQARConfig.from_dict({"layers": 0.5})
+
+
+def test_caller_data_is_not_mutated():
+    targets = ["attn"]
+    DQARConfig(targets=targets)
+    assert targets == ["attn"]

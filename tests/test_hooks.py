@@ -1,0 +1,160 @@
+"""DQAR on the project's DiT: fires, restores the baseline exactly, leaks no state, splits CFG branches."""
+import pytest
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.models import build_dit
+from dqar.sampling import sample
+from dqar.schedules import Schedule
+
+LABELS, SEEDS, STEPS = [1, 7], [3, 4], 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_dit("DiT-Tiny").randomize_(0, std=0.2).eval()
+
+
+@pytest.fixture(scope="module")
+def baseline(model):
+    return sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+
+
+def run(model, config, labels=LABELS, seeds=SEEDS):
+    ctl = apply_dqar(model, config)
+    try:
+        images = sample(model, labels, seeds, steps=STEPS, cfg_scale=2.0)
+        return images, ctl.summary(), ctl
+    finally:
+        remove_dqar(model)
+
+
+@pytest.mark.parametrize("config", [DQARConfig(schedule="none"), DQARConfig(warmup=1.0, layer_fraction=1.0)])
+def test_no_reuse_is_bit_identical_to_unhooked(model, baseline, config):
+    images, summary, _ = run(model, config)
+    assert torch.equal(images, baseline)
+    assert summary["reuse_events"] == 0 and summary["ideal_speedup"] == 1.0
+
+
+def test_static_schedule_fires_and_changes_output(model, baseline):
+    images, s, _ = run(model, DQARConfig(warmup=0.4, layer_fraction=0.33))
+    # L=4: floor((p - 0.4) / 0.6 * 1.32) is 1 at steps 8 (p=0.89) and 9, 0 before; two branches each.
+    assert s["events_per_step"] == [0] * 8 + [2, 2] and s["events_per_layer"] == [4, 0, 0, 0]
+    assert s["reuse_events"] == 4 and s["compute_events"] == 80 - 4 and not torch.equal(images, baseline)
+    assert s["ideal_speedup"] > 1.0 and s["cache_bytes"] > 0
+
+
+def test_full_layer_fraction_counts_match_formula(model):
+    _, s, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0))
+    # per step i (p = i/9): floor((p - 0.2)/0.8 * 4) layers, times 2 branches
+    expected = [2 * max(0, int((i / 9 - 0.2) / 0.8 * 4 + 1e-9)) if i / 9 >= 0.2 else 0 for i in range(10)]
+    assert s["events_per_step"] == expected
+
+
+def test_remove_restores_never_hooked_output(model, baseline):
+    fresh = build_dit("DiT-Tiny").randomize_(0, std=0.2).eval()
+    run(model, DQARConfig(warmup=0.0, layer_fraction=1.0, targets=("attn", "mlp")))
+    assert "forward" not in model.__dict__ and all("forward" not in b.attn.__dict__ for b in model.blocks)
+    assert torch.equal(sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0),
+                       sample(fresh, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0))
+
+
+def test_two_generations_in_a_row_are_identical_and_do_not_leak(model):
+    cfg = DQARConfig(warmup=0.2, layer_fraction=1.0)
+    ctl = apply_dqar(model, cfg)
+    try:
+        a = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        other = sample(model, [2], [99], steps=STEPS, cfg_scale=2.0)
+        b = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        summary = ctl.summary()
+    finally:
+        remove_dqar(model)
+    assert torch.equal(a, b)
+    _, fresh_other, _ = run(model, cfg, [2], [99])
+    assert summary["reuse_events"] == run(model, cfg)[1]["reuse_events"]
+    assert fresh_other["reuse_events"] > 0 and other.shape == (1, 1, 8, 8)
+
+
+def test_cond_and_uncond_caches_hold_different_tensors(model):
+    ctl = apply_dqar(model, DQARConfig(warmup=0.0, layer_fraction=1.0))
+    try:
+        ctl.active = True
+        ctl.end_generation = lambda: None  # keep the cache for inspection
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        cond = ctl.cache.get(0, "cond", "attn").output.dequantize()
+        uncond = ctl.cache.get(0, "uncond", "attn").output.dequantize()
+    finally:
+        remove_dqar(model)
+    assert cond.shape == uncond.shape == (2, 16, 32) and not torch.equal(cond, uncond)
+
+
+def test_a_branch_that_must_compute_runs_on_its_half_only(model):
+    class UncondOnly(Schedule):
+        def plan(self, step, branch, entropies):
+            return frozenset(range(step.num_layers)) if branch == "uncond" and step.step_index > 0 else frozenset()
+
+    ctl = apply_dqar(model, DQARConfig())
+    ctl.schedule = UncondOnly(ctl.config)
+    original = model.blocks[0].attn.forward.original
+    batches = []
+    model.blocks[0].attn.forward.original = lambda x: (batches.append(x.shape[0]), original(x))[1]
+    try:
+        sample(model, LABELS, SEEDS, steps=4, cfg_scale=2.0)
+        s = ctl.summary()
+    finally:
+        remove_dqar(model)
+    assert batches == [4, 2, 2, 2]  # step 0 both branches; then cond alone
+    assert s["events_per_step"] == [0, 4, 4, 4]
+
+
+def test_kv_mode_runs_and_differs_from_output_mode(model, baseline):
+    out_images, out_s, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0))
+    kv_images, kv_s, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0, mode="kv"))
+    assert kv_s["reuse_events"] == out_s["reuse_events"] > 0
+    assert not torch.equal(kv_images, out_images) and not torch.equal(kv_images, baseline)
+    assert 1.0 < kv_s["ideal_speedup"] < out_s["ideal_speedup"]  # kv skips only the K/V projections
+
+
+def test_mlp_target_reuses_more(model):
+    _, attn, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0))
+    _, both, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0, targets=("attn", "mlp")))
+    assert both["reuse_events"] == 2 * attn["reuse_events"]
+    assert both["ideal_speedup"] > attn["ideal_speedup"]
+
+
+def test_gate_records_entropy_and_fires_with_a_loose_threshold(model, baseline):
+    images, s, _ = run(model, DQARConfig(schedule="gate", warmup=0.0, tau0=100.0, snr_range=(0.0, 1e9)))
+    # Entropy is measured only where a layer computes; once every layer reuses, a step has none.
+    measured = [e for e in s["entropy_per_step"] if e is not None]
+    assert s["entropy_per_step"][0] is not None and all(0 < e <= 2.7726 for e in measured)  # <= log(16 keys)
+    assert s["reuse_events"] > 0 and not torch.equal(images, baseline)
+    _, strict, _ = run(model, DQARConfig(schedule="gate", warmup=0.0, tau0=1e-3))
+    assert strict["reuse_events"] == 0
+
+
+def test_entropy_path_keeps_the_baseline_output(model, baseline):
+    images, s, _ = run(model, DQARConfig(schedule="none", record_entropy=True))
+    torch.testing.assert_close(images, baseline, rtol=0, atol=1e-5)
+    assert s["entropy_per_step"][0] is not None
+
+
+def test_cfg_sharing_fires(model):
+    _, s, _ = run(model, DQARConfig(schedule="none", warmup=0.2, cfg_sharing=True, cfg_sharing_eps=10.0,
+                                    record_entropy=True))
+    assert s["share_events"] > 0 and s["reuse_events"] == s["share_events"]
+
+
+def test_apply_twice_raises_and_remove_without_apply_raises(model):
+    apply_dqar(model, DQARConfig())
+    try:
+        with pytest.raises(RuntimeError, match="already applied"):
+            apply_dqar(model, DQARConfig())
+    finally:
+        remove_dqar(model)
+    with pytest.raises(RuntimeError, match="not applied"):
+        remove_dqar(model)
+
+
+def test_unsupported_model_raises():
+    with pytest.raises(TypeError, match="no block layout for Linear"):
+        apply_dqar(torch.nn.Linear(2, 2), DQARConfig())
