@@ -6,37 +6,37 @@ N-th global batch of the same sample set (seed = --seed + global index). See doc
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import math
 import sys
 from pathlib import Path
 
 from . import UsageError
 from .common import add_model_options
-
-_DQAR_OPTIONS = "dqar.cli.dqar_options"
-
-
-def _has_dqar_options() -> bool:
-    return importlib.util.find_spec(_DQAR_OPTIONS) is not None
+from .dqar_options import add_dqar_options, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.epilog = ("--model also takes a diffusers pipeline: a hub id such as facebook/DiT-XL-2-256 (needs the "
                      "hub or its local cache) or a local folder with model_index.json (DiTPipeline or "
-                     "PixArtAlphaPipeline).")
-    parser.add_argument("--num-samples", "--n", dest="num_samples", type=int, required=True,
-                        help="how many samples in the set (e.g. 50000 for FID-50K)")
-    parser.add_argument("--classes", default=None,
-                        help="comma list of class labels cycled over the sample index "
-                             "(default: every class in turn, so 50000 ImageNet samples are 50 per class)")
+                     "PixArtAlphaPipeline). Sampling runs under DQAR unless --schedule none.")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("--n", type=int, default=None,
+                       help="images per class (or per prompt), as in `dqar generate` (default 1); "
+                            "--n 50 over ImageNet's 1000 classes is FID-50K")
+    count.add_argument("--num-samples", type=int, default=None,
+                       help="total samples instead of --n: the first N of the class-major list with "
+                            "ceil(N / classes) per class")
+    parser.add_argument("--classes", default=None, help="comma-separated class labels (default: every class)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt for PixArt (repeatable; prompts are cycled over the sample index)")
     parser.add_argument("--prompts-file", default=None, help="file with one PixArt prompt per line")
     parser.add_argument("--negative-prompt", default="", help="PixArt negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the embedded model card's, 4.5 for "
+                             "PixArt, else 1.5, DiT's FID setting)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample k uses seed + k (default 0)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images per global batch, per forward pass (default 16); part of the run's settings")
@@ -44,14 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype for diffusers models (default float32)")
     parser.add_argument("--out", default=None, help="output folder (default: SAMPLE_DIR/<name from every setting>)")
     parser.add_argument("--sample-dir", default="samples", help="parent of the default output folder")
-    if _has_dqar_options():
-        importlib.import_module(_DQAR_OPTIONS).add_dqar_options(parser)
-
-
-def _dqar_config(args):
-    if not _has_dqar_options():
-        return None
-    return importlib.import_module(_DQAR_OPTIONS).config_from_args(args)
+    add_dqar_options(parser)
 
 
 def _read_prompts(args) -> list[str]:
@@ -64,10 +57,30 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _labels(text: str | None, num_classes: int) -> list[int]:
-    from .common import parse_classes
+def _counts(args, items: int) -> tuple[int, int]:
+    """(num_samples, per_item) from --n (per class / prompt) or --num-samples (total)."""
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise UsageError(f"--num-samples={args.num_samples} is not allowed: must be >= 1")
+        return args.num_samples, math.ceil(args.num_samples / items)
+    n = 1 if args.n is None else args.n
+    if n < 1:
+        raise UsageError(f"--n={n} is not allowed: must be >= 1")
+    return n * items, n
 
-    return parse_classes(text, num_classes, 1)
+
+def _cfg_scale(args, kind: str) -> float:
+    if args.cfg_scale is not None:
+        if not args.cfg_scale >= 0:
+            raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
+        return args.cfg_scale
+    if kind == "pixart":
+        return 4.5  # PixArtAlphaPipeline's default
+    if args.model == "embedded":
+        from .generate import default_cfg_scale
+
+        return default_cfg_scale(args.model)
+    return 1.5
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,18 +90,19 @@ def run(args: argparse.Namespace) -> int:
     from dqar.distributed import init_distributed, shutdown
     from dqar.sample import SampleJob, folder_name, run_job
 
-    from .common import resolve_model, setup_torch
+    from .common import parse_classes, resolve_model, setup_torch
 
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples={args.num_samples} is not allowed: must be >= 1")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
     if args.steps < 1:
         raise UsageError(f"--steps={args.steps} is not allowed: must be >= 1")
     prompts = _read_prompts(args)
     device = setup_torch(args)
-    dqar_cfg = _dqar_config(args)
+    dqar_cfg = config_from_args(args)
+    if dqar_cfg.schedule == "none":
+        dqar_cfg = None  # the plain model, no hooks: the baseline a DQAR run is scored against
     info = init_distributed(device.type)
+    model = controller = None
     try:
         if device.type == "cuda" and info.world_size > 1:
             # One GPU per rank: --device cuda means "my GPU" under torchrun.
@@ -108,23 +122,24 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--classes is for class-conditional models; {args.model} takes --prompt")
             if not prompts:
                 raise UsageError(f"{args.model} is a PixArt (text-to-image) model: pass --prompt or --prompts-file")
-            labels = []
+            labels, items = [], prompts
         else:
             if prompts:
                 raise UsageError(f"--prompt is for PixArt; {args.model} is class-conditional (use --classes)")
             n_classes = hub.num_classes(model) if kind == "hub-dit" else model.config.num_classes
-            labels = _labels(args.classes, n_classes)
-        job = SampleJob(model=args.model, kind=kind, num_samples=args.num_samples, steps=args.steps,
-                        sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                        batch_size=args.batch_size, labels=tuple(labels), prompts=tuple(prompts),
-                        negative_prompt=args.negative_prompt,
+            labels = parse_classes(args.classes, n_classes, 1)
+            items = labels
+        num_samples, per_item = _counts(args, len(items))
+        job = SampleJob(model=args.model, kind=kind, num_samples=num_samples, steps=args.steps,
+                        sampler=args.sampler, cfg_scale=_cfg_scale(args, kind), seed=args.seed,
+                        batch_size=args.batch_size, per_item=per_item, labels=tuple(labels),
+                        prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                         dtype=args.dtype if kind != "dit" else "float32",
                         dqar=dqar_cfg.to_dict() if dqar_cfg is not None else None)
         out_dir = Path(args.out) if args.out else Path(args.sample_dir) / folder_name(job)
 
-        controller = None
         if dqar_cfg is not None:
-            from dqar import apply_dqar
+            from dqar.hooks import apply_dqar
 
             controller = apply_dqar(model, dqar_cfg)
         generate = _make_generate(job, model, device, controller)
@@ -134,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{result.seconds:.1f} s -> {result.out_dir}")
         return 0
     finally:
+        if controller is not None:
+            from dqar.hooks import remove_dqar
+
+            remove_dqar(model)
         shutdown(info)
 
 

@@ -1,0 +1,167 @@
+"""Hugging Face diffusers models: load a `DiTPipeline` / `PixArtAlphaPipeline` and sample with per-image seeds.
+
+A model spec is a hub id (`facebook/DiT-XL-2-256`) or a local folder holding `model_index.json` (what
+`save_pretrained` writes). Both go through `DiffusionPipeline.from_pretrained`, so the tests, which load
+tiny pipelines from a temp folder, exercise the same path a hub id takes. Image k comes from its own CPU
+`torch.Generator` seeded with seeds[k], which diffusers uses for row k of the initial latents, so it does
+not depend on the batch or the device.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+SUPPORTED = ("DiTPipeline", "PixArtAlphaPipeline")
+SAMPLERS = ("ddim", "dpm")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# DiT checkpoints embed num_classes + 1 labels; DiTPipeline hard-codes 1000 as the null (unconditional) label.
+DIT_NULL_CLASS = 1000
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubModelError(ValueError):
+    """A diffusers model that cannot be loaded or used; a ValueError so the CLI reports it in one line."""
+
+
+def is_diffusers_spec(spec: str) -> bool:
+    """True for a folder with model_index.json, or for an `owner/name` hub id that is not a local path."""
+    path = Path(spec)
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    if path.exists() or path.suffix == ".safetensors":
+        return False
+    return bool(_HUB_ID.match(spec))
+
+
+def _offline_message(spec: str, exc: BaseException) -> str:
+    return (f"model {spec!r} is not available offline: it is neither a local folder nor in the Hugging Face "
+            f"cache, and the hub could not be reached ({type(exc).__name__}). On a machine with internet, "
+            f"save it with `DiffusionPipeline.from_pretrained({spec!r}).save_pretrained(FOLDER)` (or "
+            f"`huggingface-cli download {spec} --local-dir FOLDER`), copy FOLDER here and pass --model FOLDER")
+
+
+def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str = "float32",
+                  sampler: str | None = None):
+    """Load a supported diffusers pipeline from a hub id or local folder, on `device`, with `sampler`'s scheduler."""
+    if dtype not in DTYPES:
+        raise HubModelError(f"dtype={dtype!r} is not known; allowed: {', '.join(DTYPES)}")
+    from diffusers import DiffusionPipeline
+
+    path = Path(spec)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise HubModelError(f"folder {spec!r} has no model_index.json: not a diffusers pipeline folder "
+                            "(save one with pipeline.save_pretrained(folder))")
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # older huggingface_hub: its HTTP errors are OSErrors already
+        HfHubHTTPError = OSError
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=DTYPES[dtype])
+    except (OSError, ConnectionError, HfHubHTTPError) as exc:
+        if path.is_dir():
+            raise HubModelError(f"cannot load diffusers folder {spec!r}: {exc}") from exc
+        raise HubModelError(_offline_message(spec, exc)) from exc
+    name = type(pipe).__name__
+    if name not in SUPPORTED:
+        raise HubModelError(f"model {spec!r} is a {name}; supported pipelines: {', '.join(SUPPORTED)}")
+    if sampler is not None:
+        set_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def set_sampler(pipe, sampler: str) -> None:
+    """Replace the pipeline's scheduler with DDIM or DPM-Solver++ built from its own config (same betas)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif sampler == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                 algorithm_type="dpmsolver++", solver_order=2)
+    else:
+        raise HubModelError(f"sampler={sampler!r} is not known; allowed: {', '.join(SAMPLERS)}")
+
+
+def pipeline_kind(pipe) -> str:
+    """'dit' (class-conditional) or 'pixart' (text-conditional)."""
+    name = type(pipe).__name__
+    if name == "DiTPipeline":
+        return "dit"
+    if name == "PixArtAlphaPipeline":
+        return "pixart"
+    raise HubModelError(f"{name} is not supported; supported pipelines: {', '.join(SUPPORTED)}")
+
+
+def num_classes(pipe) -> int:
+    """Class labels a DiT pipeline accepts (the embedding's last row is the null class)."""
+    return int(pipe.transformer.config.num_embeds_ada_norm)
+
+
+def image_shape(pipe) -> tuple[int, int, int]:
+    """(H, W, C) of the decoded images."""
+    size = int(pipe.transformer.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    return size, size, int(pipe.vae.config.out_channels)
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: diffusers draws row k of the latents from generator k."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def prompt_lengths(pipe, prompts: Sequence[str], max_sequence_length: int = 120) -> list[int]:
+    """Token count of each prompt as the pipeline's text encoder sees it (its EOS included, padding not)."""
+    enc = pipe.tokenizer(list(prompts), max_length=max_sequence_length, truncation=True, add_special_tokens=True)
+    return [int(sum(mask)) for mask in enc["attention_mask"]]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images (N, C, H, W), as pipelines return with output_type='pt', to uint8 (N, H, W, C)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None = None,
+             prompts: Sequence[str] | None = None, steps: int = 50, cfg_scale: float = 1.5,
+             negative_prompt: str = "", controller=None, max_sequence_length: int = 120) -> torch.Tensor:
+    """One image per seed as uint8 (N, H, W, C); DiT takes `class_labels`, PixArt `prompts`.
+
+    Guidance follows each pipeline's rule (on when cfg_scale > 1). Under DQAR, PixArt's prompt length (longest
+    prompt of the batch: one batch shares one gate threshold) is handed to `controller.set_prompt_length` first;
+    class-conditional DiT keeps the controller's own prompt length.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise HubModelError(f"steps={steps!r} is not allowed: must be an integer >= 1")
+    if not cfg_scale >= 0:
+        raise HubModelError(f"cfg_scale={cfg_scale!r} is not allowed: must be >= 0")
+    kind = pipeline_kind(pipe)
+    n = len(seeds)
+    if kind == "dit":
+        if class_labels is None or prompts is not None:
+            raise HubModelError("a DiT pipeline is class-conditional: pass class labels, not prompts")
+        if len(class_labels) != n:
+            raise HubModelError(f"got {len(class_labels)} class labels but {n} seeds: one seed per image")
+        limit = num_classes(pipe)
+        for label in class_labels:
+            if not 0 <= int(label) < limit:
+                raise HubModelError(f"class label {label} is outside [0, {limit}) for this model")
+        out = pipe(class_labels=[int(c) for c in class_labels], guidance_scale=cfg_scale,
+                   generator=generators(seeds), num_inference_steps=steps, output_type="pt").images
+        return to_uint8(out)
+    if prompts is None or class_labels is not None:
+        raise HubModelError("a PixArt pipeline is text-conditional: pass prompts (--prompt / --prompts-file)")
+    if len(prompts) != n:
+        raise HubModelError(f"got {len(prompts)} prompts but {n} seeds: one seed per image")
+    if controller is not None:
+        controller.set_prompt_length(max(prompt_lengths(pipe, prompts, max_sequence_length)))
+    height, width, _ = image_shape(pipe)
+    # clean_caption needs bs4/ftfy and rewrites the text after we counted its tokens; binning only knows the
+    # released resolutions, so both are off and the model's native size is asked for.
+    out = pipe(prompt=list(prompts), negative_prompt=negative_prompt, guidance_scale=cfg_scale,
+               generator=generators(seeds), num_inference_steps=steps, height=height, width=width,
+               output_type="pt", clean_caption=False, use_resolution_binning=False,
+               max_sequence_length=max_sequence_length).images
+    return to_uint8(out)
