@@ -1,0 +1,207 @@
+"""`dqar sweep`: a grid of DQAR configurations plus named baselines, one JSON line per finished point.
+
+    dqar sweep --grid warmup=0.2,0.3,0.4 layers=0.33,0.66,1.0 --grid order=deep layers=0.33,1.0 \\
+               --baselines none,static,ptq-int8,interval-attn-mlp,kv --n 200 --steps 50 --out results.jsonl
+
+Each `--grid` is one Cartesian product; give it several times for several products (duplicates are
+measured once). A grid name is a `dqar generate` option (`layers`, `cache-bits`) or a DQARConfig field
+(`layer_fraction`, `cache_bits`); values are parsed like that option. Values are separated by commas,
+or by semicolons for fields whose single value already contains commas (`targets=attn;attn,mlp`,
+`snr-range=0.5,50;1,20`). Fields not in a grid take the DQAR options given (`--tau0 30`), then
+DQARConfig's defaults; every point records entropy/SNR per step (`record_entropy=True`).
+
+Re-running the same command resumes: points whose key (config + settings) is already in `--out` are
+skipped. Sample images of each point are kept in `<out stem>.samples/` for `dqar report`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from . import UsageError
+from .common import EMBEDDED, add_model_options
+from .dqar_options import OPTIONS, add_dqar_options, config_overrides
+
+# Mirrors dqar.eval.sweep.BASELINES without importing torch at module top.
+BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv")
+# Fields whose one value is itself a comma list: their value lists are separated by ';' only.
+_COMPOUND = {"snr_range", "targets", "kv_bits", "depth_phases"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--grid", nargs="+", action="append", default=None, metavar="NAME=V1,V2",
+                        help="one Cartesian product of config values, e.g. --grid warmup=0.2,0.4 layers=0.33,1.0; "
+                             "repeat --grid for more products")
+    parser.add_argument("--baselines", default="", metavar="LIST",
+                        help=f"comma list of named comparison points: {', '.join(BASELINE_NAMES)} "
+                             "(none: the uncached model; static: warmup 0.4, layers 0.33; ptq-int8: int8 weights, "
+                             "no reuse; interval-attn-mlp: FORA, attn+mlp recomputed every 3rd step; kv: K/V "
+                             "caching on the static schedule)")
+    parser.add_argument("--out", required=True, help="results file (JSON lines); appended to, resumed from")
+    parser.add_argument("--n", type=int, default=100, help="images per point, one batch (default 100)")
+    parser.add_argument("--classes", default=None,
+                        help="comma list of class labels cycled over the images (default: every class in turn)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; image k uses seed + k (default 0)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed generations per point and of the shared reference; the median counts (default 1)")
+    parser.add_argument("--warmup-runs", type=int, default=0,
+                        help="untimed generations before each point's timing (default 0: a generation is long "
+                             "next to one-time costs; raise it for tiny runs)")
+    parser.add_argument("--save-samples", type=int, default=32,
+                        help="images per point kept for the report's image grid (default 32)")
+    parser.add_argument("--max-points", type=int, default=None,
+                        help="stop after measuring this many new points (the rest on the next run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dqar_options(parser)
+
+
+def _field_table() -> dict[str, tuple[str, object, str]]:
+    """Every accepted grid name -> (field, parser, shown name)."""
+    table = {}
+    for option, (fld, parse, _) in OPTIONS.items():
+        table[option] = (fld, parse, option)
+        table[fld] = (fld, parse, option)
+        table[fld.replace("_", "-")] = (fld, parse, option)
+    return table
+
+
+def parse_grid_token(token: str) -> tuple[str, list]:
+    """'layers=0.33,1.0' -> ('layer_fraction', [0.33, 1.0]); UsageError naming what is wrong."""
+    name, sep, values = token.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UsageError(f"--grid item {token!r} must look like NAME=V1,V2 (e.g. warmup=0.2,0.4)")
+    table = _field_table()
+    if name not in table:
+        allowed = ", ".join(sorted(OPTIONS))
+        raise UsageError(f"--grid name {name!r} is not a DQAR option or config field; allowed: {allowed} "
+                         "(or their DQARConfig field names)")
+    fld, parse, shown = table[name]
+    sep_char = ";" if fld in _COMPOUND or ";" in values else ","
+    texts = [v.strip() for v in values.split(sep_char)]
+    if not values.strip() or any(not v for v in texts):
+        raise UsageError(f"--grid {token!r}: empty value in the list for {name!r}; give values like "
+                         f"{name}=A{sep_char}B")
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(parse(text))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--grid {token!r}: value {text!r} for {shown!r} could not be parsed "
+                             f"({getattr(parse, '__name__', parse)}: {exc})") from None
+    return fld, parsed
+
+
+def parse_grids(grids: list[list[str]] | None) -> list[dict]:
+    """Each --grid's product as config-override dicts, in order (a field named twice in one grid is an error)."""
+    cells = []
+    for tokens in grids or []:
+        axes: dict[str, list] = {}
+        for token in tokens:
+            fld, values = parse_grid_token(token)
+            if fld in axes:
+                raise UsageError(f"--grid names {fld!r} twice in one product ({' '.join(tokens)})")
+            axes[fld] = values
+        for combo in itertools.product(*axes.values()):
+            cells.append(dict(zip(axes, combo)))
+    return cells
+
+
+def parse_baselines(text: str) -> list[str]:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    for name in names:
+        if name not in BASELINE_NAMES:
+            raise UsageError(f"--baselines name {name!r} is not known; allowed: {', '.join(BASELINE_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def _value_text(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return "/".join(_value_text(x) for x in v)
+    return str(v)
+
+
+def build_points(args: argparse.Namespace):
+    """Every SweepPoint the options ask for, configs validated (UsageError before anything runs)."""
+    from dqar.config import DQARConfig
+    from dqar.eval.sweep import SweepPoint, baseline_point
+
+    base_values = {"record_entropy": True}
+    base_values.update(config_overrides(args))
+    try:
+        base = DQARConfig(**base_values)
+    except ValueError as exc:
+        raise UsageError(f"DQAR options: {exc}") from None
+    points = [baseline_point(name, base) for name in parse_baselines(args.baselines)]
+    for cell in parse_grids(args.grid):
+        values = base.to_dict()
+        values.update(cell)
+        name = " ".join(f"{OPTIONS_BY_FIELD.get(k, k)}={_value_text(v)}" for k, v in cell.items())
+        try:
+            config = DQARConfig.from_dict(values)
+        except ValueError as exc:
+            raise UsageError(f"--grid point {name!r}: {exc}") from None
+        points.append(SweepPoint(name=name, kind="grid", config=config, grid=dict(cell)))
+    if not points:
+        raise UsageError("nothing to run: give at least one --grid or --baselines")
+    return points
+
+
+OPTIONS_BY_FIELD = {fld: option for option, (fld, _, _) in OPTIONS.items()}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("n", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name}={getattr(args, name)} is not allowed: must be >= 1")
+    for name in ("warmup_runs", "save_samples"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: must be >= 0")
+    if args.max_points is not None and args.max_points < 0:
+        raise UsageError(f"--max-points={args.max_points} is not allowed: must be >= 0")
+    if not args.cfg_scale >= 0:
+        raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
+    parent = Path(args.out).parent
+    if not parent.is_dir():
+        raise UsageError(f"--out={args.out!r}: folder {str(parent)!r} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    points = build_points(args)       # all grid/baseline errors surface here, before any model loads
+
+    from dqar.eval.sweep import SweepSettings, run_sweep
+
+    from .common import parse_classes, resolve_model, setup_torch
+
+    device = setup_torch(args)
+    model, description = resolve_model(args.model, seed=args.seed)
+    model = model.to(device).eval()
+    classes = parse_classes(args.classes, model.config.num_classes, args.n)
+    settings = SweepSettings(model=args.model, n=args.n, classes=tuple(classes), steps=args.steps,
+                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed)
+    evaluator = real_stats = None
+    if args.model == EMBEDDED:
+        from dqar.embedded import load_evaluator
+        from dqar.eval.metrics import EvaluatorFeatures, real_data_stats
+
+        evaluator = load_evaluator().to(device).eval()
+        real_stats = real_data_stats(EvaluatorFeatures(evaluator), "test")
+
+    print(f"dqar sweep: {len(points)} points on {description}, {args.n} images x {args.steps} {args.sampler} "
+          f"steps, cfg {args.cfg_scale}, {args.repeats} timed run(s) each -> {args.out}", file=sys.stderr)
+    result = run_sweep(model, points, settings, args.out, repeats=args.repeats, warmup_runs=args.warmup_runs,
+                       device=device, evaluator=evaluator, real_features=real_stats,
+                       save_samples=args.save_samples, max_points=args.max_points,
+                       progress=not args.no_progress,
+                       log=lambda msg: print(f"dqar sweep: {msg}", file=sys.stderr))
+    left = len(points) - result["skipped"] - result["computed"]
+    print(f"dqar sweep: {result['computed']} measured, {result['skipped']} already in {args.out}"
+          + (f", {left} left (re-run to continue)" if left else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,411 @@
+"""A resumable sweep: many DQAR configurations (and named baselines) against one shared reference run.
+
+Each finished point is appended to a JSON-lines file as one row: the `dqar bench` record (see
+`dqar.eval.bench`) plus the point's identity and the controller's per-step profile:
+
+    {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8", "grid": {field: value},
+     "settings": {model, n, classes, steps, sampler, cfg_scale, seed},
+     <bench record: config, baseline, dqar, speedup, ideal_speedup, quality>,
+     "profile": {entropy_per_step, snr_per_step, x0_snr_per_step, events_per_step, events_per_layer,
+                 num_layers, compute_events, profile_n},
+     "samples": "<file name under the sidecar folder>" | null, "wall_s"}
+
+Why the reference is shared instead of re-timed per point (as `dqar bench` does): on a CPU one
+generation of 200 digits x 50 steps takes minutes, so interleaving a baseline run with every point
+would double the sweep. The uncached model runs `repeats` times once; its images are the reference
+for every point's fid_vs_baseline / PSNR / SSIM, its median time the denominator of every speedup.
+Both are cached in the sidecar folder (`RESULTS.samples/` beside `RESULTS.jsonl`), so a resumed
+sweep reuses them rather than re-measuring. The price: machine drift over a long sweep lands on
+the speedups; the report therefore also shows the FLOP-count `ideal_speedup`, which has no noise.
+
+Resume: a row's `key` hashes its variant, config and settings (not its name or timing repeats);
+rows already in the file are skipped. A last line without its newline (the process was killed while
+writing) is cut off and that point recomputed; any other unreadable line is an error, since
+silently dropping it would lose a measurement.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.sampling import sample, to_uint8
+
+from .bench import MIB, empty_record, quality_metrics
+from .metrics import EvaluatorFeatures, feature_stats
+from .timing import Contender, interleaved_timing
+
+# Named comparison points. Each is (variant, config overrides); variant "ptq-int8" swaps the model for
+# its int8-weight copy (dqar.eval.baselines) and runs it without reuse.
+BASELINES: dict[str, tuple[str | None, dict]] = {
+    # The uncached model itself: free, it is the shared reference run.
+    "none": (None, {"schedule": "none"}),
+    # Seed 000's recommended quality configuration (40% warmup, 33% layers, shallow-first).
+    "static": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33}),
+    # Seed 002's "PTQ4DiT" row: quantization only, no reuse.
+    "ptq-int8": ("ptq-int8", {"schedule": "none"}),
+    # FORA (Selvaraju et al. 2024): recompute attention and MLP every N=3 steps from the start, reuse between.
+    "interval-attn-mlp": (None, {"schedule": "interval", "interval": 3, "warmup": 0.0, "targets": ("attn", "mlp")}),
+    # Seed 000's failed first attempt: cache K/V, recompute Q, on the same schedule as "static".
+    "kv": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33, "mode": "kv"}),
+}
+# Sample images kept per point for the report's image grid (uint8, small).
+SAVED_SAMPLES = 32
+# Images sampled under schedule "none" to record the uncached model's entropy per step for the "none" row.
+PROFILE_IMAGES = 16
+
+
+class SweepStopped(Exception):
+    """Raised by an `on_row` callback to stop a sweep cleanly after a row was written."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One configuration to measure: a grid cell or a named baseline."""
+
+    name: str
+    kind: str                      # "grid" | "baseline"
+    config: DQARConfig
+    variant: str | None = None     # None: the model as loaded; "ptq-int8": its int8-weight copy
+    grid: dict = field(default_factory=dict)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.variant is None and self.config.schedule == "none"
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything besides the config that changes a point's numbers (part of its resume key)."""
+
+    model: str
+    n: int
+    classes: tuple[int, ...]
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "n": self.n, "classes": list(self.classes), "steps": self.steps,
+                "sampler": self.sampler, "cfg_scale": self.cfg_scale, "seed": self.seed}
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.classes[i % len(self.classes)] for i in range(self.n)]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+
+def baseline_point(name: str, base: DQARConfig | None = None) -> SweepPoint:
+    """The named baseline on top of `base` (the sweep's base config, e.g. record_entropy=True)."""
+    if name not in BASELINES:
+        raise ValueError(f"baseline {name!r} is not known; allowed: {', '.join(BASELINES)}")
+    variant, overrides = BASELINES[name]
+    values = (base or DQARConfig()).to_dict()
+    values.update(overrides)
+    return SweepPoint(name=name, kind="baseline", config=DQARConfig.from_dict(values), variant=variant)
+
+
+def point_key(point: SweepPoint, settings: SweepSettings) -> str:
+    """Stable identity of a measurement: variant + config + settings (name and repeats excluded)."""
+    blob = json.dumps({"variant": point.variant, "config": point.config.to_dict(), "settings": settings.to_dict()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# the results file
+# ------------------------------------------------------------------------------------------------
+
+def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
+    """Rows of a results file; a partial last line is dropped (and cut from the file when `repair`)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    # Every row is written as one "json\n"; a write cut short can only lose the tail, newline included,
+    # so whatever follows the last newline is the only place a partial row can be.
+    *complete, tail = data.split(b"\n")
+    rows = []
+    for i, line in enumerate(complete):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON; fix or remove it (only a partial "
+                             "last line is repaired automatically)") from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise ValueError(f"{path}: line {i + 1} is not a sweep row (a JSON object with a 'key')")
+        rows.append(row)
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "key" in row:
+            rows.append(row)
+            if repair:
+                with open(path, "ab") as fh:
+                    fh.write(b"\n")
+        elif repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(len(data) - len(tail))
+    return rows
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """One line, flushed and synced, so a kill leaves at most a partial last line."""
+    line = json.dumps(_json_safe(row), allow_nan=False, sort_keys=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    return value
+
+
+def sidecar_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".samples")
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """The uncached run every point is compared with."""
+
+    images: torch.Tensor
+    seconds: float
+    peak_mem_mb: float | None
+    samples: list[float]
+    features: Any = None
+
+
+def _profile(summary: dict | None, profile_n: int | None) -> dict | None:
+    if summary is None:
+        return None
+    keys = ("entropy_per_step", "snr_per_step", "x0_snr_per_step", "events_per_step", "events_per_layer",
+            "num_layers", "compute_events", "share_events")
+    out = {k: summary.get(k) for k in keys}
+    out["profile_n"] = profile_n
+    return out
+
+
+def _save_samples(folder: Path, name: str, images: torch.Tensor, labels: Sequence[int], count: int) -> str | None:
+    if count <= 0:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = min(count, images.shape[0])
+    np.savez_compressed(folder / name, images=to_uint8(images[:keep]).numpy(),
+                        labels=np.asarray(list(labels)[:keep], dtype=np.int64))
+    return name
+
+
+def _mib(n) -> float | None:
+    return None if n is None else n / MIB
+
+
+def load_samples(results_path: str | Path, row: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 (K, H, W, C) images, (K,) labels) saved for a row, or None when there are none."""
+    name = row.get("samples")
+    if not name:
+        return None
+    path = sidecar_dir(results_path) / name
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return z["images"], z["labels"]
+
+
+def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: SweepSettings, out: str | Path, *,
+              repeats: int = 1, warmup_runs: int = 0, device: torch.device | str = "cpu", evaluator=None,
+              real_features=None, save_samples: int = SAVED_SAMPLES, max_points: int | None = None,
+              progress: bool = False, on_row: Callable[[dict], None] | None = None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Measure every point not already in `out`; returns {"computed": n, "skipped": n, "rows": [...]}."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not allowed: must be an integer >= 1")
+    if max_points is not None and max_points < 0:
+        raise ValueError(f"max_points={max_points!r} is not allowed: must be >= 0")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(out.parent)!r} of the results file does not exist")
+    log = log or (lambda _msg: None)
+    existing = {row["key"] for row in read_rows(out, repair=True)}
+    todo, seen = [], set(existing)
+    for p in points:
+        key = point_key(p, settings)
+        if key not in seen:
+            todo.append((key, p))
+            seen.add(key)
+    skipped = len(points) - len(todo)
+    if max_points is not None:
+        todo = todo[:max_points]
+    result = {"computed": 0, "skipped": skipped, "rows": []}
+    if not todo:
+        return result
+
+    model = model.to(device).eval()
+    labels, seeds = settings.labels, settings.seeds
+    folder = sidecar_dir(out)
+
+    def generate(m: torch.nn.Module, lab=labels, sds=seeds) -> torch.Tensor:
+        return sample(m, lab, sds, steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
+                      device=device)
+
+    ref = _reference(model, settings, folder, generate, repeats, warmup_runs, device, log)
+    extractor = EvaluatorFeatures(evaluator) if evaluator is not None else None
+    if extractor is not None and settings.n >= 2:
+        ref.features = feature_stats(extractor(ref.images), "reference features")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="sweep", unit="point")
+    variants: dict[str, torch.nn.Module] = {}
+    try:
+        for key, point in todo:
+            t0 = time.perf_counter()
+            if bar is not None:
+                bar.set_postfix_str(point.name[:40])
+            log(f"point {point.name}")
+            record, summary, images, profile_n = _measure(model, point, ref, generate, variants, repeats,
+                                                          warmup_runs, device, settings)
+            record["quality"] = quality_metrics(images, ref.images, labels, evaluator=evaluator,
+                                                extractor=extractor, real_features=real_features,
+                                                baseline_features=ref.features)
+            row = {"key": key, "name": point.name, "kind": point.kind, "variant": point.variant,
+                   "grid": dict(point.grid), "settings": settings.to_dict(), **record,
+                   "profile": _profile(summary, profile_n),
+                   "samples": _save_samples(folder, f"{key}.npz", images, labels, save_samples),
+                   "wall_s": time.perf_counter() - t0}
+            append_row(out, row)
+            result["computed"] += 1
+            result["rows"].append(row)
+            if bar is not None:
+                bar.update(1)
+            if on_row is not None:
+                on_row(row)
+    except SweepStopped:
+        pass
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def _reference(model, settings: SweepSettings, folder: Path, generate, repeats, warmup_runs, device, log) -> Reference:
+    """The uncached run: loaded from the sidecar when an earlier (interrupted) sweep measured it."""
+    blob = json.dumps(settings.to_dict(), sort_keys=True).encode()
+    path = folder / f"reference-{hashlib.sha256(blob).hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        log(f"reference run loaded from {path}")
+        return Reference(saved["images"], float(saved["seconds"]),
+                         None if saved["peak_mem_mb"] is None else float(saved["peak_mem_mb"]),
+                         [float(s) for s in saved["samples"]])
+    log(f"reference run: {settings.n} images x {settings.steps} steps, {repeats} timed")
+    # The reference is the process's first generation: a two-image, two-step run first takes the
+    # one-time costs (lazy imports, thread pools, allocator growth) out of its timing.
+    sample(model, settings.labels[:2], settings.seeds[:2], steps=2, sampler=settings.sampler,
+           cfg_scale=settings.cfg_scale, device=device)
+    t = interleaved_timing({"baseline": lambda: generate(model)}, rounds=repeats, warmup_runs=warmup_runs,
+                           device=device)["baseline"]
+    ref = Reference(t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"images": ref.images.cpu(), "seconds": ref.seconds, "peak_mem_mb": ref.peak_mem_mb,
+                "samples": ref.samples}, tmp)
+    tmp.replace(path)   # atomic: a kill never leaves a half-written reference behind
+    return ref
+
+
+def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict, repeats: int, warmup_runs: int,
+             device, settings: SweepSettings):
+    """(record, controller summary or None, images, profile_n) for one point."""
+    record = empty_record(point.config)
+    steps = settings.steps
+    record["baseline"] = {"ms_per_step": ref.seconds * 1000.0 / steps, "seconds": ref.seconds,
+                          "peak_mem_mb": ref.peak_mem_mb}
+    summary, profile_n = None, None
+    if point.is_reference:
+        # The reference run itself; its per-step entropy comes from a short hooked run on a few images
+        # (hooks would slow the timed reference).
+        images, seconds, peak = ref.images, ref.seconds, ref.peak_mem_mb
+        if point.config.needs_entropy:
+            profile_n = min(PROFILE_IMAGES, settings.n)
+            ctl = apply_dqar(model, point.config)
+            try:
+                generate(model, settings.labels[:profile_n], settings.seeds[:profile_n])
+                summary = ctl.summary()
+            finally:
+                remove_dqar(model)
+        cache_mb, events, fraction = 0.0, 0, 0.0
+    elif point.variant is not None:
+        if point.variant not in variants:
+            from .baselines import make_baseline
+
+            variants[point.variant] = make_baseline(point.variant, model, device)
+            # Its first call initialises the quantized kernels: keep that out of its timing.
+            generate(variants[point.variant], settings.labels[:2], settings.seeds[:2])
+        vmodel = variants[point.variant]
+        t = interleaved_timing({"variant": lambda: generate(vmodel)}, rounds=repeats, warmup_runs=warmup_runs,
+                               device=device)["variant"]
+        images, seconds, peak = t.last_output, t.median, _mib(t.peak_mem_bytes)
+        cache_mb, events, fraction = 0.0, 0, 0.0
+    else:
+        state: dict[str, Any] = {}
+
+        def attach() -> None:
+            state["ctl"] = apply_dqar(model, point.config)
+
+        def detach(_out) -> None:
+            state["summary"] = state["ctl"].summary()   # remove_dqar resets the controller
+            remove_dqar(model)
+
+        c = Contender(fn=lambda: generate(model), setup=attach, teardown=detach)
+        try:
+            t = interleaved_timing({"dqar": c}, rounds=repeats, warmup_runs=warmup_runs, device=device)["dqar"]
+        finally:
+            from dqar.hooks import get_controller
+
+            if get_controller(model) is not None:
+                remove_dqar(model)
+        summary = state["summary"]
+        images, seconds, peak = t.last_output, t.median, _mib(t.peak_mem_bytes)
+        cache_mb = _mib(summary.get("peak_cache_bytes"))
+        events, fraction = int(summary["reuse_events"]), float(summary["reuse_fraction"])
+        profile_n = settings.n
+    record["dqar"] = {"ms_per_step": seconds * 1000.0 / steps, "seconds": seconds, "peak_mem_mb": peak,
+                      "cache_mb": cache_mb, "reuse_events": events, "reuse_fraction": fraction}
+    record["speedup"] = ref.seconds / seconds if seconds > 0 else None
+    ideal = summary.get("ideal_speedup") if summary is not None and not point.is_reference else None
+    record["ideal_speedup"] = float(ideal) if ideal is not None else (1.0 if point.variant is None else None)
+    return record, summary, images, profile_n

@@ -1,0 +1,152 @@
+"""`dqar sweep`: grid parsing, clear errors before anything runs, and resume without loss or duplicates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dqar.cli import UsageError, main
+from dqar.cli.sweep import parse_grid_token, parse_grids
+from dqar.eval.sweep import read_rows
+
+TINY = ["--model", "DiT-Tiny", "--n", "4", "--steps", "3", "--threads", "1", "--no-progress", "--save-samples", "4"]
+GRID = ["--baselines", "none,static", "--grid", "warmup=0.2,0.4", "layers=1.0"]
+
+
+def _keys(path):
+    return [json.loads(line)["key"] for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------
+# grid specs
+# ------------------------------------------------------------------------------------------------
+
+def test_grid_accepts_option_and_field_names_parsed_like_the_options():
+    assert parse_grid_token("layers=0.33,1.0") == ("layer_fraction", [0.33, 1.0])
+    assert parse_grid_token("layer_fraction=0.5") == ("layer_fraction", [0.5])
+    assert parse_grid_token("cache-bits=16,8") == ("cache_bits", [16, 8])
+    assert parse_grid_token("cache_bits=4") == ("cache_bits", [4])
+    assert parse_grid_token("order=shallow,deep") == ("order", ["shallow", "deep"])
+    # Fields whose single value is a comma list separate values with ';'.
+    assert parse_grid_token("targets=attn;attn,mlp") == ("targets", [("attn",), ("attn", "mlp")])
+    assert parse_grid_token("snr-range=0.5,50") == ("snr_range", [(0.5, 50.0)])
+    assert parse_grid_token("gate-with=none;static") == ("gate_with", [None, "static"])
+
+
+def test_grids_are_cartesian_products_in_order():
+    cells = parse_grids([["warmup=0.2,0.4", "layers=0.5,1.0"], ["order=deep"]])
+    assert cells == [{"warmup": 0.2, "layer_fraction": 0.5}, {"warmup": 0.2, "layer_fraction": 1.0},
+                     {"warmup": 0.4, "layer_fraction": 0.5}, {"warmup": 0.4, "layer_fraction": 1.0},
+                     {"order": "deep"}]
+
+
+@pytest.mark.parametrize("token, message", [
+    ("bogus=1,2", "--grid name 'bogus' is not a DQAR option or config field; allowed: cache-bits"),
+    ("warmup=", "empty value in the list for 'warmup'"),
+    ("warmup=0.2,,0.4", "empty value in the list for 'warmup'"),
+    ("warmup", "must look like NAME=V1,V2"),
+    ("warmup=abc", "value 'abc' for 'warmup' could not be parsed"),
+    ("record-entropy=maybe", "value 'maybe' for 'record-entropy' could not be parsed"),
+])
+def test_bad_grid_tokens_name_the_problem(token, message):
+    with pytest.raises(UsageError) as info:
+        parse_grid_token(token)
+    assert message in str(info.value)
+
+
+def test_same_field_twice_in_one_product_is_an_error():
+    with pytest.raises(UsageError, match="names 'layer_fraction' twice"):
+        parse_grids([["layers=0.5", "layer_fraction=1.0"]])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "bogus=1"], "--grid name 'bogus' is not a DQAR option"),
+    (["--grid", "layers="], "empty value in the list for 'layers'"),
+    (["--grid", "warmup=1.5"], "--grid point 'warmup=1.5': DQARConfig.warmup=1.5 is not allowed: must be a number in [0, 1]"),
+    (["--grid", "order=sideways"], "DQARConfig.order='sideways' is not allowed: must be one of shallow, deep, random"),
+    (["--baselines", "none,fastest"], "--baselines name 'fastest' is not known; allowed: none, static, ptq-int8"),
+    ([], "nothing to run"),
+])
+def test_cli_rejects_bad_specs_before_running(tmp_path, capsys, args, message):
+    out = tmp_path / "r.jsonl"
+    # A model that does not exist: the error must come from the grid, before any model is resolved.
+    rc = main(["sweep", "--model", "no-such-model", "--out", str(out), *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+# ------------------------------------------------------------------------------------------------
+
+def test_sweep_resumes_without_duplicates_or_loss(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, *GRID, "--out", str(out), "--max-points", "2"]) == 0
+    first = out.read_bytes()
+    assert len(first.splitlines()) == 2
+    ref_files = list((tmp_path / "r.samples").glob("reference-*.pt"))
+    assert len(ref_files) == 1
+    ref_mtime = ref_files[0].stat().st_mtime_ns
+
+    assert main(["sweep", *TINY, *GRID, "--out", str(out)]) == 0
+    full = out.read_bytes()
+    assert full.startswith(first)                       # earlier rows byte-identical
+    keys = _keys(out)
+    assert len(keys) == 4 and len(set(keys)) == 4       # 2 baselines + 2 grid cells, each once
+    names = [json.loads(line)["name"] for line in full.decode().splitlines()]
+    assert names == ["none", "static", "warmup=0.2 layers=1.0", "warmup=0.4 layers=1.0"]
+    # The shared reference run was reused from the sidecar, not re-measured.
+    assert ref_files[0].stat().st_mtime_ns == ref_mtime
+
+    # A third run has nothing to do and leaves the file untouched.
+    assert main(["sweep", *TINY, *GRID, "--out", str(out)]) == 0
+    assert out.read_bytes() == full
+
+
+def test_partial_last_line_is_cut_and_recomputed(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, "--baselines", "none,static", "--out", str(out)]) == 0
+    good = out.read_bytes()
+    lines = good.splitlines(keepends=True)
+    # Simulate a kill in the middle of writing the second row.
+    out.write_bytes(lines[0] + lines[1][:40])
+    assert main(["sweep", *TINY, "--baselines", "none,static", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [r["name"] for r in rows] == ["none", "static"]
+    assert out.read_bytes().startswith(lines[0])
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_damaged_middle_line_is_an_error_not_silently_dropped(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_rows(out)
+    out.write_text('{"key": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2 is not a sweep row"):
+        read_rows(out)
+
+
+def test_rows_carry_the_bench_schema_and_per_step_profile(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, "--baselines", "none,static,kv", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in read_rows(out)}
+    for row in rows.values():
+        assert set(row) >= {"config", "baseline", "dqar", "speedup", "ideal_speedup", "quality", "profile",
+                            "settings", "key", "samples"}
+        assert row["config"]["record_entropy"] is True
+        assert row["settings"] == {"model": "DiT-Tiny", "n": 4, "classes": list(range(10)), "steps": 3,
+                                   "sampler": "ddim", "cfg_scale": 1.5, "seed": 0}
+        prof = row["profile"]
+        assert len(prof["entropy_per_step"]) == len(prof["snr_per_step"]) == len(prof["events_per_step"]) == 3
+        assert (tmp_path / "r.samples" / row["samples"]).exists()
+    # The reference row compares the reference with itself.
+    ref = rows["none"]
+    assert ref["speedup"] == 1.0 and ref["dqar"]["reuse_events"] == 0 and ref["quality"]["ssim"] == 1.0
+    assert ref["profile"]["profile_n"] == 4
+    # static: warmup 0.4 of 3 steps -> only the last step (progress 1.0) reuses floor(0.33*4)=1 layer, 2 branches.
+    assert rows["static"]["dqar"]["reuse_events"] == 2
+    assert rows["static"]["profile"]["events_per_step"] == [0, 0, 2]
+    assert rows["kv"]["config"]["mode"] == "kv" and rows["kv"]["dqar"]["reuse_events"] == 2
