@@ -1,0 +1,186 @@
+"""`dqar train-policy`: trace the embedded model, calibrate the labels, train the reuse policy, write it.
+
+Writes to --out: `traces.jsonl` (one row per seed, step, layer, branch), `calibration.jsonl` (single-position
+reuse measurements), `policy_digits.safetensors` + `policy_digits.json` (the policy and its card) and
+`report.json`. `--install` copies the two policy files over the package's shipped policy (`dqar/assets/`).
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import UsageError
+from .common import add_model_options
+
+DEFAULT_OUT = "out/policy"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--n-seeds", type=int, default=32, help="traced generations, one seed each (default 32)")
+    parser.add_argument("--first-seed", type=int, default=10_000,
+                        help="trace seeds are first-seed + k, class k %% num_classes; kept apart from the "
+                             "benchmark's seeds 0.. so the policy is measured on images it never saw (10000)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--sampler", default="ddim", help="ddim | dpm (default ddim)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="guidance scale (default: the embedded model card's, else 1.5)")
+    parser.add_argument("--calib-positions", type=int, default=40,
+                        help="(step, layer, branch) positions measured by single-position reuse (default 40)")
+    parser.add_argument("--calib-seeds", type=int, default=4,
+                        help="trace seeds each calibration position is measured on (default 4)")
+    parser.add_argument("--quality-psnr", type=float, default=30.0,
+                        help="whole-image quality budget in dB PSNR against the uncached image (default 30)")
+    parser.add_argument("--reuse-fraction", type=float, default=0.25,
+                        help="fraction of (step, layer, branch) positions a run is expected to reuse; the budget "
+                             "is split over that many positions (default 0.25)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold stored in the file (0.5)")
+    parser.add_argument("--epochs", type=int, default=800, help="full-batch Adam epochs (default 800)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
+    parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights (default 1e-4, seed 002)")
+    parser.add_argument("--val-fraction", type=float, default=0.25, help="seeds held out for validation (0.25)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and positions (default 0)")
+    parser.add_argument("--install", action="store_true",
+                        help="copy the policy files over the package's shipped policy (dqar/assets/)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+
+
+def reproduce_command(args: argparse.Namespace, cfg_scale: float) -> str:
+    parts = ["dqar train-policy", f"--model {args.model}", f"--out {args.out}", f"--n-seeds {args.n_seeds}",
+             f"--first-seed {args.first_seed}", f"--steps {args.steps}", f"--sampler {args.sampler}",
+             f"--cfg-scale {cfg_scale:g}", f"--calib-positions {args.calib_positions}",
+             f"--calib-seeds {args.calib_seeds}", f"--quality-psnr {args.quality_psnr:g}",
+             f"--reuse-fraction {args.reuse_fraction:g}", f"--threshold {args.threshold:g}",
+             f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--l2 {args.l2:g}",
+             f"--val-fraction {args.val_fraction:g}", f"--seed {args.seed}"]
+    if args.threads is not None:
+        parts.append(f"--threads {args.threads}")
+    return " ".join(parts)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, minimum in (("n_seeds", 2), ("steps", 3), ("calib_positions", 3), ("calib_seeds", 1), ("epochs", 1)):
+        value = getattr(args, name)
+        if value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')}={value} is not allowed: must be >= {minimum}")
+    if args.calib_seeds > args.n_seeds:
+        raise UsageError(f"--calib-seeds={args.calib_seeds} exceeds --n-seeds={args.n_seeds}: calibration uses "
+                         "traced seeds")
+    if not 0.0 < args.reuse_fraction <= 1.0:
+        raise UsageError(f"--reuse-fraction={args.reuse_fraction} is not allowed: must be in (0, 1]")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold={args.threshold} is not allowed: must be in [0, 1]")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction={args.val_fraction} is not allowed: must be in (0, 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    import time
+    from datetime import date
+    from pathlib import Path
+
+    from dqar.sampling import validate_sampling_args
+
+    from .common import resolve_model, setup_torch
+    from .generate import default_cfg_scale
+
+    _check(args)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg_scale(args.model)
+    validate_sampling_args(args.sampler, args.steps, cfg_scale)
+    setup_torch(args)
+    if args.device != "cpu":
+        raise UsageError(f"--device={args.device!r}: train-policy runs on the CPU (batch-1 traces gain nothing "
+                         "from a GPU)")
+
+    from dqar import policy_training as pt
+    from dqar.policy import save_policy
+
+    model, described = resolve_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+
+    nc = model.config.num_classes
+    seeds = [args.first_seed + k for k in range(args.n_seeds)]
+    labels = [k % nc for k in range(args.n_seeds)]
+    say(f"tracing {len(seeds)} uncached generations ({args.steps} {args.sampler} steps, cfg {cfg_scale:g})")
+    rows, images = pt.collect_traces(model, labels, seeds, steps=args.steps, sampler=args.sampler,
+                                     cfg_scale=cfg_scale)
+    t_trace = time.perf_counter() - start
+
+    positions = pt.sample_positions(rows, args.calib_positions, args.seed)
+    calib_seeds = seeds[:args.calib_seeds]
+    say(f"calibrating: {len(positions)} single-position reuse runs x {len(calib_seeds)} seeds")
+    reference = {s: images[k:k + 1] for k, s in enumerate(seeds)}
+    records = pt.calibrate(model, rows, reference, dict(zip(seeds, labels)), positions=positions,
+                           seeds=calib_seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale)
+    pt.write_jsonl(out / "calibration.jsonl", records)
+    calibration = pt.fit_calibration(records)
+    t_calib = time.perf_counter() - start - t_trace
+
+    positions_per_run = len({(r["step"], r["layer"], r["branch"]) for r in rows if r["seed"] == seeds[0]})
+    reuse_count = max(1, round(args.reuse_fraction * positions_per_run))
+    delta = pt.Delta.from_budget(calibration, args.quality_psnr, reuse_count)
+    y = pt.label_rows(rows, delta.rel_change_max)
+    for r, lab in zip(rows, y.tolist()):
+        r["label"] = int(lab)
+    pt.write_jsonl(out / "traces.jsonl", rows)
+
+    command = reproduce_command(args, cfg_scale)
+    info = {
+        "trained_on": {"model": described, "sampler": args.sampler, "steps": args.steps, "cfg_scale": cfg_scale,
+                       "seeds": [seeds[0], seeds[-1]], "n_seeds": len(seeds), "rows": len(rows),
+                       "positive_rate": float(y.mean())},
+        "labels": {"rule": "1 if rel_change <= rel_change_max (single-position reuse predicted to keep PSNR >= "
+                           "position_psnr against the uncached image)", **vars(delta)},
+        "calibration": calibration.to_dict(),
+        "training": {"epochs": args.epochs, "lr": args.lr, "l2": args.l2, "optimizer": "Adam, full batch",
+                     "val_fraction": args.val_fraction, "seed": args.seed, "split": "by sample seed"},
+        "command": command,
+        "date": date.today().isoformat(),
+    }
+    say(f"training on {len(rows)} rows ({float(y.mean()):.1%} labelled reuse-safe)")
+    fit = pt.fit_policy(pt.feature_matrix(rows), y, [r["seed"] for r in rows], val_fraction=args.val_fraction,
+                        epochs=args.epochs, lr=args.lr, l2=args.l2, threshold=args.threshold, seed=args.seed)
+    metrics = fit.metrics()
+    info["validation"] = {"accuracy": metrics["val_accuracy"], "auc": metrics["val_auc"],
+                          "positive_rate": metrics["val_positive_rate"], "rows": metrics["n_val"],
+                          "seeds": metrics["val_seeds"], "train_accuracy": metrics["train_accuracy"]}
+    seconds = time.perf_counter() - start
+    info["wall_seconds"] = {"trace": round(t_trace, 1), "calibration": round(t_calib, 1), "total": round(seconds, 1)}
+    st_path, json_path = save_policy(fit.policy, out / "policy_digits.safetensors", info)
+    report = {"policy": str(st_path), "card": str(json_path), **info}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.install:
+        report["installed"] = [str(p) for p in install_policy(st_path, json_path)]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        v = info["validation"]
+        auc = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
+        say(f"delta: per-position PSNR >= {delta.position_psnr:.1f} dB <=> rel_change <= {delta.rel_change_max:.4g}; "
+            f"Spearman(rel_change, PSNR) = {calibration.spearman_rel_vs_psnr:.3f}")
+        say(f"validation accuracy {v['accuracy']:.3f}, AUC {auc} (positive rate {v['positive_rate']:.3f}); "
+            f"wrote {st_path} and {json_path} in {seconds:.0f} s")
+    return 0
+
+
+def install_policy(st_path, json_path) -> list:
+    """Copy the policy files over the package's shipped ones (an editable install or source checkout)."""
+    import shutil
+    from importlib import resources
+    from pathlib import Path
+
+    from dqar.policy import SHIPPED_NAME
+
+    dest = Path(str(resources.files("dqar").joinpath("assets")))
+    if not dest.is_dir():
+        raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not a folder (installed from a "
+                         "wheel?); copy the two files by hand instead")
+    targets = [dest / f"{SHIPPED_NAME}.safetensors", dest / f"{SHIPPED_NAME}.json"]
+    for src, dst in zip((st_path, json_path), targets):
+        shutil.copyfile(src, dst)
+    return targets

@@ -1,0 +1,213 @@
+"""The learned reuse policy (seed 002): an MLP from the five step features to p_reuse, and its file format.
+
+Architecture, exactly the seed's: Linear(5, 64) + Tanh -> Linear(64, 64) + Tanh -> Linear(64, 1) + Sigmoid.
+The inputs are standardised with a mean/std stored beside the weights, because the raw features live on
+very different scales (entropy ~4 nats, log SNR from -10 to +10, progress in [0, 1]).
+
+On disk a policy is two files with the same stem:
+- `NAME.safetensors`: the tensors (weights, `feature_mean`, `feature_std`) and string metadata
+  (format, feature order, threshold) - everything needed to run it;
+- `NAME.json`: the human-readable sidecar (feature order, normalisation, threshold, training data,
+  validation accuracy/AUC, the command that produced it). Loading needs only the safetensors file.
+Training lives in `dqar.policy_training`; this module only runs and stores a policy.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .stats import POLICY_FEATURE_NAMES
+
+NUM_FEATURES = len(POLICY_FEATURE_NAMES)
+HIDDEN = 64
+FORMAT = "dqar-policy/1"
+SHIPPED_NAME = "policy_digits"
+DEFAULT_THRESHOLD = 0.5
+# A constant feature (prompt length is always 1 for class-conditional models) has std 0: dividing by it
+# would give NaN, so such features are only centred.
+_MIN_STD = 1e-6
+
+_keep_open = ExitStack()   # keeps extracted copies alive when the package is imported from a zip
+
+
+class PolicyFileError(ValueError):
+    """A policy file that is missing, not safetensors, or made for other features."""
+
+
+class ReusePolicy(nn.Module):
+    """p_reuse = sigmoid(MLP((features - mean) / std)); reuse when p_reuse >= threshold."""
+
+    def __init__(self, feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None,
+                 threshold: float = DEFAULT_THRESHOLD, info: dict | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
+                                 nn.Linear(HIDDEN, 1), nn.Sigmoid())
+        mean = torch.zeros(NUM_FEATURES) if feature_mean is None else torch.as_tensor(feature_mean, dtype=torch.float32)
+        std = torch.ones(NUM_FEATURES) if feature_std is None else torch.as_tensor(feature_std, dtype=torch.float32)
+        self.register_buffer("feature_mean", mean.clone())
+        self.register_buffer("feature_std", std.clamp_min(_MIN_STD).clone())
+        self.threshold = _check_threshold(threshold, "threshold")
+        self.info = dict(info or {})
+
+    def set_normalization(self, features: torch.Tensor) -> None:
+        """Mean/std from training features (N, 5); std of a constant feature becomes 1 (centring only)."""
+        features = _check_features(features)
+        std = features.std(dim=0, unbiased=False)
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid scores (N,), for a numerically stable BCE during training."""
+        z = (_check_features(features) - self.feature_mean) / self.feature_std
+        h = self.net[:-1](z)                                                   # (N, 1)
+        return h.squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """p_reuse (N,) in [0, 1]."""
+        return torch.sigmoid(self.logits(features))
+
+    @torch.no_grad()
+    def reuse_mask(self, features: torch.Tensor, num_layers: int, threshold: float | None = None,
+                   budget: float | None = None) -> torch.Tensor:
+        """Which rows reuse: p_reuse >= threshold, and at most floor(budget * num_layers) of them.
+
+        features: (n, 5), one row per layer that has a measured entropy. `threshold=None` uses the file's.
+        The budget is a fraction of the model's layers (not of the rows given), so it caps the per-step
+        reuse the same way whatever subset of layers has statistics yet; the most confident rows win,
+        ties going to the lower row index so the decision is deterministic.
+        """
+        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold")
+        p = self.forward(features)
+        mask = p >= thr
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+                raise ValueError(f"budget={budget!r} is not allowed: must be None or a number in (0, 1]")
+            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+                raise ValueError(f"num_layers={num_layers!r} is not allowed: must be an integer >= 1")
+            cap = math.floor(budget * num_layers + 1e-9)
+            if int(mask.sum()) > cap:
+                # Stable sort on -p: equal probabilities keep row order.
+                order = torch.sort((-p).masked_fill(~mask, float("inf")), stable=True).indices
+                keep = torch.zeros_like(mask)
+                keep[order[:cap]] = True
+                mask = keep
+        return mask
+
+
+def _check_threshold(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r} is not allowed: must be a number in [0, 1]")
+    return float(value)
+
+
+def _check_features(features: torch.Tensor) -> torch.Tensor:
+    features = torch.as_tensor(features, dtype=torch.float32)
+    if features.ndim != 2 or features.shape[1] != NUM_FEATURES:
+        raise ValueError(f"policy features must have shape (n, {NUM_FEATURES}) in the order "
+                         f"{list(POLICY_FEATURE_NAMES)}, got {tuple(features.shape)}")
+    return features
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    return path, path.with_suffix(".json")
+
+
+def save_policy(policy: ReusePolicy, path: str | Path, info: dict | None = None) -> tuple[Path, Path]:
+    """Write `path` (.safetensors: tensors + metadata) and its .json sidecar; returns both paths."""
+    from safetensors.torch import save_file
+
+    st_path, json_path = _paths(path)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    info = {**policy.info, **(info or {})}
+    tensors = {k: v.detach().contiguous().cpu().float() for k, v in policy.state_dict().items()}
+    metadata = {"format": FORMAT, "feature_names": json.dumps(list(POLICY_FEATURE_NAMES)),
+                "threshold": repr(policy.threshold), "info": json.dumps(info, sort_keys=True)}
+    save_file(tensors, str(st_path), metadata=metadata)
+    sidecar = {
+        "format": FORMAT,
+        "weights": st_path.name,
+        "architecture": f"Linear({NUM_FEATURES},{HIDDEN})+Tanh -> Linear({HIDDEN},{HIDDEN})+Tanh -> "
+                        f"Linear({HIDDEN},1)+Sigmoid",
+        "feature_names": list(POLICY_FEATURE_NAMES),
+        "normalization": {"mean": policy.feature_mean.tolist(), "std": policy.feature_std.tolist()},
+        "threshold": policy.threshold,
+        "decision": "reuse a layer when p_reuse >= threshold; with a budget b, at most floor(b * num_layers) "
+                    "layers per step and branch, the most confident first",
+        **info,
+    }
+    json_path.write_text(json.dumps(sidecar, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return st_path, json_path
+
+
+def shipped_policy_path() -> Path:
+    """The package's policy trained on the embedded digits DiT (resolved through importlib.resources)."""
+    ref = resources.files("dqar").joinpath("assets", f"{SHIPPED_NAME}.safetensors")
+    path = Path(_keep_open.enter_context(resources.as_file(ref)))
+    if not path.is_file():
+        raise PolicyFileError(f"the shipped policy {str(path)!r} is missing from the installed package; pass "
+                              "--policy FILE or rebuild it with `dqar train-policy --install`")
+    return path
+
+
+def load_policy(path: str | Path | None = None) -> ReusePolicy:
+    """A ReusePolicy from a file written by `save_policy`; None loads the shipped digits policy."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    st_path = shipped_policy_path() if path is None else _paths(path)[0]
+    where = f"policy file {str(st_path)!r}"
+    if not st_path.is_file():
+        raise PolicyFileError(f"{where} does not exist")
+    try:
+        with safe_open(str(st_path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PolicyFileError(f"{where} is not a readable safetensors file ({exc}); policies are stored only "
+                              "as .safetensors written by `dqar train-policy`") from None
+    if metadata.get("format") != FORMAT:
+        raise PolicyFileError(f"{where} has format {metadata.get('format')!r}, expected {FORMAT!r}; it was not "
+                              "written by dqar.policy.save_policy")
+    try:
+        names = json.loads(metadata.get("feature_names", "null"))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or len(names) != NUM_FEATURES:
+        raise PolicyFileError(f"{where} records features {names!r}: {len(names) if isinstance(names, list) else 0} "
+                              f"features, but this DQAR computes {NUM_FEATURES}: {list(POLICY_FEATURE_NAMES)}")
+    if tuple(names) != POLICY_FEATURE_NAMES:
+        raise PolicyFileError(f"{where} expects features in the order {names}, but this DQAR computes "
+                              f"{list(POLICY_FEATURE_NAMES)}; retrain the policy with `dqar train-policy`")
+    try:
+        threshold = float(metadata.get("threshold", DEFAULT_THRESHOLD))
+        info = json.loads(metadata.get("info", "{}"))
+    except ValueError as exc:
+        raise PolicyFileError(f"{where} has unreadable metadata ({exc})") from None
+    policy = ReusePolicy(threshold=threshold, info=info)
+    expected = policy.state_dict()
+    for name, ref in expected.items():
+        if name not in tensors:
+            raise PolicyFileError(f"{where} lacks tensor {name!r} (expected shape {tuple(ref.shape)})")
+        if tuple(tensors[name].shape) != tuple(ref.shape):
+            raise PolicyFileError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected "
+                                  f"{tuple(ref.shape)} ({NUM_FEATURES} features -> {HIDDEN} -> {HIDDEN} -> 1)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PolicyFileError(f"{where} has unexpected tensor {extra[0]!r}; it is not a DQAR reuse policy")
+    policy.load_state_dict({k: v.float() for k, v in tensors.items()})
+    # Keep the std floor even for a hand-edited file, so inference never divides by zero.
+    policy.feature_std.clamp_(min=_MIN_STD)
+    return policy.eval()
