@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
     parser.add_argument("--evaluator-epochs", type=int, default=20, help="evaluator CNN epochs (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--only", choices=("both", "dit", "evaluator"), default="both",
+                        help="train only one of the two (the DiT's weights do not depend on the evaluator run)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also write the DiT files every N steps; each checkpoint equals a --steps N run")
     parser.add_argument("--install", action="store_true",
                         help="after training, copy the four files over the package's shipped assets")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -34,6 +38,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
              f"--evaluator-epochs {args.evaluator_epochs}"]
     if args.threads is not None:
         parts.append(f"--threads {args.threads}")
+    if args.only != "both":
+        parts.append(f"--only {args.only}")
     return " ".join(parts)
 
 
@@ -61,21 +67,71 @@ def install_assets(out) -> list:
     return [Path(shutil.copy2(out / name, dest / name)) for name in ASSET_FILES]
 
 
+def _train_evaluator(args, out, train, test, data_card, env, progress) -> None:
+    import sys
+
+    from dqar.embedded import EVALUATOR_CARD, EVALUATOR_FILE, save_embedded_evaluator
+    from dqar.evaluator import ARCH, EvaluatorTrainConfig, accuracy, train_evaluator
+
+    evaluator, summary = train_evaluator(train, EvaluatorTrainConfig(epochs=args.evaluator_epochs, seed=args.seed),
+                                         progress=progress)
+    held_out = accuracy(evaluator, test)
+    save_embedded_evaluator(evaluator, out / EVALUATOR_FILE)
+    _write_json(out / EVALUATOR_CARD, {
+        "name": "dqar digits evaluator", "architecture": ARCH, "data": data_card,
+        "held_out_accuracy": held_out, "held_out_images": len(test),
+        "training": {**summary, "command": reproduce_command(args), "environment": env},
+        "use": "evaluator accuracy of generated digits against the requested class; FID in the 128-d "
+               "penultimate features (DigitsEvaluator.features)",
+    })
+    print(f"evaluator: held-out accuracy {held_out:.4f} on {len(test)} test digits "
+          f"({summary['wall_time_s']:.0f} s)", file=sys.stderr)
+
+
+def _write_dit(out, result, args, data_card, env) -> None:
+    """Weights, card and loss log of a finished run or checkpoint (the card's command reproduces exactly it)."""
+    from dqar.data import IMAGE_SIZE
+    from dqar.embedded import DIT_CARD, DIT_FILE, save_embedded_dit, tensor_digest
+
+    with open(out / "dit_loss.csv", "w", encoding="utf-8") as f:
+        f.write("step,loss,lr,elapsed_s\n")
+        for row in result.loss_log:
+            f.write(f"{row['step']},{row['loss']:.6f},{row['lr']:.6g},{row['elapsed_s']:.2f}\n")
+    save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema"})
+    config = result.ema.config
+    steps = result.config.steps
+    command = reproduce_command(argparse.Namespace(**{**vars(args), "steps": steps}))
+    _write_json(out / DIT_CARD, {
+        "name": "dqar embedded digits DiT", "preset": "DiT-Digits", "config": config.to_dict(),
+        "image_shape": [config.in_channels, config.input_size, config.input_size],
+        "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
+        "parameters": sum(p.numel() for p in result.ema.parameters()),
+        "weights": "EMA of the trained weights", "weights_sha256": tensor_digest(result.ema.state_dict()),
+        "data": data_card,
+        "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                     "prediction": "epsilon", "loss": "MSE", "label_dropout": config.class_dropout_prob},
+        "training": {**result.summary(), "steps_trained": steps, "optimizer": "AdamW",
+                     "lr_schedule": "linear warmup, then constant (DiT)",
+                     "final_loss_definition": "mean training MSE over the last 10% of steps",
+                     "loss_log": "dit_loss.csv beside the weights in the --out folder",
+                     "command": command, "environment": env},
+        "metrics": {},
+    })
+
+
 def run(args: argparse.Namespace) -> int:
     import platform
     import sys
-    import time
     from pathlib import Path
 
     import torch
 
     from dqar.cli.common import setup_torch
-    from dqar.data import IMAGE_SIZE, SPLIT_SEED, TEST_FRACTION, load_split
-    from dqar.embedded import (DIT_CARD, DIT_FILE, EVALUATOR_CARD, EVALUATOR_FILE, save_embedded_dit,
-                               save_embedded_evaluator, tensor_digest)
-    from dqar.evaluator import ARCH, EvaluatorTrainConfig, accuracy, train_evaluator
+    from dqar.data import SPLIT_SEED, TEST_FRACTION, load_split
     from dqar.training import DiTTrainConfig, train_dit
 
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every={args.checkpoint_every} is not allowed: must be >= 0")
     if args.evaluator_epochs < 1:
         raise UsageError(f"--evaluator-epochs={args.evaluator_epochs} is not allowed: must be >= 1")
     try:
@@ -97,48 +153,18 @@ def run(args: argparse.Namespace) -> int:
     }
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
            "machine": platform.machine()}
-    command = reproduce_command(args)
 
-    # The evaluator first: it takes a minute, so a broken setup shows before the long DiT run.
-    ev_cfg = EvaluatorTrainConfig(epochs=args.evaluator_epochs, seed=args.seed)
-    evaluator, ev_summary = train_evaluator(train, ev_cfg, progress=progress)
-    held_out = accuracy(evaluator, test)
-    save_embedded_evaluator(evaluator, out / EVALUATOR_FILE)
-    _write_json(out / EVALUATOR_CARD, {
-        "name": "dqar digits evaluator", "architecture": ARCH, "data": data_card,
-        "held_out_accuracy": held_out, "held_out_images": len(test),
-        "training": {**ev_summary, "command": command, "environment": env},
-        "use": "evaluator accuracy of generated digits against the requested class; FID in the 128-d "
-               "penultimate features (DigitsEvaluator.features)",
-    })
-    print(f"evaluator: held-out accuracy {held_out:.4f} on {len(test)} test digits "
-          f"({ev_summary['wall_time_s']:.0f} s)", file=sys.stderr)
+    if args.only in ("both", "evaluator"):
+        _train_evaluator(args, out, train, test, data_card, env, progress)
+    if args.only in ("both", "dit"):
+        def write(result) -> None:
+            _write_dit(out, result, args, data_card, env)
 
-    result = train_dit(train, dit_cfg, progress=progress)
-    with open(out / "dit_loss.csv", "w", encoding="utf-8") as f:
-        f.write("step,loss,lr,elapsed_s\n")
-        for row in result.loss_log:
-            f.write(f"{row['step']},{row['loss']:.6f},{row['lr']:.6g},{row['elapsed_s']:.2f}\n")
-    save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema"})
-    config = result.ema.config
-    _write_json(out / DIT_CARD, {
-        "name": "dqar embedded digits DiT", "preset": "DiT-Digits", "config": config.to_dict(),
-        "image_shape": [config.in_channels, config.input_size, config.input_size],
-        "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
-        "parameters": sum(p.numel() for p in result.ema.parameters()),
-        "weights": "EMA of the trained weights", "weights_sha256": tensor_digest(result.ema.state_dict()),
-        "data": data_card,
-        "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-                     "prediction": "epsilon", "loss": "MSE", "label_dropout": config.class_dropout_prob},
-        "training": {**result.summary(), "steps_trained": dit_cfg.steps, "optimizer": "AdamW",
-                     "lr_schedule": "linear warmup then cosine to min_lr_ratio * lr",
-                     "final_loss_definition": "mean training MSE over the last 10% of steps",
-                     "loss_log": "dit_loss.csv beside the weights in the --out folder",
-                     "evaluator_wall_time_s": ev_summary["wall_time_s"], "command": command, "environment": env},
-        "metrics": {},
-    })
-    print(f"DiT: {dit_cfg.steps} steps in {result.wall_time_s / 60:.1f} min, final loss {result.final_loss:.4f}; "
-          f"wrote {out}", file=sys.stderr)
+        result = train_dit(train, dit_cfg, progress=progress, checkpoint_every=args.checkpoint_every,
+                           on_checkpoint=write)
+        write(result)
+        print(f"DiT: {dit_cfg.steps} steps in {result.wall_time_s / 60:.1f} min, final loss "
+              f"{result.final_loss:.4f}; wrote {out}", file=sys.stderr)
     if args.install:
         for dest in install_assets(out):
             print(f"installed {dest}", file=sys.stderr)

@@ -1,0 +1,164 @@
+"""Quality of the embedded digits DiT: evaluator accuracy and evaluator-feature FID of its samples.
+
+    python benchmarks/embedded_quality.py [--dir runs/embedded-model] [--update-card] [--threads 2]
+
+Generates `--per-class` samples per class (seeds 0..N-1, DDIM, `--steps`, `--cfg-scale`), classifies them with
+the shipped evaluator (accuracy against the requested class) and computes FID in the evaluator's 128-d
+penultimate features against the held-out test digits, beside the train-vs-test FID of real digits (the floor
+a perfect generator would reach with this reference size). `--sweep` first scores a few guidance scales on
+fewer samples, `--attention-share` times `block.attn` inside the forward pass. `--update-card` writes the
+results into the model card's "metrics" (and `recommended_cfg_scale`) in `--dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dqar.data import load_split
+from dqar.embedded import DIT_CARD, DIT_FILE, EVALUATOR_FILE, asset_path, load_embedded_model, load_evaluator
+from dqar.eval.metrics import frechet_distance
+from dqar.sampling import sample
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default=None, help="folder with the four asset files (default: the shipped assets)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class for the main run (100)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale of the main run (1.5, the CLI default)")
+    p.add_argument("--sweep", default="1.0,1.5,2.0,3.0", help="guidance scales to compare ('' to skip)")
+    p.add_argument("--sweep-per-class", type=int, default=20, help="samples per class per sweep point (20)")
+    p.add_argument("--batch", type=int, default=100, help="images per sampling call (100)")
+    p.add_argument("--attention-share", action="store_true", help="also time block.attn at batch --attn-batch")
+    p.add_argument("--attn-batch", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--update-card", action="store_true", help="write the results into the DiT card in --dir")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    for name in ("per_class", "steps", "sweep_per_class", "batch", "attn_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    return args
+
+
+@torch.no_grad()
+def features(evaluator, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([evaluator.features(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def generate(model, per_class: int, steps: int, cfg_scale: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class images of each class; image k uses seed k, so runs at different scales are paired."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    seeds = list(range(len(labels)))
+    chunks = [sample(model, labels[i:i + batch].tolist(), seeds[i:i + batch], steps=steps, sampler="ddim",
+                     cfg_scale=cfg_scale) for i in range(0, len(labels), batch)]
+    return torch.cat(chunks), labels
+
+
+def score(model, evaluator, real_test_feats, per_class, steps, cfg_scale, batch) -> dict:
+    start = time.perf_counter()
+    images, labels = generate(model, per_class, steps, cfg_scale, batch)
+    wall = time.perf_counter() - start
+    acc = float((evaluator.predict(images) == labels).double().mean())
+    per_class_acc = [float((evaluator.predict(images[labels == c]) == c).double().mean()) for c in range(10)]
+    fid = frechet_distance(features(evaluator, images).double(), real_test_feats)
+    return {"cfg_scale": cfg_scale, "samples": len(labels), "steps": steps, "sampler": "ddim",
+            "accuracy": acc, "per_class_accuracy": per_class_acc, "fid_vs_test": fid, "sampling_wall_s": wall}
+
+
+@torch.no_grad()
+def attention_share(model, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
+    """Share of DiT forward time spent inside block.attn (perf_counter hooks around each attn call)."""
+    spent = {"attn": 0.0}
+    starts = {}
+
+    def pre(module, _inputs):
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, _inputs, _output):
+        spent["attn"] += time.perf_counter() - starts.pop(id(module))
+
+    handles = []
+    for block in model.blocks:
+        handles += [block.attn.register_forward_pre_hook(pre), block.attn.register_forward_hook(post)]
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
+    try:
+        for _ in range(warmup):
+            model(x, t, y)
+        spent["attn"] = 0.0
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x, t, y)
+        total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    return {"batch": batch, "repeats": repeats, "forward_ms": 1000 * total / repeats,
+            "attn_ms": 1000 * spent["attn"] / repeats, "attention_share": spent["attn"] / total,
+            "threads": torch.get_num_threads(), "method": "perf_counter forward hooks around every block.attn"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(args.dir) if args.dir else asset_path(DIT_FILE).parent
+    model = load_embedded_model(folder / DIT_FILE)
+    evaluator = load_evaluator(folder / EVALUATOR_FILE)
+    train, test = load_split("train"), load_split("test")
+    real_test = features(evaluator, test.images).double()
+    floor = frechet_distance(features(evaluator, train.images).double(), real_test)
+    results = {"fid_floor_train_vs_test": floor, "real_test_images": len(test), "real_train_images": len(train),
+               "feature_space": "evaluator penultimate layer (128-d)", "threads": torch.get_num_threads(),
+               "evaluator_accuracy_real_test": float((evaluator.predict(test.images) == test.labels).double().mean())}
+    print(f"FID floor (real train vs real test): {floor:.3f}", file=sys.stderr)
+
+    if args.attention_share:
+        results["attention_share"] = attention_share(model, args.attn_batch)
+        print(f"attention share at batch {args.attn_batch}: {results['attention_share']['attention_share']:.3f}",
+              file=sys.stderr)
+
+    sweep = []
+    for scale in [float(s) for s in args.sweep.split(",") if s.strip()]:
+        row = score(model, evaluator, real_test, args.sweep_per_class, args.steps, scale, args.batch)
+        sweep.append(row)
+        print(f"sweep cfg {scale}: accuracy {row['accuracy']:.3f}  FID {row['fid_vs_test']:.3f}  "
+              f"({row['samples']} samples, {row['sampling_wall_s']:.0f} s)", file=sys.stderr)
+    if sweep:
+        results["cfg_sweep"] = sweep
+
+    main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch)
+    results["main"] = main_run
+    print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f}  FID {main_run['fid_vs_test']:.3f} "
+          f"(floor {floor:.3f}; {main_run['samples']} samples, {main_run['sampling_wall_s']:.0f} s)", file=sys.stderr)
+
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if args.update_card:
+        card_path = folder / DIT_CARD
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        metrics = card.setdefault("metrics", {})
+        metrics[f"cfg_{args.cfg_scale:g}"] = main_run
+        for key in ("fid_floor_train_vs_test", "feature_space", "real_test_images", "attention_share", "cfg_sweep"):
+            if key in results:
+                metrics[key] = results[key]
+        metrics["command"] = "python benchmarks/embedded_quality.py " + " ".join(argv or sys.argv[1:])
+        card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        print(f"updated {card_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
