@@ -1,0 +1,95 @@
+"""DQAR speed on random-weight DiT shapes: hook overhead, measured vs ideal speedup, entropy cost, MLP reuse.
+
+Every configuration is a full sampling run (CFG, one image = batch 2) timed interleaved with the
+unhooked baseline in one process (warm-up, then alternating rounds, median), so load on a shared
+machine hits all of them alike. Usage:
+
+    python benchmarks/dqar_speed.py --model DiT-B/2 --steps 50 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.eval.timing import Contender, interleaved_timing
+from dqar.models import build_dit
+from dqar.sampling import sample
+
+CONFIGS = {
+    "hooked, no reuse": DQARConfig(schedule="none"),
+    "entropy only (no reuse)": DQARConfig(schedule="none", record_entropy=True),
+    "static w=0.3 l=1.0": DQARConfig(warmup=0.3, layer_fraction=1.0),
+    "static w=0.4 l=0.33": DQARConfig(warmup=0.4, layer_fraction=0.33),
+    "static w=0.3 l=1.0 attn+mlp": DQARConfig(warmup=0.3, layer_fraction=1.0, targets=("attn", "mlp")),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="DiT-B/2")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup-runs", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default=None, help="comma list of config names to run (default all)")
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    model = build_dit(args.model).randomize_(0).eval().to(device)
+    labels, seeds = [1], [0]
+    configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
+    summaries: dict[str, dict] = {}
+
+    def contender(name, config):
+        holder = {}
+
+        def setup():
+            holder["ctl"] = apply_dqar(model, config)
+
+        def teardown(_):
+            summaries[name] = holder["ctl"].summary()
+            remove_dqar(model)
+
+        return Contender(fn=run, setup=setup, teardown=teardown)
+
+    def run():
+        return sample(model, labels, seeds, steps=args.steps, cfg_scale=1.5, device=device)
+
+    contenders = {"baseline": run}
+    contenders.update({name: contender(name, cfg) for name, cfg in configs.items()})
+    results = interleaved_timing(contenders, rounds=args.rounds, warmup_runs=args.warmup_runs, device=device,
+                                 measure_memory=False)
+    base = results["baseline"].median
+    rows = []
+    for name, res in results.items():
+        s = summaries.get(name, {})
+        ideal = s.get("ideal_speedup")
+        speedup = base / res.median
+        rows.append({"config": name, "ms_per_step": 1000 * res.median / args.steps, "speedup": speedup,
+                     "ideal_speedup": ideal, "measured_over_ideal": speedup / ideal if ideal else None,
+                     "reuse_fraction": s.get("reuse_fraction"), "samples_s": res.samples})
+    where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"{args.model}, {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; "
+          f"{device.type} ({where}); {date.today()}")
+    print("| config | ms/step | speedup vs baseline | ideal speedup | measured / ideal | reuse fraction |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ideal = f"{r['ideal_speedup']:.3f}" if r["ideal_speedup"] else "-"
+        ratio = f"{r['measured_over_ideal']:.3f}" if r["measured_over_ideal"] else "-"
+        frac = f"{r['reuse_fraction']:.3f}" if r["reuse_fraction"] is not None else "-"
+        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {r['speedup']:.3f} | {ideal} | {ratio} | {frac} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
