@@ -191,3 +191,26 @@ def test_cli_bench_usage_errors(capsys):
     assert "--n=0 is not allowed" in capsys.readouterr().err
     assert main(["bench", "--model", "DiT-Tiny", "--json", "/nonexistent/dir/x.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch):
+    # Stand-ins with the embedded model's shapes, so the wiring is tested without the trained assets.
+    import dqar.embedded
+    from dqar.cli import main
+    from dqar.evaluator import DigitsEvaluator
+
+    def fake_evaluator(path=None):
+        torch.manual_seed(0)
+        return DigitsEvaluator().eval()
+
+    monkeypatch.setattr(dqar.embedded, "load_embedded_model",
+                        lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
+    monkeypatch.setattr(dqar.embedded, "load_evaluator", fake_evaluator)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--n", "4", "--steps", "2", "--cfg-scale", "1", "--repeats", "1", "--warmup-runs", "0",
+               "--schedule", "static", "--warmup", "0", "--layers", "1.0", "--json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["dqar"]["reuse_events"] == 8          # the second of 2 steps reuses all 8 layers
+    assert all(isinstance(v, float) for v in rec["quality"].values()), rec["quality"]
+    assert rec["quality"]["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
