@@ -127,6 +127,10 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds: one seed per image")
     if get_controller(model) is not None:
         raise ValueError("bench needs the model without DQAR applied: call dqar.remove_dqar(model) first")
+    if baseline_images is not None and baseline_images.shape[0] != len(seeds):
+        # Checked before timing so a sweep's mismatched reference fails in seconds, not after every run.
+        raise ValueError(f"baseline_images has {baseline_images.shape[0]} images for {len(seeds)} seeds: "
+                         "they must be the same seeds and labels")
     labels, seeds = list(labels), list(seeds)
 
     def generate(m: torch.nn.Module) -> torch.Tensor:
