@@ -28,6 +28,10 @@ class HubModelError(ValueError):
 
 def is_diffusers_spec(spec: str) -> bool:
     """True for a folder with model_index.json, or for an `owner/name` hub id that is not a local path."""
+    from dqar.models.dit import DIT_PRESETS
+
+    if spec in DIT_PRESETS:  # "DiT-XL/2" looks like owner/name but is our own preset
+        return False
     path = Path(spec)
     if path.is_dir():
         return (path / "model_index.json").is_file()
@@ -59,7 +63,7 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
     except ImportError:  # older huggingface_hub: its HTTP errors are OSErrors already
         HfHubHTTPError = OSError
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=DTYPES[dtype])
+        pipe = DiffusionPipeline.from_pretrained(spec)
     except (OSError, ConnectionError, HfHubHTTPError) as exc:
         if path.is_dir():
             raise HubModelError(f"cannot load diffusers folder {spec!r}: {exc}") from exc
@@ -70,7 +74,8 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
     if sampler is not None:
         set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # Cast after loading: the loader's dtype keyword changed name across diffusers releases.
+    return pipe.to(device=device, dtype=DTYPES[dtype])
 
 
 def set_sampler(pipe, sampler: str) -> None:
