@@ -58,15 +58,20 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), False)
     if world == 1:
         return DistInfo(0, 1, local_rank, None, False)
+    from datetime import timedelta
+
     backend = backend_for(device_type)
+    # Ranks meet only at the start and after their last batch; loading a large model or an uneven last
+    # round of batches can take longer than NCCL's 10-minute default.
+    timeout = timedelta(minutes=60)
     if backend == "nccl":
         import torch
 
         # Each rank must own its GPU before NCCL starts, or all ranks pile onto cuda:0.
         torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, device_id=torch.device("cuda", local_rank))
+        dist.init_process_group(backend, timeout=timeout, device_id=torch.device("cuda", local_rank))
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     return DistInfo(rank, world, local_rank, backend, True)
 
 
