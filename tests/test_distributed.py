@@ -208,7 +208,8 @@ def test_default_folder_is_named_from_settings_and_n_is_per_class(tmp_path, caps
     (["--num-samples", "0"], "--num-samples=0 is not allowed"),
     (["--n", "2", "--batch-size", "0"], "--batch-size=0 is not allowed"),
     (["--n", "2", "--classes", "3,12"], "class label 12 is outside [0, 10)"),
-    (["--n", "2", "--prompt", "a cat"], "--prompt is for PixArt"),
+    (["--n", "2", "--prompt", "a cat"], "--prompt / --negative-prompt are for PixArt"),
+    (["--n", "2", "--dtype", "float16"], "--dtype=float16 applies to diffusers models"),
 ])
 def test_bad_options_name_the_value(bad, message, tmp_path, capsys):
     rc, _, err = run_cli(["--model", "DiT-Tiny", "--steps", "1", "--out", str(tmp_path / "x"), *bad], capsys)

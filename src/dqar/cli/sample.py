@@ -124,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.model} is a PixArt (text-to-image) model: pass --prompt or --prompts-file")
             labels, items = [], prompts
         else:
-            if prompts:
-                raise UsageError(f"--prompt is for PixArt; {args.model} is class-conditional (use --classes)")
+            if prompts or args.negative_prompt:
+                raise UsageError(f"--prompt / --negative-prompt are for PixArt; {args.model} is "
+                                 "class-conditional (use --classes)")
+            if kind == "dit" and args.dtype != "float32":
+                raise UsageError(f"--dtype={args.dtype} applies to diffusers models; {args.model} runs in float32")
             n_classes = hub.num_classes(model) if kind == "hub-dit" else model.config.num_classes
             labels = parse_classes(args.classes, n_classes, 1)
             items = labels
