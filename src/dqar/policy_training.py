@@ -139,8 +139,8 @@ def generate_with_single_reuse(model: torch.nn.Module, labels: Sequence[int], se
                                step: int, layer: int, branch: str, steps: int, sampler: str = "ddim",
                                cfg_scale: float = 1.5) -> tuple[torch.Tensor, int]:
     """Images with only (step, layer, branch) reused, and the number of reuse events (1 if it fired)."""
-    # record_entropy: without it the hooks commit only the cond half of a CFG batch (hooks._commit_chunks
-    # zips the branches with a single None entropy), so the uncond branch would have nothing to reuse.
+    # record_entropy: the reference images come from traced runs, which compute attention through q/k/v for
+    # the entropy; taking the same path here leaves the reused position as the only difference.
     ctl = apply_dqar(model, DQARConfig(schedule="none", warmup=0.0, record_entropy=True))
     # The controller builds its schedule from the config; the measurement needs one outside the config's
     # vocabulary, so it is swapped on this private controller (removed with the hooks right after).
