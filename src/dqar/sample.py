@@ -1,8 +1,7 @@
 """Sharded sample generation to a folder: PNGs by global index, an ADM-format .npz and merged reuse stats.
 
 Run it as `dqar sample ...` (one process) or `torchrun --nproc_per_node N -m dqar.sample ...` (N processes,
-same options). Sample k uses seed `seed + k` and label/prompt k of the cycled list, and is computed in
-global batch k // batch_size whichever rank gets that batch, so the set is identical for any N. A re-run
+same options). Sample k uses seed `seed + k` and is computed in global batch k // batch_size whichever rank gets that batch, so the set is identical for any N. A re-run
 computes only batches with a missing PNG and writes only the missing ones (resume). As in `dqar generate`,
 the label list is class-major: `per_item` samples of the first class, then of the second, and so on
 (`--n 50` over ImageNet's 1000 classes is the balanced FID-50K set).
@@ -26,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .distributed import (DistInfo, barrier, global_batches, merge_summaries, png_path, read_json_files,
                           sample_seeds, save_png, shard, sum_int, write_json, write_npz)
@@ -137,7 +136,8 @@ def _take_summary(controller) -> dict:
     return summary
 
 
-Generate = Callable[[Sequence[int], Sequence[int]], "object"]
+# generate(global indices, seeds) -> uint8 (N, H, W, C) tensor or array
+Generate = Callable[[Sequence[int], Sequence[int]], Any]
 
 
 def run_job(job: SampleJob, generate: Generate, out_dir: str | Path, info: DistInfo = DistInfo(), *,
