@@ -3,8 +3,9 @@
 Run it as `dqar sample ...` (one process) or `torchrun --nproc_per_node N -m dqar.sample ...` (N processes,
 same options). Sample k uses seed `seed + k` and is computed in global batch k // batch_size whichever
 rank gets that batch, so the set is identical for any N. A re-run computes only batches with a missing
-PNG and writes only the missing ones (resume). As in `dqar generate`, the label list is class-major: `per_item` samples of the first class, then of the second, and so on
-(`--n 50` over ImageNet's 1000 classes is the balanced FID-50K set).
+PNG and writes only the missing ones (resume). As in `dqar generate`, the label list is class-major:
+`per_item` samples of the first class, then of the second, and so on (`--n 50` over ImageNet's 1000
+classes is the balanced FID-50K set).
 
 Folder layout:
     run.json               the settings; a re-run with different settings into the same folder is refused
