@@ -98,7 +98,6 @@ class DQARController:
         self.events_per_step.append(0)
         self.snr_per_step.append(snr)
         self._plans = {b: self.schedule.plan(self.step, b, self._entropy.get(b, {})) for b in self.branches}
-        self._count_step_flops()
 
     def end_step(self, x0: torch.Tensor | None = None, xt: torch.Tensor | None = None) -> None:
         """Record the x0-form SNR of this step; the next step's gate reads it."""
@@ -183,7 +182,9 @@ class DQARController:
             key = ("kv", layer_id) if kv else (target, layer_id)
             self._flops_skipped += self.flops_profile.get(key, 0.0)
 
-    def _count_step_flops(self) -> None:
+    def count_step_flops(self) -> None:
+        """Add one uncached forward (all branches) to the FLOP total; the hooks call it once per forward,
+        after choosing the profile of this forward's input shape."""
         if self.flops_profile:
             self._flops_total += self.flops_profile["total"] * len(self.branches)
 
@@ -206,13 +207,16 @@ class DQARController:
         key = (layer_id, target)
         if key in self._salient:
             return self._salient[key]
-        cal = self._calibrators.setdefault(key, [SalienceCalibrator(), 0])
-        cal[0].update(x)
-        cal[1] += 1
-        channels = cal[0].channels(topk)
-        if cal[1] >= cfg.csb_calibration_steps:
-            self._salient[key] = channels
-        return channels
+        # Count computed steps, not commits: under CFG each step commits once per branch, and
+        # counting those would freeze after half the requested steps with one branch's view only.
+        cal, seen = self._calibrators.setdefault(key, (SalienceCalibrator(), set()))
+        step_index = self.step.step_index if self.step else 0
+        if step_index not in seen and len(seen) >= cfg.csb_calibration_steps:
+            self._salient[key] = cal.channels(topk)
+            return self._salient[key]
+        seen.add(step_index)
+        cal.update(x)
+        return cal.channels(topk)
 
     def _trace(self, layer_id: int, branch: str, output: torch.Tensor, entropy: float | None) -> None:
         """One policy-training row: features now, and how far reuse of the cached output would be off."""
