@@ -132,6 +132,8 @@ def test_calibration_recovers_an_exact_power_law_and_labels_follow_delta():
     assert delta.position_psnr == pytest.approx(50.0)
     assert delta.rel_change_max == pytest.approx(math.sqrt(40.0), rel=1e-9)
     assert label_rows([{"rel_change": 6.3}, {"rel_change": 6.4}], delta.rel_change_max).tolist() == [1.0, 0.0]
+    # A measured 10x compounding over 10 positions asks for the same 50 dB floor.
+    assert Delta.from_budget(cal, 30.0, 10, compounding=10.0).position_psnr == pytest.approx(50.0)
     with pytest.raises(ValueError, match="slope"):
         Calibration(-1.0, 0.0, 0.0, 0.0, 0.0, 3).rel_change_for_psnr(40.0)
 

@@ -244,21 +244,69 @@ def fit_calibration(records: Sequence[dict]) -> Calibration:
     return Calibration(slope, intercept, rho_psnr, rho_mse, r2, len(pts))
 
 
+def compounding_factor(model: torch.nn.Module, rows: Sequence[dict], calibration: Calibration,
+                       reference: dict[int, torch.Tensor], labels: dict[int, int], *, seeds: Sequence[int],
+                       steps: int, warmup: float = 0.4, layer_fraction: float = 0.33, sampler: str = "ddim",
+                       cfg_scale: float = 1.5) -> dict:
+    """Measured / additively predicted MSE of a real multi-position run (the static schedule), per seed.
+
+    Single-position errors only add up if they are independent and the cache is one step old; a real run
+    reuses the same layer for several steps from an older cache, so errors compound. This measures by how
+    much: the static run's final MSE against the sum of the calibrated single-position MSEs of the positions
+    it reused (one-step rel_change of the traced run). Returns the geometric mean ratio and the per-seed data.
+    """
+    from .schedules import layer_order, reusable_layer_count
+
+    cfg = DQARConfig(schedule="static", warmup=warmup, layer_fraction=layer_fraction, record_entropy=True)
+    rel = {(r["seed"], r["step"], r["layer"], r["branch"]): r["rel_change"] for r in rows}
+    n_layers = 1 + max(r["layer"] for r in rows)
+    order = layer_order(cfg.order, n_layers, cfg.order_seed)
+    per_seed = []
+    for seed in seeds:
+        ctl = apply_dqar(model, cfg)
+        try:
+            img = sample(model, [labels[seed]], [seed], steps=steps, sampler=sampler, cfg_scale=cfg_scale)
+            events = ctl.reuse_events
+        finally:
+            remove_dqar(model)
+        measured = float(per_image_mse(img, reference[seed])[0])
+        predicted, count = 0.0, 0
+        for s in range(1, steps):
+            n = reusable_layer_count(s / max(steps - 1, 1), warmup, layer_fraction, n_layers)
+            for layer in order[:n]:
+                for branch in ("cond", "uncond") if cfg_scale != 1.0 else ("cond",):
+                    r = rel.get((seed, s, layer, branch))
+                    if r is not None:
+                        predicted += 10.0 ** (calibration.intercept + calibration.slope * math.log10(max(r, 1e-12)))
+                        count += 1
+        per_seed.append({"seed": seed, "measured_mse": measured, "predicted_mse": predicted, "positions": count,
+                         "reuse_events": events, "ratio": measured / predicted if predicted > 0 else math.inf})
+    ratios = [p["ratio"] for p in per_seed if 0 < p["ratio"] < math.inf]
+    if not ratios:
+        raise ValueError("the static run reused nothing measurable; cannot estimate error compounding")
+    geo = 10.0 ** (sum(math.log10(r) for r in ratios) / len(ratios))
+    return {"factor": geo, "warmup": warmup, "layer_fraction": layer_fraction, "per_seed": per_seed}
+
+
 @dataclass(frozen=True)
 class Delta:
-    """The label rule: a whole-image budget shared by the positions a run reuses."""
+    """The label rule: a whole-image budget shared by the positions a run reuses, corrected for compounding."""
 
     quality_psnr: float          # dB against the uncached image, for the whole run
     reuse_count: int             # positions a run is expected to reuse
-    position_psnr: float         # per-position floor: quality_psnr + 10 log10(reuse_count)
+    compounding: float           # measured / additive MSE of a real multi-position run (>= 1 in practice)
+    position_psnr: float         # per-position floor: quality_psnr + 10 log10(reuse_count * compounding)
     rel_change_max: float        # the calibrated rel_change cut-off for that floor
 
     @classmethod
-    def from_budget(cls, calibration: Calibration, quality_psnr: float, reuse_count: int) -> "Delta":
+    def from_budget(cls, calibration: Calibration, quality_psnr: float, reuse_count: int,
+                    compounding: float = 1.0) -> "Delta":
         if reuse_count < 1:
             raise ValueError(f"reuse_count={reuse_count} is not allowed: must be >= 1")
-        floor = quality_psnr + 10.0 * math.log10(reuse_count)
-        return cls(quality_psnr, reuse_count, floor, calibration.rel_change_for_psnr(floor))
+        if not compounding > 0:
+            raise ValueError(f"compounding={compounding!r} is not allowed: must be > 0")
+        floor = quality_psnr + 10.0 * math.log10(reuse_count * compounding)
+        return cls(quality_psnr, reuse_count, compounding, floor, calibration.rel_change_for_psnr(floor))
 
 
 def label_rows(rows: Sequence[dict], rel_change_max: float) -> torch.Tensor:

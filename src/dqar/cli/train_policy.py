@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse-fraction", type=float, default=0.25,
                         help="fraction of (step, layer, branch) positions a run is expected to reuse; the budget "
                              "is split over that many positions (default 0.25)")
+    parser.add_argument("--from", dest="from_dir", default=None,
+                        help="reuse traces.jsonl and calibration.jsonl from an earlier --out folder (same model and "
+                             "sampling settings) instead of generating them again")
     parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold stored in the file (0.5)")
     parser.add_argument("--epochs", type=int, default=800, help="full-batch Adam epochs (default 800)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
@@ -53,6 +56,8 @@ def reproduce_command(args: argparse.Namespace, cfg_scale: float) -> str:
              f"--reuse-fraction {args.reuse_fraction:g}", f"--threshold {args.threshold:g}",
              f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--l2 {args.l2:g}",
              f"--val-fraction {args.val_fraction:g}", f"--seed {args.seed}"]
+    if args.from_dir:
+        parts.append(f"--from {args.from_dir}")
     if args.threads is not None:
         parts.append(f"--threads {args.threads}")
     return " ".join(parts)
@@ -106,24 +111,43 @@ def run(args: argparse.Namespace) -> int:
     nc = model.config.num_classes
     seeds = [args.first_seed + k for k in range(args.n_seeds)]
     labels = [k % nc for k in range(args.n_seeds)]
-    say(f"tracing {len(seeds)} uncached generations ({args.steps} {args.sampler} steps, cfg {cfg_scale:g})")
-    rows, images = pt.collect_traces(model, labels, seeds, steps=args.steps, sampler=args.sampler,
-                                     cfg_scale=cfg_scale)
+    if args.from_dir:
+        src = Path(args.from_dir)
+        for name in ("traces.jsonl", "calibration.jsonl"):
+            if not (src / name).is_file():
+                raise UsageError(f"--from={args.from_dir!r}: {str(src / name)!r} does not exist")
+        rows, records = pt.read_jsonl(src / "traces.jsonl"), pt.read_jsonl(src / "calibration.jsonl")
+        traced = sorted({r["seed"] for r in rows})
+        if traced != seeds or {r["total_steps"] for r in rows} != {args.steps}:
+            raise UsageError(f"--from={args.from_dir!r} holds traces of seeds {traced[:1]}..{traced[-1:]} at "
+                             f"{sorted({r['total_steps'] for r in rows})} steps, not the requested --n-seeds/"
+                             "--first-seed/--steps")
+        calib_seeds = seeds[:args.calib_seeds]
+        say(f"reusing traces and calibration from {src}; regenerating {len(calib_seeds)} reference images")
+        reference = {s: pt.sample(model, [labels[k]], [s], steps=args.steps, sampler=args.sampler,
+                                  cfg_scale=cfg_scale) for k, s in enumerate(seeds[:args.calib_seeds])}
+    else:
+        say(f"tracing {len(seeds)} uncached generations ({args.steps} {args.sampler} steps, cfg {cfg_scale:g})")
+        rows, images = pt.collect_traces(model, labels, seeds, steps=args.steps, sampler=args.sampler,
+                                         cfg_scale=cfg_scale)
+        positions = pt.sample_positions(rows, args.calib_positions, args.seed)
+        calib_seeds = seeds[:args.calib_seeds]
+        say(f"calibrating: {len(positions)} single-position reuse runs x {len(calib_seeds)} seeds")
+        reference = {s: images[k:k + 1] for k, s in enumerate(seeds)}
+        records = pt.calibrate(model, rows, reference, dict(zip(seeds, labels)), positions=positions,
+                               seeds=calib_seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale)
     t_trace = time.perf_counter() - start
-
-    positions = pt.sample_positions(rows, args.calib_positions, args.seed)
-    calib_seeds = seeds[:args.calib_seeds]
-    say(f"calibrating: {len(positions)} single-position reuse runs x {len(calib_seeds)} seeds")
-    reference = {s: images[k:k + 1] for k, s in enumerate(seeds)}
-    records = pt.calibrate(model, rows, reference, dict(zip(seeds, labels)), positions=positions,
-                           seeds=calib_seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale)
     pt.write_jsonl(out / "calibration.jsonl", records)
     calibration = pt.fit_calibration(records)
+    say("measuring error compounding of a real multi-position run (static w0.4 l0.33)")
+    compounding = pt.compounding_factor(model, rows, calibration, reference, dict(zip(seeds, labels)),
+                                        seeds=calib_seeds, steps=args.steps, sampler=args.sampler,
+                                        cfg_scale=cfg_scale)
     t_calib = time.perf_counter() - start - t_trace
 
     positions_per_run = len({(r["step"], r["layer"], r["branch"]) for r in rows if r["seed"] == seeds[0]})
     reuse_count = max(1, round(args.reuse_fraction * positions_per_run))
-    delta = pt.Delta.from_budget(calibration, args.quality_psnr, reuse_count)
+    delta = pt.Delta.from_budget(calibration, args.quality_psnr, reuse_count, compounding["factor"])
     y = pt.label_rows(rows, delta.rel_change_max)
     for r, lab in zip(rows, y.tolist()):
         r["label"] = int(lab)
@@ -137,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "labels": {"rule": "1 if rel_change <= rel_change_max (single-position reuse predicted to keep PSNR >= "
                            "position_psnr against the uncached image)", **vars(delta)},
         "calibration": calibration.to_dict(),
+        "compounding": compounding,
         "training": {"epochs": args.epochs, "lr": args.lr, "l2": args.l2, "optimizer": "Adam, full batch",
                      "val_fraction": args.val_fraction, "seed": args.seed, "split": "by sample seed"},
         "command": command,
