@@ -158,3 +158,15 @@ def test_apply_twice_raises_and_remove_without_apply_raises(model):
 def test_unsupported_model_raises():
     with pytest.raises(TypeError, match="no block layout for Linear"):
         apply_dqar(torch.nn.Linear(2, 2), DQARConfig())
+
+
+def test_ideal_speedup_does_not_depend_on_the_previous_batch_shape(model):
+    cfg = DQARConfig(warmup=0.2, layer_fraction=1.0)
+    ctl = apply_dqar(model, cfg)
+    try:
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        sample(model, [2], [99], steps=STEPS, cfg_scale=2.0)
+        after_other_shape = ctl.summary()["ideal_speedup"]
+    finally:
+        remove_dqar(model)
+    assert after_other_shape == run(model, cfg, [2], [99])[1]["ideal_speedup"]

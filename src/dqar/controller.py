@@ -98,7 +98,6 @@ class DQARController:
         self.events_per_step.append(0)
         self.snr_per_step.append(snr)
         self._plans = {b: self.schedule.plan(self.step, b, self._entropy.get(b, {})) for b in self.branches}
-        self._count_step_flops()
 
     def end_step(self, x0: torch.Tensor | None = None, xt: torch.Tensor | None = None) -> None:
         """Record the x0-form SNR of this step; the next step's gate reads it."""
@@ -183,7 +182,9 @@ class DQARController:
             key = ("kv", layer_id) if kv else (target, layer_id)
             self._flops_skipped += self.flops_profile.get(key, 0.0)
 
-    def _count_step_flops(self) -> None:
+    def count_step_flops(self) -> None:
+        """Add one uncached forward (all branches) to the FLOP total; the hooks call it once per forward,
+        after choosing the profile of this forward's input shape."""
         if self.flops_profile:
             self._flops_total += self.flops_profile["total"] * len(self.branches)
 

@@ -262,6 +262,8 @@ class _RootHook:
             out = self._profiled_forward(key, args, kwargs)
         else:
             self.ctl.flops_profile = self.profiles[key]
+            if self.ctl.active:
+                self.ctl.count_step_flops()
             out = self.original(*args, **kwargs)
         if self.layout.drives_itself and self.ctl.active:
             self._end_step_from_output(x, out)
@@ -287,10 +289,9 @@ class _RootHook:
         profile = dict(self.ctl.profile_acc)
         profile["total"] = counter.get_total_flops() / max(len(self.ctl.branches), 1)
         self.profiles[key] = profile
-        first = self.ctl.flops_profile is None
         self.ctl.flops_profile = profile
-        if first and self.ctl.active:
-            self.ctl._count_step_flops()
+        if self.ctl.active:
+            self.ctl.count_step_flops()
         return out
 
     # diffusers: the pipeline calls the transformer once per step with the timestep as input.
