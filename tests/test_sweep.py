@@ -66,6 +66,8 @@ def test_same_field_twice_in_one_product_is_an_error():
     (["--grid", "order=sideways"], "DQARConfig.order='sideways' is not allowed: must be one of shallow, deep, random"),
     (["--baselines", "none,fastest"], "--baselines name 'fastest' is not known; allowed: none, static, ptq-int8"),
     ([], "nothing to run"),
+    (["--grid", "warmup=0.2", "--evaluator", "/no/such/evaluator.safetensors"],
+     "--evaluator='/no/such/evaluator.safetensors' is not a file"),
 ])
 def test_cli_rejects_bad_specs_before_running(tmp_path, capsys, args, message):
     out = tmp_path / "r.jsonl"

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-points", type=int, default=None,
                         help="stop after measuring this many new points (the rest on the next run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--evaluator", default=None, metavar="PATH",
+                        help="digits evaluator weights for FID/accuracy with a --model weights file (e.g. a "
+                             "training checkpoint); --model embedded uses the shipped evaluator")
     add_dqar_options(parser)
 
 
@@ -167,6 +170,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-points={args.max_points} is not allowed: must be >= 0")
     if not args.cfg_scale >= 0:
         raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
+    if args.evaluator is not None and not Path(args.evaluator).is_file():
+        raise UsageError(f"--evaluator={args.evaluator!r} is not a file")
     parent = Path(args.out).parent
     if not parent.is_dir():
         raise UsageError(f"--out={args.out!r}: folder {str(parent)!r} does not exist")
@@ -187,11 +192,11 @@ def run(args: argparse.Namespace) -> int:
     settings = SweepSettings(model=args.model, n=args.n, classes=tuple(classes), steps=args.steps,
                              sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed)
     evaluator = real_stats = None
-    if args.model == EMBEDDED:
+    if args.model == EMBEDDED or args.evaluator is not None:
         from dqar.embedded import load_evaluator
         from dqar.eval.metrics import EvaluatorFeatures, real_data_stats
 
-        evaluator = load_evaluator().to(device).eval()
+        evaluator = load_evaluator(args.evaluator).to(device).eval()
         real_stats = real_data_stats(EvaluatorFeatures(evaluator), "test")
 
     print(f"dqar sweep: {len(points)} points on {description}, {args.n} images x {args.steps} {args.sampler} "
