@@ -19,6 +19,16 @@ from dqar.sampling import make_scheduler, sample
 from dqar.stats import POLICY_FEATURE_NAMES, policy_features
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: intra-op threads only add contention, which on a shared 2-core machine made
+    # the same test 10-50x slower. Restored afterwards so other test files keep their setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return build_dit("DiT-Tiny").randomize_(0).eval()
