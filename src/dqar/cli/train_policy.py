@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     command = reproduce_command(args, cfg_scale)
     info = {
-        "trained_on": {"model": described, "sampler": args.sampler, "steps": args.steps, "cfg_scale": cfg_scale,
+        "trained_on": {"model": described, "weights_file_sha256": _file_sha256(args.model), "sampler": args.sampler, "steps": args.steps, "cfg_scale": cfg_scale,
                        "seeds": [seeds[0], seeds[-1]], "n_seeds": len(seeds), "rows": len(rows),
                        "positive_rate": float(y.mean())},
         "labels": {"rule": "1 if rel_change <= rel_change_max (single-position reuse predicted to keep PSNR >= "
@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
                           "positive_rate": metrics["val_positive_rate"], "rows": metrics["n_val"],
                           "seeds": metrics["val_seeds"], "train_accuracy": metrics["train_accuracy"]}
     seconds = time.perf_counter() - start
-    info["wall_seconds"] = {"trace": round(t_trace, 1), "calibration": round(t_calib, 1), "total": round(seconds, 1)}
+    info["wall_seconds"] = {"trace_and_calibration": round(t_trace, 1), "compounding": round(t_calib, 1),
+                           "total": round(seconds, 1)}
     st_path, json_path = save_policy(fit.policy, out / "policy_digits.safetensors", info)
     report = {"policy": str(st_path), "card": str(json_path), **info}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -191,6 +192,22 @@ def run(args: argparse.Namespace) -> int:
         say(f"validation accuracy {v['accuracy']:.3f}, AUC {auc} (positive rate {v['positive_rate']:.3f}); "
             f"wrote {st_path} and {json_path} in {seconds:.0f} s")
     return 0
+
+
+def _file_sha256(spec: str) -> str | None:
+    """SHA-256 of the weights file the policy was trained on, so the card names the exact model."""
+    import hashlib
+    from pathlib import Path
+
+    if spec == "embedded":
+        from dqar.embedded import DIT_FILE, asset_path
+
+        path = asset_path(DIT_FILE)
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def install_policy(st_path, json_path) -> list:
