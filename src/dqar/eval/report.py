@@ -167,6 +167,18 @@ class Report:
                      "ideal = FLOP-count bound from the controller (no timing noise). FID uses the embedded "
                      "evaluator's features: *vs baseline* compares with the uncached samples of the same seeds, "
                      "*vs data* with held-out real digits.")
+        walls = [r.get("wall_s") for r in self.rows if r.get("wall_s") is not None]
+        if walls:
+            lines.append(f"Sweep time spent on these points: {sum(walls) / 60:.1f} min (the reference run not included).")
+        # A wall-clock speedup above the FLOP bound can only be timing noise (load from other processes).
+        noisy = [r for r in self.rows if r.get("speedup") and r.get("ideal_speedup")
+                 and r["speedup"] > 1.02 * r["ideal_speedup"]]
+        slower = [r for r in self.rows if r.get("speedup") and r["speedup"] < 0.98 and not is_reference(r)]
+        if noisy or slower:
+            lines.append(f"Timing caveat: {len(noisy)} point(s) ran faster than their FLOP bound allows and "
+                         f"{len(slower)} ran > 2% slower than the uncached reference; each point is timed "
+                         "separately from the one reference run, so machine load between runs moves these "
+                         "ratios. Re-time a chosen configuration with `dqar bench` (interleaved runs).")
         lines.append("")
         header = ["point", "schedule", "mode", "warmup", "layers", "order", "bits", "targets", "reuse",
                   "ms/step", "speedup", "ideal", "FID vs base", "FID vs data", "PSNR", "SSIM", "acc"]
