@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-share", action="store_true", help="also time block.attn at batch --attn-batch")
     p.add_argument("--attn-batch", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-main", action="store_true", help="only the floor, sweep and attention share")
     p.add_argument("--update-card", action="store_true", help="write the results into the DiT card in --dir")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -137,10 +138,13 @@ def main(argv=None) -> int:
     if sweep:
         results["cfg_sweep"] = sweep
 
-    main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch)
-    results["main"] = main_run
-    print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f}  FID {main_run['fid_vs_test']:.3f} "
-          f"(floor {floor:.3f}; {main_run['samples']} samples, {main_run['sampling_wall_s']:.0f} s)", file=sys.stderr)
+    main_run = None
+    if not args.skip_main:
+        main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch)
+        results["main"] = main_run
+        print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f}  FID {main_run['fid_vs_test']:.3f} "
+              f"(floor {floor:.3f}; {main_run['samples']} samples, {main_run['sampling_wall_s']:.0f} s)",
+              file=sys.stderr)
 
     text = json.dumps(results, indent=2)
     print(text)
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
         card_path = folder / DIT_CARD
         card = json.loads(card_path.read_text(encoding="utf-8"))
         metrics = card.setdefault("metrics", {})
-        metrics[f"cfg_{args.cfg_scale:g}"] = main_run
+        if main_run:
+            metrics[f"cfg_{args.cfg_scale:g}"] = main_run
         for key in ("fid_floor_train_vs_test", "feature_space", "real_test_images", "attention_share", "cfg_sweep"):
             if key in results:
                 metrics[key] = results[key]
