@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dqar.cli import main
-from dqar.eval.report import build_report, interpolate, pareto_front
+from dqar.eval.report import build_report, interpolate, pareto_front, same_except
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 
@@ -48,10 +48,31 @@ def test_pairs_pareto_and_gate_comparison(fixture_report):
     assert "Δ FID from quantizing the cache: +0.500." in md
     # Gate at ideal 1.12 on the static front (1.06, 1.0) - (1.15, 2.0): 1 + 0.06/0.09 = 1.67.
     assert "| schedule=gate | 24.0 | [0.5, 50] | 0.40 | 31% | 1.154 | 1.120 | 1.20 | 1.67 | 1.48 |" in md
-    pareto = md.split("## Pareto")[1].split("##")[0]
-    names = [line.split("|")[1].strip() for line in pareto.splitlines() if line.startswith("| ") and "config" not in line]
-    assert names == ["static", "ptq-int8", "warmup=0.4 layers=0.5", "schedule=gate", "warmup=0.4 layers=1.0",
-                     "warmup=0.2 layers=1.0", "interval-attn-mlp"]
+    measured, ideal = md.split("## Pareto")[1].split("##")[0].split("The same by FLOP-bound")
+
+    def names(text):
+        return [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "config" not in line]
+
+    assert names(measured) == ["static", "ptq-int8", "warmup=0.4 layers=0.5", "schedule=gate",
+                               "warmup=0.4 layers=1.0", "warmup=0.2 layers=1.0", "interval-attn-mlp"]
+    assert names(ideal) == ["static", "warmup=0.4 layers=0.5", "schedule=gate", "warmup=0.4 layers=1.0",
+                            "warmup=0.2 layers=1.0", "interval-attn-mlp"]
+
+
+def test_pairs_ignore_fields_that_cannot_change_the_images():
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    shallow = next(r for r in rows if r["name"] == "warmup=0.2 layers=1.0")
+    deep = json.loads(json.dumps(next(r for r in rows if r["name"].endswith("order=deep"))))
+    deep["config"]["tau0"] = 28.0           # a changed gate default is inert for a static schedule
+    assert same_except(shallow, deep, "order")
+    deep["config"]["warmup"] = 0.3          # a live field is not
+    assert not same_except(shallow, deep, "order")
+    kv = next(r for r in rows if r["name"] == "kv")
+    static = next(r for r in rows if r["name"] == "static")
+    assert same_except(static, kv, "mode")
+    kv2 = json.loads(json.dumps(kv))
+    kv2["config"]["kv_bits"] = [16, 8]      # live for the K/V point
+    assert not same_except(static, kv2, "mode")
 
 
 def test_entropy_monotonicity_and_memory(fixture_report):

@@ -78,23 +78,56 @@ def is_plain_static(row: dict) -> bool:
             and c.get("order") == "shallow" and c.get("cache_bits") == 16 and list(c.get("targets", [])) == ["attn"])
 
 
-def identity(row: dict, drop: str) -> str:
-    c = {k: v for k, v in cfg(row).items() if k != drop and k not in _IGNORED_FIELDS}
-    return json.dumps({"variant": row.get("variant"), "config": c}, sort_keys=True)
+def inert_fields(c: dict) -> set[str]:
+    """Config fields that cannot change this config's images, so a changed default (e.g. tau0) between two
+    sweeps does not stop a static point from pairing with its deep-first twin."""
+    sched = c.get("schedule")
+    gate_like = sched in ("gate", "policy")
+    inert = set(_IGNORED_FIELDS)
+    if not gate_like:
+        inert |= {"tau0", "snr_range", "snr_form", "gate_with", "entropy_rows", "entropy_seed"}
+    if sched != "policy":
+        inert |= {"policy_path", "policy_threshold", "policy_budget"}
+    if sched != "interval":
+        inert.add("interval")
+    if sched != "depth" and c.get("gate_with") != "depth":
+        inert.add("depth_phases")
+    if sched != "static" and c.get("gate_with") != "static":
+        inert |= {"layer_fraction", "order", "order_seed"}
+    if c.get("order") != "random":
+        inert.add("order_seed")
+    if sched == "none":
+        inert |= {"warmup", "mode", "targets", "cache_bits", "kv_bits", "quant_granularity", "csb_topk",
+                  "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps"}
+    if not c.get("cfg_sharing"):
+        inert.add("cfg_sharing_eps")
+    if c.get("mode") != "kv":
+        inert.add("kv_bits")
+    if c.get("cache_bits") == 16 and c.get("mode") != "kv":
+        inert |= {"quant_granularity", "csb_topk", "csb_calibration_steps"}
+    return inert
+
+
+def same_except(a: dict, b: dict, field: str) -> bool:
+    """Same variant, and configs equal on every field except `field` that could change either's images."""
+    if a.get("variant") != b.get("variant"):
+        return False
+    ca, cb = cfg(a), cfg(b)
+    # A field counts if it is live in either config: kv_bits is inert for an output-mode point but live
+    # for its K/V twin, so it must match.
+    inert = inert_fields(ca) & inert_fields(cb)
+    keys = (set(ca) | set(cb)) - inert - {field}
+    return all(ca.get(k) == cb.get(k) for k in keys)
 
 
 def pairs(rows: list[dict], field: str, a, b_values) -> list[tuple[dict, dict]]:
     """(row with field=a, row with field in b_values) whose configs agree on everything else."""
-    by_id: dict[str, dict] = {}
-    for r in rows:
-        if cfg(r).get(field) == a:
-            by_id.setdefault(identity(r, field), r)
     out = []
-    for r in rows:
-        if cfg(r).get(field) in b_values and cfg(r).get(field) != a:
-            other = by_id.get(identity(r, field))
-            if other is not None:
-                out.append((other, r))
+    for rb in rows:
+        if cfg(rb).get(field) in b_values and cfg(rb).get(field) != a:
+            match = next((ra for ra in rows if cfg(ra).get(field) == a and same_except(ra, rb, field)), None)
+            if match is not None:
+                out.append((match, rb))
     return out
 
 
@@ -294,6 +327,13 @@ class Report:
                          fmt(p["speedup"], ".3f"), fmt(p["row"].get("ideal_speedup"), ".3f"), fmt(p["quality"], ".3f"),
                          fmt(fid_d(p["row"]))])
         lines += table(["config", "schedule", "warmup", "layers", "speedup", "ideal", qname, "FID vs data"], body)
+        ideal = [dict(p, speedup=p["row"]["ideal_speedup"]) for p in cand if p["row"].get("ideal_speedup")]
+        if len(ideal) >= 2:
+            # The FLOP bound has no timing noise: on a loaded machine it ranks configurations more reliably.
+            lines += ["", "The same by FLOP-bound (ideal) speedup, points without one (PTQ) left out:", ""]
+            body = [[p["name"], fmt(p["speedup"], ".3f"), fmt(p["row"].get("speedup"), ".3f"), fmt(p["quality"], ".3f")]
+                    for p in pareto_front(ideal)]
+            lines += table(["config", "ideal", "measured", qname], body)
         from .plots import pareto_plot
 
         pareto_plot([{k: p[k] for k in ("name", "speedup", "quality", "group")} for p in pts],
