@@ -4,8 +4,8 @@
 #   benchmarks/standard_report.sh            # -> runs/standard/{results.jsonl, report/report.md, wall_time.log}
 #   OUT=runs/x N=40 benchmarks/standard_report.sh    # smaller run (N images per point)
 #
-# 23 configurations (21 distinct generations: "static" = the warmup 0.4 / layers 0.33 grid cell,
-# "none" = the shared reference run), N=200 images each (20 per digit), 50 DDIM steps, CFG 1.5:
+# 22 points, 21 distinct configurations ("static" is the warmup 0.4 / layers 0.33 grid cell;
+# "none" is the shared reference run), N=200 images each (20 per digit), 50 DDIM steps, CFG 1.5:
 #   - seed 000's grid: warmup {0.2, 0.3, 0.4} x layer fraction {0.33, 0.66, 1.0}, shallow-first
 #   - deep-first order at warmup 0.2 (where reuse is largest) x the three layer fractions
 #   - the entropy+SNR gate, no warmup (the SNR window [0.5, 50] takes its place), at seed 002's tau0=24
