@@ -121,6 +121,19 @@ def test_partial_last_line_is_cut_and_recomputed(tmp_path):
     assert out.read_bytes().endswith(b"\n")
 
 
+def test_other_weights_are_not_resumed_from(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, "--baselines", "static", "--out", str(out)]) == 0
+    # Same preset name, different random weights (--seed also moves the image seeds, so compare keys).
+    from dqar.eval.sweep import weights_digest
+    from dqar.models.dit import build_dit
+
+    a = weights_digest(build_dit("DiT-Tiny").randomize_(0))
+    assert a == weights_digest(build_dit("DiT-Tiny").randomize_(0))
+    assert a != weights_digest(build_dit("DiT-Tiny").randomize_(1))
+    assert read_rows(out)[0]["settings"]["weights_sha256"] == a
+
+
 def test_damaged_middle_line_is_an_error_not_silently_dropped(tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
@@ -139,8 +152,10 @@ def test_rows_carry_the_bench_schema_and_per_step_profile(tmp_path):
         assert set(row) >= {"config", "baseline", "dqar", "speedup", "ideal_speedup", "quality", "profile",
                             "settings", "key", "samples"}
         assert row["config"]["record_entropy"] is True
-        assert row["settings"] == {"model": "DiT-Tiny", "n": 4, "classes": list(range(10)), "steps": 3,
-                                   "sampler": "ddim", "cfg_scale": 1.5, "seed": 0}
+        settings = dict(row["settings"])
+        assert len(settings.pop("weights_sha256")) == 16
+        assert settings == {"model": "DiT-Tiny", "n": 4, "classes": list(range(10)), "steps": 3,
+                            "sampler": "ddim", "cfg_scale": 1.5, "seed": 0}
         prof = row["profile"]
         assert len(prof["entropy_per_step"]) == len(prof["snr_per_step"]) == len(prof["events_per_step"]) == 3
         assert (tmp_path / "r.samples" / row["samples"]).exists()

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     points = build_points(args)       # all grid/baseline errors surface here, before any model loads
 
-    from dqar.eval.sweep import SweepSettings, run_sweep
+    from dqar.eval.sweep import SweepSettings, run_sweep, weights_digest
 
     from .common import parse_classes, resolve_model, setup_torch
 
@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     classes = parse_classes(args.classes, model.config.num_classes, args.n)
     settings = SweepSettings(model=args.model, n=args.n, classes=tuple(classes), steps=args.steps,
-                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed)
+                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
+                             weights_sha256=weights_digest(model))
     evaluator = real_stats = None
     if args.model == EMBEDDED or args.evaluator is not None:
         from dqar.embedded import load_evaluator

@@ -94,10 +94,14 @@ class SweepSettings:
     sampler: str
     cfg_scale: float
     seed: int
+    # Digest of the weights: "embedded" names whatever is shipped now, and a retrained model must not
+    # resume from rows (or a cached reference run) measured on the old one.
+    weights_sha256: str | None = None
 
     def to_dict(self) -> dict:
         return {"model": self.model, "n": self.n, "classes": list(self.classes), "steps": self.steps,
-                "sampler": self.sampler, "cfg_scale": self.cfg_scale, "seed": self.seed}
+                "sampler": self.sampler, "cfg_scale": self.cfg_scale, "seed": self.seed,
+                "weights_sha256": self.weights_sha256}
 
     @property
     def labels(self) -> list[int]:
@@ -106,6 +110,15 @@ class SweepSettings:
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Short SHA-256 over every state-dict tensor's name and bytes (any dtype)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def baseline_point(name: str, base: DQARConfig | None = None) -> SweepPoint:
