@@ -5,6 +5,7 @@ unhooked baseline in one process (warm-up, then alternating rounds, median), so 
 machine hits all of them alike. Usage:
 
     python benchmarks/dqar_speed.py --model DiT-B/2 --steps 50 --rounds 3
+    python benchmarks/dqar_speed.py --model DiT-B/2 --steps 10 --rounds 9 --only hooked,entropy   # overhead
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from dqar.eval.timing import Contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
 
+# id (for --only) -> (row label, config)
 CONFIGS = {
-    "hooked, no reuse": DQARConfig(schedule="none"),
-    "entropy only (no reuse)": DQARConfig(schedule="none", record_entropy=True),
-    "static w=0.3 l=1.0": DQARConfig(warmup=0.3, layer_fraction=1.0),
-    "static w=0.4 l=0.33": DQARConfig(warmup=0.4, layer_fraction=0.33),
-    "static w=0.3 l=1.0 attn+mlp": DQARConfig(warmup=0.3, layer_fraction=1.0, targets=("attn", "mlp")),
+    "hooked": ("hooked, no reuse", DQARConfig(schedule="none")),
+    "entropy": ("entropy only (no reuse)", DQARConfig(schedule="none", record_entropy=True)),
+    "static": ("static w=0.3 l=1.0", DQARConfig(warmup=0.3, layer_fraction=1.0)),
+    "seed000": ("static w=0.4 l=0.33", DQARConfig(warmup=0.4, layer_fraction=0.33)),
+    "mlp": ("static w=0.3 l=1.0 attn+mlp", DQARConfig(warmup=0.3, layer_fraction=1.0, targets=("attn", "mlp"))),
 }
 
 
@@ -37,14 +39,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-runs", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", default=None, help="comma list of config names to run (default all)")
+    ap.add_argument("--only", default=None, help=f"comma list of config ids to run besides the baseline: {','.join(CONFIGS)} (default all)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    wanted = list(CONFIGS) if args.only is None else args.only.split(",")
+    unknown = [w for w in wanted if w not in CONFIGS]
+    if unknown:
+        ap.error(f"--only: unknown config id(s) {unknown}; allowed: {', '.join(CONFIGS)}")
 
     device = torch.device(args.device)
     model = build_dit(args.model).randomize_(0).eval().to(device)
     labels, seeds = [1], [0]
-    configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
+    configs = dict(CONFIGS[w] for w in wanted)
     summaries: dict[str, dict] = {}
 
     def contender(name, config):
@@ -72,19 +78,23 @@ def main() -> int:
         s = summaries.get(name, {})
         ideal = s.get("ideal_speedup")
         speedup = base / res.median
+        spread = (max(res.samples) - min(res.samples)) / res.median
         rows.append({"config": name, "ms_per_step": 1000 * res.median / args.steps, "speedup": speedup,
+                     "spread": spread,
                      "ideal_speedup": ideal, "measured_over_ideal": speedup / ideal if ideal else None,
                      "reuse_fraction": s.get("reuse_fraction"), "samples_s": res.samples})
     where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"{args.model}, {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; "
           f"{device.type} ({where}); {date.today()}")
-    print("| config | ms/step | speedup vs baseline | ideal speedup | measured / ideal | reuse fraction |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| config | ms/step | (max-min)/median over rounds | speedup vs baseline | ideal speedup "
+          "| measured / ideal | reuse fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ideal = f"{r['ideal_speedup']:.3f}" if r["ideal_speedup"] else "-"
         ratio = f"{r['measured_over_ideal']:.3f}" if r["measured_over_ideal"] else "-"
         frac = f"{r['reuse_fraction']:.3f}" if r["reuse_fraction"] is not None else "-"
-        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {r['speedup']:.3f} | {ideal} | {ratio} | {frac} |")
+        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {r['spread']:.1%} | {r['speedup']:.3f} | {ideal} "
+              f"| {ratio} | {frac} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows}, f, indent=1)

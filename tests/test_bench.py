@@ -29,13 +29,20 @@ def test_interleaved_timing_call_order():
 
     result = interleaved_timing({"baseline": make("b"), "candidate": make("c")}, rounds=3, warmup_runs=2,
                                 measure_memory=False)
-    # Warm-up alternates too, then B, C, B, C, ... for each timed round.
-    assert calls == ["b", "c"] * 2 + ["b", "c"] * 3
+    # Warm-up alternates in the given order; each timed round starts one contender later.
+    assert calls == ["b", "c"] * 2 + ["b", "c", "c", "b", "b", "c"]
     assert list(result) == ["baseline", "candidate"]
     assert len(result["baseline"].samples) == 3 and len(result["candidate"].samples) == 3
     assert result["candidate"].last_output == "C"
     assert result["baseline"].median == sorted(result["baseline"].samples)[1]
     assert result["baseline"].peak_mem_bytes is None
+
+
+def test_interleaved_timing_rotates_the_start_of_each_round():
+    calls: list[str] = []
+    interleaved_timing({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=4, warmup_runs=0,
+                       measure_memory=False)
+    assert calls == list("abc" "bca" "cab" "abc")
 
 
 def test_interleaved_timing_setup_and_teardown_wrap_every_call():

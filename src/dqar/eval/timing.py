@@ -1,8 +1,10 @@
 """Interleaved wall-clock timing and peak memory for a baseline and its candidates.
 
-Contenders run in alternation (A, B, A, B, ...) after warm-up runs, so slow drift of the machine
-(thermal throttling, other processes, CPU frequency) lands on all of them alike instead of on
-whichever ran last; the median over rounds ignores the odd outlier. On CUDA the device is
+Contenders run in alternation after warm-up runs, so slow drift of the machine (thermal throttling,
+other processes, CPU frequency) lands on all of them alike instead of on whichever ran last; the
+median over rounds ignores the odd outlier. Each round starts one contender later (A, B, C | B, C, A |
+C, A, B ...), so a position effect (running first after the previous round's largest allocation, or
+always after the same neighbour) does not land on one contender only. On CUDA the device is
 synchronized before and after each timed region, since kernel launches return before the work ends.
 
 Peak memory, per call, outside the timed region:
@@ -154,8 +156,9 @@ def _sync(device: torch.device | None) -> None:
 def interleaved_timing(contenders: Mapping[str, Callable[[], Any] | Contender], *, rounds: int,
                        warmup_runs: int = 1, device: torch.device | str | None = None,
                        measure_memory: bool = True) -> dict[str, TimingResult]:
-    """Run every contender `warmup_runs` times, then `rounds` timed times, alternating in the given order.
+    """Run every contender `warmup_runs` times, then `rounds` timed times, alternating.
 
+    Warm-up follows the given order; timed round r starts at contender r mod n and wraps around.
     Returns {name: TimingResult} in the same order. Setup and teardown are excluded from the times;
     the memory probe brackets only the call itself.
     """
@@ -193,7 +196,8 @@ def interleaved_timing(contenders: Mapping[str, Callable[[], Any] | Contender], 
     for _ in range(warmup_runs):
         for name, c in items:
             call(name, c, timed=False)
-    for _ in range(rounds):
-        for name, c in items:
+    for r in range(rounds):
+        start = r % len(items)
+        for name, c in items[start:] + items[:start]:
             call(name, c, timed=True)
     return results
