@@ -17,7 +17,7 @@ from . import UsageError
 from .common import EMBEDDED, add_model_options
 
 _DQAR_OPTIONS = "dqar.cli.dqar_options"
-BASELINE_CHOICES = ("none", "ptq-int8")   # mirrors dqar.eval.baselines.BASELINES without importing torch
+BASELINE_CHOICES = ("none", "ptq-int8", "pab")   # mirrors dqar.eval.baselines.BASELINES without importing torch
 
 
 def _dqar_options():
@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed runs of each before timing (default 1)")
     parser.add_argument("--baseline", default="none", choices=BASELINE_CHOICES,
                         help="what DQAR is timed against: 'none' = the uncached model (default), 'ptq-int8' = "
-                             "int8 dynamic weight quantization without reuse. Quality is always measured "
+                             "int8 dynamic weight quantization without reuse, 'pab' = diffusers' pyramid attention "
+                             "broadcast on the same weights. Quality is always measured "
                              "against the uncached full-precision samples")
     parser.add_argument("--json", default=None, metavar="PATH|-",
                         help="write the result record as JSON to PATH, or to stdout with '-' (the table then "

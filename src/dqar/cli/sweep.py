@@ -25,7 +25,7 @@ from .common import EMBEDDED, add_model_options
 from .dqar_options import OPTIONS, add_dqar_options, config_overrides
 
 # Mirrors dqar.eval.sweep.BASELINES without importing torch at module top.
-BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv")
+BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab")
 # Fields whose one value is itself a comma list: their value lists are separated by ';' only.
 _COMPOUND = {"snr_range", "targets", "kv_bits", "depth_phases"}
 
@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma list of named comparison points: {', '.join(BASELINE_NAMES)} "
                              "(none: the uncached model; static: warmup 0.4, layers 0.33; ptq-int8: int8 weights, "
                              "no reuse; interval-attn-mlp: FORA, attn+mlp recomputed every 3rd step; kv: K/V "
-                             "caching on the static schedule)")
+                             "caching on the static schedule; pab: diffusers' pyramid attention broadcast, skip "
+                             "range 2 inside timesteps (100, 800), on the same weights ported to diffusers' DiT)")
     parser.add_argument("--out", required=True, help="results file (JSON lines); appended to, resumed from")
     parser.add_argument("--n", type=int, default=100, help="images per point, one batch (default 100)")
     parser.add_argument("--classes", default=None,

@@ -3,6 +3,12 @@
 "ptq-int8" is the post-training-quantization-only baseline: the per-token nn.Linear weights (blocks and
 final layer) in int8 with activations quantized on the fly (dynamic quantization), no reuse at all. It
 answers "is caching better than just quantizing the weights?" for the same seeds.
+
+"pab" is diffusers' own pyramid attention broadcast (Zhao et al. 2024) on a diffusers `DiTTransformer2DModel`
+carrying the same weights (`dqar.models.diffusers_port`): every attention module recomputes on every
+`block_skip_range`-th call and reuses its last output in between, while the timestep lies inside
+`timestep_range`; diffusers' defaults (2, (100, 800)) are used. It answers "is DQAR better than the cache
+diffusers already ships?".
 """
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import warnings
 import torch
 from torch import nn
 
-BASELINES = ("none", "ptq-int8")
+BASELINES = ("none", "ptq-int8", "pab")
+PAB_BLOCK_SKIP_RANGE = 2
+PAB_TIMESTEP_RANGE = (100, 800)
 
 
 class BaselineUnavailable(RuntimeError):
@@ -67,10 +75,71 @@ def quantize_int8(model: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
                               "allowed devices: cpu, cuda (with torchao)")
 
 
+class PyramidAttentionBroadcastDiT(nn.Module):
+    """The ported model under diffusers' pyramid attention broadcast, counting what it reuses.
+
+    diffusers resets PAB's state only when a pipeline asks; here a call whose timestep is not below the
+    previous call's starts a new generation (sampling timesteps strictly fall), which resets the hooks'
+    caches and the counts, so no state survives into the next generation. After a generation,
+    `reuse_stats()` gives its attention reuse events and fraction.
+    """
+
+    def __init__(self, model: nn.Module, block_skip_range: int = PAB_BLOCK_SKIP_RANGE,
+                 timestep_range: tuple[int, int] = PAB_TIMESTEP_RANGE):
+        super().__init__()
+        from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+        from diffusers.hooks import HookRegistry
+
+        from dqar.models.diffusers_port import DiffusersDiT
+
+        if isinstance(block_skip_range, bool) or not isinstance(block_skip_range, int) or block_skip_range < 1:
+            raise ValueError(f"block_skip_range={block_skip_range!r} is not allowed: must be an integer >= 1")
+        self.port = DiffusersDiT(model)
+        self.config = self.port.config
+        transformer = self.port.transformer
+        apply_pyramid_attention_broadcast(transformer, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=block_skip_range,
+            spatial_attention_timestep_skip_range=tuple(timestep_range),
+            current_timestep_callback=lambda: self.port.timestep))
+        self._registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        self._attention_calls = 0
+        self._computed = 0
+        self._last_t: int | None = None
+        for block in transformer.transformer_blocks:
+            # to_q runs only when PAB lets the attention module compute.
+            block.attn1.to_q.register_forward_hook(self._count_compute)
+
+    def _count_compute(self, *_):
+        self._computed += 1
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t_now = int(t.flatten()[0])
+        if self._last_t is None or t_now >= self._last_t:
+            self._registry.reset_stateful_hooks()
+            self._attention_calls = self._computed = 0
+        self._last_t = t_now
+        self._attention_calls += len(self.port.transformer.transformer_blocks)
+        return self.port(x, t, y)
+
+    def reuse_stats(self) -> dict:
+        """Attention calls that reused during the last generation (a count and a fraction; one call covers
+        both CFG halves) and the bytes PAB's caches hold at its end."""
+        events = self._attention_calls - self._computed
+        cache_bytes = 0
+        for block in self.port.transformer.transformer_blocks:
+            cached = block.attn1._diffusers_hook.get_hook("pyramid_attention_broadcast").state.cache
+            if isinstance(cached, torch.Tensor):
+                cache_bytes += cached.numel() * cached.element_size()
+        return {"reuse_events": events, "cache_bytes": cache_bytes,
+                "reuse_fraction": events / self._attention_calls if self._attention_calls else 0.0}
+
+
 def make_baseline(kind: str, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module | None:
     """The baseline model for `kind`: None for 'none' (the uncached model itself), a new model otherwise."""
     if kind == "none":
         return None
     if kind == "ptq-int8":
         return quantize_int8(model, device)
+    if kind == "pab":
+        return PyramidAttentionBroadcastDiT(model).to(device)
     raise ValueError(f"baseline={kind!r} is not known; allowed: {', '.join(BASELINES)}")

@@ -480,7 +480,7 @@ class Report:
                    if wrong.any() else " (monotone)") + ".")
 
     def sec_baselines(self) -> list[str]:
-        order = ["none", "static", "ptq-int8", "interval-attn-mlp", "kv"]
+        order = ["none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab"]
         rows = [self.named(n) for n in order if self.named(n) is not None]
         rows += [r for r in self.rows if cfg(r).get("schedule") == "gate"]
         if len(rows) < 2:
@@ -489,7 +489,8 @@ class Report:
                  fmt(r["dqar"].get("peak_mem_mb"), ".1f"), str(r["dqar"].get("reuse_events")),
                  fmt(fid_b(r)), fmt(fid_d(r)), pct((r.get("quality") or {}).get("accuracy"))] for r in rows]
         return (["Seed 002's comparison (its rows: baseline, static reuse, PTQ4DiT-style quantization, DQAR), "
-                 "plus FORA-style interval reuse and K/V caching:", ""]
+                 "plus FORA-style interval reuse, K/V caching and, where measured, diffusers' pyramid attention "
+                 "broadcast (pab; its reuse events count attention calls, each covering both CFG halves):", ""]
                 + table(["method", "ms/step", "speedup", "peak MiB", "reuse events", "FID vs base", "FID vs data",
                          "accuracy"], body))
 

@@ -3,7 +3,7 @@
 Each finished point is appended to a JSON-lines file as one row: the `dqar bench` record (see
 `dqar.eval.bench`) plus the point's identity and the controller's per-step profile:
 
-    {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8", "grid": {field: value},
+    {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8" | "pab", "grid": {field: value},
      "settings": {model, n, classes, steps, sampler, cfg_scale, seed},
      <bench record: config, baseline, dqar, speedup, ideal_speedup, quality>,
      "profile": {entropy_per_step, snr_per_step, x0_snr_per_step, events_per_step, events_per_layer,
@@ -44,8 +44,9 @@ from .bench import MIB, empty_record, quality_metrics
 from .metrics import EvaluatorFeatures, feature_stats
 from .timing import Contender, interleaved_timing
 
-# Named comparison points. Each is (variant, config overrides); variant "ptq-int8" swaps the model for
-# its int8-weight copy (dqar.eval.baselines) and runs it without reuse.
+# Named comparison points. Each is (variant, config overrides); a variant swaps the model for the one
+# dqar.eval.baselines builds ("ptq-int8": its int8-weight copy; "pab": its diffusers port under diffusers'
+# pyramid attention broadcast) and runs that without DQAR.
 BASELINES: dict[str, tuple[str | None, dict]] = {
     # The uncached model itself: free, it is the shared reference run.
     "none": (None, {"schedule": "none"}),
@@ -55,6 +56,8 @@ BASELINES: dict[str, tuple[str | None, dict]] = {
     "ptq-int8": ("ptq-int8", {"schedule": "none"}),
     # FORA (Selvaraju et al. 2024): recompute attention and MLP every N=3 steps from the start, reuse between.
     "interval-attn-mlp": (None, {"schedule": "interval", "interval": 3, "warmup": 0.0, "targets": ("attn", "mlp")}),
+    # diffusers' pyramid attention broadcast on the same weights in diffusers' DiT (dqar.eval.baselines).
+    "pab": ("pab", {"schedule": "none"}),
     # Seed 000's failed first attempt: cache K/V, recompute Q, on the same schedule as "static".
     "kv": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33, "mode": "kv"}),
 }
@@ -75,7 +78,7 @@ class SweepPoint:
     name: str
     kind: str                      # "grid" | "baseline"
     config: DQARConfig
-    variant: str | None = None     # None: the model as loaded; "ptq-int8": its int8-weight copy
+    variant: str | None = None     # None: the model as loaded; else a dqar.eval.baselines model
     grid: dict = field(default_factory=dict)
 
     @property
@@ -393,6 +396,10 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
                                device=device)["variant"]
         images, seconds, peak = t.last_output, t.median, _mib(t.peak_mem_bytes)
         cache_mb, events, fraction = 0.0, 0, 0.0
+        if hasattr(vmodel, "reuse_stats"):    # a variant that caches by itself (pab)
+            stats = vmodel.reuse_stats()
+            cache_mb = _mib(stats["cache_bytes"])
+            events, fraction = int(stats["reuse_events"]), float(stats["reuse_fraction"])
     else:
         state: dict[str, Any] = {}
 
