@@ -138,10 +138,38 @@ def test_entropy_path_keeps_the_baseline_output(model, baseline):
     assert s["entropy_per_step"][0] is not None
 
 
-def test_cfg_sharing_fires(model):
-    _, s, _ = run(model, DQARConfig(schedule="none", warmup=0.2, cfg_sharing=True, cfg_sharing_eps=10.0,
-                                    record_entropy=True))
+def test_cfg_sharing_fires_and_uncond_takes_conds_fresh_output(model, baseline):
+    # A static schedule that never reuses (floor(0.01 * 4) = 0 layers), so every event is a share.
+    cfg = DQARConfig(schedule="static", warmup=0.2, layer_fraction=0.01, cfg_sharing=True,
+                     cfg_sharing_eps=10.0, record_entropy=True)
+    seen = []
+    ctl = apply_dqar(model, cfg)
+    hook = model.blocks[0].attn.forward
+    inner = hook._compute
+    hook._compute = lambda *a, **k: (seen.append(a[0].shape[0]), inner(*a, **k))[1]
+    outputs = []
+    handle = model.blocks[0].attn.register_forward_hook(lambda m, i, o: outputs.append(o))
+    try:
+        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        s = ctl.summary()
+    finally:
+        handle.remove()
+        remove_dqar(model)
     assert s["share_events"] > 0 and s["reuse_events"] == s["share_events"]
+    assert not torch.equal(images, baseline)
+    # A shared step computes cond alone (half the batch) and hands uncond the same tensor.
+    shared = [i for i, n in enumerate(seen) if n == len(LABELS)]
+    assert shared
+    for i in shared:
+        cond, uncond = outputs[i].chunk(2)
+        assert torch.equal(cond, uncond)
+    # After a share uncond must measure again before the next share: never two shares in a row per layer.
+    assert all(seen[i + 1] == 2 * len(LABELS) for i in shared if i + 1 < len(seen))
+
+
+def test_cfg_sharing_needs_a_schedule():
+    with pytest.raises(ValueError, match="cfg_sharing"):
+        DQARConfig(schedule="none", cfg_sharing=True)
 
 
 def test_apply_twice_raises_and_remove_without_apply_raises(model):

@@ -5,6 +5,7 @@ never written back to: defaults are resolved where they are used.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -89,6 +90,8 @@ class DQARConfig:
             if isinstance(value, list):
                 value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             object.__setattr__(self, name, value)
+        if isinstance(self.policy_path, os.PathLike):
+            object.__setattr__(self, "policy_path", os.fspath(self.policy_path))
         self._validate()
 
     def _validate(self) -> None:
@@ -142,6 +145,11 @@ class DQARConfig:
             _fail("csb_topk", self.csb_topk, "a count must be a whole number; a fraction must be < 1")
         if not _is_int(self.csb_calibration_steps) or self.csb_calibration_steps < 0:
             _fail("csb_calibration_steps", self.csb_calibration_steps, "must be an integer >= 0")
+        if self.cfg_sharing and self.schedule == "none":
+            _fail("cfg_sharing", self.cfg_sharing, "sharing is reuse; schedule='none' is the uncached baseline, "
+                                                   "so pick a schedule or cfg_sharing=False")
+        if self.policy_path is not None and (not isinstance(self.policy_path, str) or not self.policy_path):
+            _fail("policy_path", self.policy_path, "must be None (the shipped policy) or a file path string")
         for name in ("record_entropy", "cfg_sharing", "trace"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")

@@ -53,6 +53,10 @@ class DQARController:
     def reset(self) -> None:
         """Forget everything about the previous generation."""
         self.cache.clear()
+        # Layers whose output is ever worth keeping: one the schedule can never reuse is not cached
+        # (tracing keeps everything, since it compares each fresh output with the one before).
+        self.cached_layers = (frozenset(range(self.num_layers)) if self.config.trace
+                              else self.schedule.reusable_ever(self.num_layers))
         self.active = False
         self.branches = self.default_branches
         self.step: StepState | None = None
@@ -145,6 +149,10 @@ class DQARController:
     def count_share(self, layer_id: int, target: str) -> None:
         self._count(layer_id, target, reused=True, kv=False)
         self.share_events += 1
+        # Uncond's entropy was not measured this step; forgetting it makes uncond compute (and measure)
+        # at the next step before it may share again, so the |H_cond - H_uncond| test is never staler
+        # than one step.
+        self._entropy.get("uncond", {}).pop(layer_id, None)
 
     def commit(self, layer_id: int, branch: str, output: torch.Tensor | None = None,
                entropy: float | None = None, keys: torch.Tensor | None = None,
@@ -158,6 +166,9 @@ class DQARController:
         if cfg.trace and output is not None and target == "attn":
             self._trace(layer_id, branch, output, entropy)
         entry = CacheEntry(layer_id, branch, target, step_index, entropy=entropy)
+        self._count(layer_id, target, reused=False)
+        if layer_id not in self.cached_layers:
+            return entry
         if output is not None:
             entry.output = encode(output, cfg.cache_bits, cfg.quant_granularity,
                                   self._salient_channels(layer_id, target, output, cfg.cache_bits))
@@ -166,7 +177,6 @@ class DQARController:
             entry.keys = encode(keys, kb, cfg.quant_granularity)
             entry.values = encode(values, vb, cfg.quant_granularity)
         self.cache.put(entry)
-        self._count(layer_id, target, reused=False)
         return entry
 
     # ------------------------------------------------------------------ accounting

@@ -1,8 +1,9 @@
 """Attach DQAR to a model without forking it: one registry of block layouts, instance-level wrappers.
 
 `apply_dqar(model_or_pipeline, config)` wraps, per block, the forward of the attention module (and of
-the MLP when targeted) on the *instance*, plus the root model's forward; `remove_dqar` deletes those
-instance attributes, which restores the class's original forward exactly. The wrappers hold no data:
+the MLP when targeted) on the *instance*, plus the root model's forward; `remove_dqar` puts back
+whatever each instance had before (its own attribute, e.g. an accelerate offload wrapper, or none, so
+the class's forward shows through again): the original forward exactly. The wrappers hold no data:
 all state lives in the DQARController. The reuse decision per (layer, branch) is one call,
 `controller.should_reuse`; everything else here is plumbing: split the batch by CFG branch, compute
 only the branches that must, stitch the outputs back together.
@@ -173,9 +174,11 @@ class _TargetHook:
             return self._kv(x, n, branches, args, kwargs)
         decisions = [ctl.should_reuse(self.layer, b, self.target) for b in branches]
         if not any(d.use_cache for d in decisions):
-            share = self.is_attn and branches == ("cond", "uncond") and ctl.should_share(self.layer)
+            share = self.is_attn and sorted(branches) == ["cond", "uncond"] and ctl.should_share(self.layer)
             if share:
-                args, kwargs = _slice_call(args, kwargs, n, 0, n // 2)
+                # Cond computes on its half; the uncond half takes that fresh output (either batch order).
+                c = branches.index("cond")
+                args, kwargs = _slice_call(args, kwargs, n, c * (n // 2), (c + 1) * (n // 2))
                 out, ents = self._compute(*args, **kwargs)
                 self._commit_chunks(("cond",), out, ents)
                 ctl.count_share(self.layer, self.target)
@@ -247,8 +250,9 @@ class _TargetHook:
 class _RootHook:
     """Wraps the model's forward: FLOP profile once per input shape; step detection for diffusers."""
 
-    def __init__(self, ctl: DQARController, model: nn.Module, layout: BlockLayout, scheduler=None):
-        self.ctl, self.model, self.layout, self.scheduler = ctl, model, layout, scheduler
+    def __init__(self, ctl: DQARController, model: nn.Module, layout: BlockLayout, scheduler=None, pipe=None):
+        self.ctl, self.model, self.layout = ctl, model, layout
+        self._scheduler, self._pipe = scheduler, pipe
         self.original = model.forward
         self.profiles: dict = {}
         self.pipeline_branches: tuple | None = None
@@ -293,6 +297,13 @@ class _RootHook:
         if self.ctl.active:
             self.ctl.count_step_flops()
         return out
+
+    @property
+    def scheduler(self):
+        # Read from the pipeline at call time: swapping pipe.scheduler after apply_dqar must be seen.
+        if self._pipe is not None and getattr(self._pipe, "scheduler", None) is not None:
+            return self._pipe.scheduler
+        return self._scheduler
 
     # diffusers: the pipeline calls the transformer once per step with the timestep as input.
     def _begin_step_from_timestep(self, x, args, kwargs):
@@ -344,15 +355,25 @@ def _split_pipeline(obj):
     return model, getattr(obj, "scheduler", None), obj
 
 
-def apply_dqar(model_or_pipeline, config: DQARConfig | None = None) -> DQARController:
-    """Hook DQAR into a model (our DiT, diffusers DiT/PixArt) or a diffusers pipeline; returns its controller."""
+def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler=None) -> DQARController:
+    """Hook DQAR into a model (our DiT, diffusers DiT/PixArt) or a diffusers pipeline; returns its controller.
+
+    A bare diffusers transformer learns its step from the timestep input, which needs the scheduler
+    that produces those timesteps: pass the pipeline, or the transformer with `scheduler=`.
+    """
     config = config if config is not None else DQARConfig()
     if not isinstance(config, DQARConfig):
         raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
-    model, scheduler, pipe = _split_pipeline(model_or_pipeline)
+    model, pipe_scheduler, pipe = _split_pipeline(model_or_pipeline)
+    scheduler = scheduler if scheduler is not None else pipe_scheduler
     if hasattr(model, CONTROLLER_ATTR):
         raise RuntimeError(f"DQAR is already applied to this {type(model).__name__}; call remove_dqar first")
     layout = find_layout(model)
+    if layout.drives_itself and scheduler is None:
+        # Without one no step would ever begin and the model would run uncached without a word.
+        raise ValueError(
+            f"apply_dqar on a bare {type(model).__name__} needs the scheduler that drives it: pass the "
+            "pipeline (apply_dqar(pipe, config)) or apply_dqar(transformer, config, scheduler=pipe.scheduler)")
     blocks = list(getattr(model, layout.blocks_attr))
     ctl = DQARController(config, num_layers=len(blocks))
     wrapped = []
@@ -360,11 +381,9 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None) -> DQARContr
         for target in config.targets:
             module = getattr(block, layout.target_attrs[target])
             hook = _TargetHook(ctl, layer, target, module, layout)
-            module.forward = hook
-            wrapped.append(module)
-    root = _RootHook(ctl, model, layout, scheduler)
-    model.forward = root
-    wrapped.append(model)
+            wrapped.append(_replace_forward(module, hook))
+    root = _RootHook(ctl, model, layout, scheduler, pipe if scheduler is pipe_scheduler else None)
+    wrapped.append(_replace_forward(model, root))
     restore = []
     if pipe is not None and hasattr(pipe, "encode_prompt") and layout.name == "diffusers-pixart":
         restore.append(_watch_pixart_cfg(pipe, root))
@@ -372,9 +391,27 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None) -> DQARContr
     return ctl
 
 
+_MISSING = object()
+
+
+def _replace_forward(module: nn.Module, hook) -> tuple[nn.Module, object]:
+    """Install `hook` as the instance's forward; returns what to put back on removal."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = hook
+    return module, previous
+
+
+def _restore_attr(obj, name: str, previous) -> None:
+    if previous is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, previous)
+
+
 def _watch_pixart_cfg(pipe, root: _RootHook):
     """PixArt batches [uncond | cond] when guidance is on; its encode_prompt call tells us which."""
     original = pipe.encode_prompt
+    previous = pipe.__dict__.get("encode_prompt", _MISSING)
 
     def encode_prompt(*args, **kwargs):
         cfg = kwargs.get("do_classifier_free_guidance", args[1] if len(args) > 1 else True)
@@ -382,7 +419,7 @@ def _watch_pixart_cfg(pipe, root: _RootHook):
         return original(*args, **kwargs)
 
     pipe.encode_prompt = encode_prompt
-    return lambda: pipe.__dict__.pop("encode_prompt", None)
+    return lambda: _restore_attr(pipe, "encode_prompt", previous)
 
 
 def get_controller(model_or_pipeline) -> DQARController | None:
@@ -398,8 +435,8 @@ def remove_dqar(model_or_pipeline) -> None:
     if found is None:
         raise RuntimeError(f"DQAR is not applied to this {type(model).__name__}")
     ctl, wrapped, restore = found
-    for module in wrapped:
-        module.__dict__.pop("forward", None)
+    for module, previous in wrapped:
+        _restore_attr(module, "forward", previous)
     for undo in restore:
         undo()
     ctl.reset()

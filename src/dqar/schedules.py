@@ -65,7 +65,7 @@ def entropy_threshold(tau0: float, prompt_length: int) -> float:
 
 
 class Schedule:
-    """Base: nothing is reusable."""
+    """Base: nothing is planned; any layer may be (a subclass plans its own)."""
 
     def __init__(self, config: DQARConfig):
         self.config = config
@@ -76,6 +76,17 @@ class Schedule:
     def in_warmup(self, step: StepState) -> bool:
         return step.progress < self.config.warmup
 
+    def reusable_ever(self, num_layers: int) -> frozenset[int]:
+        """Every layer this schedule can ever plan for reuse; the controller caches only these."""
+        return frozenset(range(num_layers))
+
+
+class NoReuse(Schedule):
+    """schedule="none": the uncached baseline."""
+
+    def reusable_ever(self, num_layers):
+        return frozenset()
+
 
 class StaticSchedule(Schedule):
     def plan(self, step, branch, entropies):
@@ -83,12 +94,23 @@ class StaticSchedule(Schedule):
         n = reusable_layer_count(step.progress, c.warmup, c.layer_fraction, step.num_layers)
         return frozenset(layer_order(c.order, step.num_layers, c.order_seed)[:n])
 
+    def reusable_ever(self, num_layers):
+        c = self.config
+        n = reusable_layer_count(1.0, c.warmup, c.layer_fraction, num_layers)
+        return frozenset(layer_order(c.order, num_layers, c.order_seed)[:n])
+
 
 class DepthSchedule(Schedule):
     def plan(self, step, branch, entropies):
         if self.in_warmup(step):
             return frozenset()
         return frozenset(range(depth_layer_count(step.progress, self.config.depth_phases, step.num_layers)))
+
+    def reusable_ever(self, num_layers):
+        if self.config.warmup >= 1.0:
+            return frozenset()
+        most = max(min(num_layers, int(round(f * num_layers))) for _, f in self.config.depth_phases)
+        return frozenset(range(most))
 
 
 class GateSchedule(Schedule):
@@ -108,6 +130,9 @@ class GateSchedule(Schedule):
         tau = entropy_threshold(self.config.tau0, step.prompt_length)
         return frozenset(i for i in candidates if i in entropies and entropies[i] < tau)
 
+    def reusable_ever(self, num_layers):
+        return self.base.reusable_ever(num_layers) if self.base else frozenset(range(num_layers))
+
 
 class IntervalSchedule(Schedule):
     """FORA-style: after warmup, every `interval`-th step computes and the steps between reuse."""
@@ -119,6 +144,9 @@ class IntervalSchedule(Schedule):
         if (step.step_index - first) % self.config.interval == 0:
             return frozenset()
         return frozenset(range(step.num_layers))
+
+    def reusable_ever(self, num_layers):
+        return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
 
 
 class PolicySchedule(Schedule):
@@ -140,6 +168,9 @@ class PolicySchedule(Schedule):
                                       threshold=self.config.policy_threshold, budget=self.config.policy_budget)
         return frozenset(i for i, m in zip(layers, mask.tolist()) if m)
 
+    def reusable_ever(self, num_layers):
+        return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
+
 
 def build_schedule(config: DQARConfig) -> Schedule:
     if config.schedule == "static":
@@ -155,4 +186,4 @@ def build_schedule(config: DQARConfig) -> Schedule:
         from .policy import load_policy
 
         return PolicySchedule(config, load_policy(config.policy_path))
-    return Schedule(config)
+    return NoReuse(config)

@@ -52,8 +52,13 @@ def resolve_model(spec: str, seed: int = 0, quiet: bool = False):
     path = Path(spec)
     if path.suffix == ".safetensors" or path.exists():
         return load_dit(path), str(path)
+    hint = ""
+    if "/" in spec or (path / "model_index.json").exists():
+        hint = ("; diffusers pipelines (a hub id such as facebook/DiT-XL-2-256, or a local pipeline folder) "
+                "run through `dqar sample --model ...`")
     raise UsageError(
         f"--model={spec!r} is neither 'embedded', a preset ({', '.join(DIT_PRESETS)}) nor an existing weights file"
+        + hint
     )
 
 

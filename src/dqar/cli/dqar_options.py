@@ -75,6 +75,7 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "quant-granularity": ("quant_granularity", str, "tensor | channel | token"),
     "csb-topk": ("csb_topk", _number, "salient channels kept unquantized: a count >= 1 or a fraction < 1"),
     "csb-calibration-steps": ("csb_calibration_steps", int, "computed steps over which salience is calibrated"),
+    "trace": ("trace", _bool, "record policy-training trace rows (features + relative change) in the summary"),
 }
 
 
@@ -104,4 +105,9 @@ def config_from_args(args: argparse.Namespace, **defaults):
 
     values = dict(defaults)
     values.update(config_overrides(args))
-    return DQARConfig(**values)
+    config = DQARConfig(**values)
+    if config.policy_path is not None and config.schedule != "policy":
+        # Only the policy schedule reads the file; ignoring it silently would hide a typo'd --schedule.
+        raise UsageError(f"--policy={config.policy_path!r} is only read by --schedule policy "
+                         f"(got --schedule {config.schedule})")
+    return config

@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from dqar.hooks import apply_dqar, remove_dqar
     from dqar.sampling import sample
 
+    from dqar.sampling import make_scheduler
+
     model = model.to(device)
+    make_scheduler(args.sampler)   # imports diffusers now, so its seconds of import stay out of ms/step
     ctl = apply_dqar(model, config) if config.schedule != "none" else None
     try:
         start = time.perf_counter()
@@ -57,15 +60,17 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         summary = _summary_for_json(ctl)
+        trace_rows = list(ctl.trace_rows) if ctl is not None else []
     finally:
         if ctl is not None:
             remove_dqar(model)
     paths, grid = write_images(images, labels, seeds, Path(args.out))
+    traces = write_traces(trace_rows, Path(args.out)) if config.trace else None
     result = {
         "model": described, "images": [str(p) for p in paths], "grid": str(grid), "seconds": seconds,
         "ms_per_step": 1000.0 * seconds / args.steps, "steps": args.steps, "sampler": args.sampler,
         "cfg_scale": cfg_scale, "classes": labels, "seeds": seeds, "config": config.to_dict(),
-        "dqar": summary,
+        "dqar": summary, "traces": str(traces) if traces else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -90,15 +95,22 @@ def _summary_for_json(ctl) -> dict | None:
     return s
 
 
+def write_traces(rows, out: Path) -> Path:
+    """--trace: one JSON line per traced (step, layer, branch) of the whole batch, features named."""
+    from dqar.policy_training import write_jsonl
+    from dqar.stats import POLICY_FEATURE_NAMES
+
+    named = ({**r, "features": dict(zip(POLICY_FEATURE_NAMES, r["features"]))} for r in rows)
+    return write_jsonl(out / "traces.jsonl", named)
+
+
 def default_cfg_scale(model_spec: str) -> float:
     """The embedded model card's recommended guidance scale; 1.5 (DiT's FID setting) otherwise."""
     if model_spec == "embedded":
-        try:
-            from dqar.embedded import model_card
+        from dqar.embedded import model_card
 
-            return float(model_card().get("recommended_cfg_scale", 1.5))
-        except (ImportError, OSError, ValueError):
-            return 1.5
+        # A missing or corrupt card is an error naming the file (raised by model_card), never a silent 1.5.
+        return float(model_card().get("recommended_cfg_scale", 1.5))
     return 1.5
 
 

@@ -49,7 +49,7 @@ from .timing import Contender, interleaved_timing
 # pyramid attention broadcast) and runs that without DQAR.
 BASELINES: dict[str, tuple[str | None, dict]] = {
     # The uncached model itself: free, it is the shared reference run.
-    "none": (None, {"schedule": "none"}),
+    "none": (None, {"schedule": "none", "record_entropy": True}),
     # Seed 000's recommended quality configuration (40% warmup, 33% layers, shallow-first).
     "static": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33}),
     # Seed 002's "PTQ4DiT" row: quantization only, no reuse.
@@ -340,13 +340,17 @@ def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: Sw
 def _reference(model, settings: SweepSettings, folder: Path, generate, repeats, warmup_runs, device, log) -> Reference:
     """The uncached run: loaded from the sidecar when an earlier (interrupted) sweep measured it."""
     blob = json.dumps(settings.to_dict(), sort_keys=True).encode()
-    path = folder / f"reference-{hashlib.sha256(blob).hexdigest()[:16]}.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
+    stem = f"reference-{hashlib.sha256(blob).hexdigest()[:16]}"
+    path, meta_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    if path.exists() and meta_path.exists():
+        from safetensors.torch import load_file
+
+        images = load_file(str(path))["images"]
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         log(f"reference run loaded from {path}")
-        return Reference(saved["images"], float(saved["seconds"]),
-                         None if saved["peak_mem_mb"] is None else float(saved["peak_mem_mb"]),
-                         [float(s) for s in saved["samples"]])
+        return Reference(images, float(meta["seconds"]),
+                         None if meta["peak_mem_mb"] is None else float(meta["peak_mem_mb"]),
+                         [float(s) for s in meta["samples"]])
     log(f"reference run: {settings.n} images x {settings.steps} steps, {repeats} timed")
     # The reference is the process's first generation: a two-image, two-step run first takes the
     # one-time costs (lazy imports, thread pools, allocator growth) out of its timing.
@@ -355,11 +359,18 @@ def _reference(model, settings: SweepSettings, folder: Path, generate, repeats, 
     t = interleaved_timing({"baseline": lambda: generate(model)}, rounds=repeats, warmup_runs=warmup_runs,
                            device=device)["baseline"]
     ref = Reference(t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples))
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
+    # Images first, then the JSON that marks the pair complete; each replace is atomic, so a kill never
+    # leaves a half-written reference that a resumed sweep would trust.
     tmp = path.with_suffix(".tmp")
-    torch.save({"images": ref.images.cpu(), "seconds": ref.seconds, "peak_mem_mb": ref.peak_mem_mb,
-                "samples": ref.samples}, tmp)
-    tmp.replace(path)   # atomic: a kill never leaves a half-written reference behind
+    save_file({"images": ref.images.detach().cpu().contiguous()}, str(tmp))
+    tmp.replace(path)
+    tmp_meta = meta_path.with_suffix(".tmp")
+    tmp_meta.write_text(json.dumps({"seconds": ref.seconds, "peak_mem_mb": ref.peak_mem_mb,
+                                    "samples": ref.samples}), encoding="utf-8")
+    tmp_meta.replace(meta_path)
     return ref
 
 
