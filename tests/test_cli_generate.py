@@ -1,5 +1,6 @@
 """`dqar generate`: outputs, JSON, DQAR summary, and every bad input as exit code 2 with a clear message."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,8 +57,12 @@ def weight_files(tmp_path_factory):
 BAD = [
     (["--model", "DiT-Huge/2"], "--model='DiT-Huge/2' is neither 'embedded', a preset"),
     (["--sampler", "euler"], "sampler='euler' is not known; allowed: ddim, dpm"),
-    (["--steps", "0"], "steps=0 is not allowed: must be an integer >= 1"),
-    (["--cfg-scale", "-1"], "cfg_scale=-1.0 is not allowed: must be >= 0"),
+    (["--steps", "0"], "steps=0 is not allowed: must be an integer in [1, 1000]"),
+    (["--steps", "1001"], "steps=1001 is not allowed: must be an integer in [1, 1000]"),
+    (["--cfg-scale", "-1"], "cfg_scale=-1.0 is not allowed: must be a finite number >= 0"),
+    (["--cfg-scale", "inf"], "cfg_scale=inf is not allowed: must be a finite number >= 0"),
+    (["--policy", "p.safetensors"], "--policy='p.safetensors' is only read by --schedule policy"),
+    (["--trace", "maybe"], "--trace='maybe' could not be parsed"),
     (["--classes", "10"], "class label 10 is outside [0, 10)"),
     (["--classes", "-1"], "class label -1 is outside [0, 10)"),
     (["--classes", "a,b"], "--classes='a,b' must be a comma-separated list of integers"),
@@ -87,8 +92,41 @@ def test_bad_input_exits_2_with_message(capsys, tmp_path, argv, message):
                              "(32, 1, 2, 2)"),
 ])
 def test_bad_weight_files_exit_2_naming_the_problem(capsys, tmp_path, weight_files, name, message):
-    code, _, err = run_cli(capsys, "--model", str(weight_files / name), "--steps", "2", "--out", str(tmp_path))
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "--model", str(weight_files / name), "--steps", "2", "--out", str(out))
     assert code == 2 and message in err and name in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_hub_id_points_to_dqar_sample(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--model", "facebook/DiT-XL-2-256", "--out", str(tmp_path / "o"))
+    assert code == 2 and "dqar sample --model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_corrupt_model_card_is_an_error_naming_it(capsys, tmp_path, monkeypatch, damage):
+    import dqar.embedded as embedded
+
+    card = tmp_path / "dit_digits.json"
+    if damage == "corrupt":
+        card.write_text("{not json")
+    real = embedded.asset_path
+    monkeypatch.setattr(embedded, "asset_path", lambda name: card if name == "dit_digits.json" else real(name))
+    code, _, err = run_cli(capsys, "--steps", "2", "--out", str(tmp_path / "o"))
+    assert code == 2 and str(card) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_trace_writes_named_feature_rows(capsys, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, _ = run_cli(capsys, "--model", "DiT-Tiny", "--steps", "3", "--classes", "1", "--out", str(out),
+                              "--json", "--trace", "true", "--warmup", "1.0")
+    result = json.loads(stdout)
+    rows = [json.loads(line) for line in Path(result["traces"]).read_text().splitlines()]
+    # Steps 1 and 2 have a cached output to compare with: 2 steps x 4 layers x 2 branches.
+    assert len(rows) == 2 * 4 * 2
+    assert set(rows[0]["features"]) == {"entropy", "log_snr", "log_norm", "step_progress", "prompt_length"}
+    assert all(r["rel_change"] > 0 for r in rows)
 
 
 def test_weights_file_generates(capsys, tmp_path, weight_files):

@@ -40,6 +40,39 @@ def test_assets_resolve_inside_the_installed_package():
         assert path.is_relative_to(package_dir), f"{path} is outside the imported package {package_dir}"
 
 
+def test_assets_load_from_a_built_and_installed_wheel(tmp_path):
+    """Build the wheel, install it into a folder of its own, and load every asset from there: package
+    data, not the source tree (an editable install would hide a missing package-data entry)."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    # Built from a copy, so the build's own folders (build/, *.egg-info) never land in the work tree.
+    src = tmp_path / "src-copy"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(src)], check=True)
+    wheel = next(wheels.glob("dqar-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    probe = (
+        "import dqar, pathlib, sys; from dqar.embedded import load_embedded_model, load_evaluator, model_card;"
+        "from dqar.policy import load_policy;"
+        "assert pathlib.Path(dqar.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()), dqar.__file__;"
+        "m = load_embedded_model(); load_evaluator(); load_policy(); print(model_card()['preset'])"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", probe, str(target)], env=env, capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "DiT-Digits"
+
+
 def test_shipped_model_shape_mode_and_card(model):
     assert model.config == DIT_PRESETS["DiT-Digits"]
     assert not model.training

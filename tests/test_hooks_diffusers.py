@@ -99,3 +99,117 @@ def test_pixart_pipeline_fires_and_restores(pixart_pipe):
     assert not np.array_equal(hooked, plain)
     assert np.array_equal(run_pixart(pixart_pipe), plain)
     assert "encode_prompt" not in pixart_pipe.__dict__
+
+
+def _forwards_on_instances(pipe):
+    t = pipe.transformer
+    return ["forward" in m.__dict__ for m in [t, *t.modules()]]
+
+
+def test_dit_pipeline_schedule_none_is_identical_and_removal_leaves_no_forward(dit_pipe):
+    plain = run_dit(dit_pipe)
+    before = _forwards_on_instances(dit_pipe)
+    ctl = apply_dqar(dit_pipe, DQARConfig(schedule="none", record_entropy=True))
+    try:
+        out = run_dit(dit_pipe)
+        s = ctl.summary()
+    finally:
+        remove_dqar(dit_pipe)
+    assert np.array_equal(out, plain) and s["reuse_events"] == 0
+    assert s["entropy_per_step"][0] is not None            # hooked and measuring, yet no reuse
+    assert _forwards_on_instances(dit_pipe) == before and not any(before)
+
+
+def test_dit_pipeline_kv_mode_differs_from_output_mode(dit_pipe):
+    outs = {}
+    for mode in ("output", "kv"):
+        ctl = apply_dqar(dit_pipe, DQARConfig(warmup=0.25, layer_fraction=1.0, mode=mode))
+        try:
+            outs[mode] = run_dit(dit_pipe)
+            assert ctl.summary()["reuse_events"] > 0
+        finally:
+            remove_dqar(dit_pipe)
+    assert not np.array_equal(outs["output"], outs["kv"])
+
+
+def test_a_forward_set_before_dqar_survives_removal(dit_pipe):
+    # accelerate's offload hooks, for one, live in the instance's own forward attribute.
+    attn = dit_pipe.transformer.transformer_blocks[0].attn1
+    calls = []
+    own = lambda *a, **k: (calls.append(1), type(attn).forward(attn, *a, **k))[1]  # noqa: E731
+    attn.forward = own
+    try:
+        apply_dqar(dit_pipe, DQARConfig(warmup=0.25, layer_fraction=1.0))
+        remove_dqar(dit_pipe)
+        assert attn.__dict__["forward"] is own
+        run_dit(dit_pipe)
+        assert calls
+    finally:
+        del attn.forward
+
+
+def test_a_scheduler_swapped_after_apply_is_followed(dit_pipe):
+    from diffusers import DDIMScheduler
+
+    original = dit_pipe.scheduler
+    ctl = apply_dqar(dit_pipe, DQARConfig(warmup=0.25, layer_fraction=1.0))
+    try:
+        dit_pipe.scheduler = DDIMScheduler.from_config(original.config)
+        run_dit(dit_pipe)
+        assert len(ctl.summary()["events_per_step"]) == 8 and ctl.summary()["reuse_events"] > 0
+    finally:
+        remove_dqar(dit_pipe)
+        dit_pipe.scheduler = original
+
+
+def test_a_bare_transformer_needs_its_scheduler(dit_pipe):
+    with pytest.raises(ValueError, match="scheduler="):
+        apply_dqar(dit_pipe.transformer, DQARConfig())
+    ctl = apply_dqar(dit_pipe.transformer, DQARConfig(warmup=0.25, layer_fraction=1.0),
+                     scheduler=dit_pipe.scheduler)
+    try:
+        run_dit(dit_pipe)        # the pipeline calls the hooked transformer as usual
+        assert ctl.summary()["reuse_events"] > 0
+    finally:
+        remove_dqar(dit_pipe.transformer)
+
+
+def test_pixart_cfg_sharing_works_in_uncond_cond_order(pixart_pipe):
+    plain = run_pixart(pixart_pipe)
+    ctl = apply_dqar(pixart_pipe, DQARConfig(warmup=0.2, layer_fraction=0.01, cfg_sharing=True,
+                                             cfg_sharing_eps=10.0))
+    try:
+        shared = run_pixart(pixart_pipe)
+        s = ctl.summary()
+    finally:
+        remove_dqar(pixart_pipe)
+    assert s["share_events"] > 0 and s["reuse_events"] == s["share_events"]
+    assert not np.array_equal(shared, plain)
+
+
+def test_the_prompt_length_moves_the_gate_threshold(pixart_pipe):
+    # tau(p_len) = tau0 * sqrt(p_len / 64). With tau0 just above the largest entropy measured, a 64-token
+    # prompt passes the gate everywhere while the real prompt (a few tokens) is held to about a third.
+    from dqar import hub
+
+    ctl = apply_dqar(pixart_pipe, DQARConfig(schedule="none", record_entropy=True))
+    try:
+        run_pixart(pixart_pipe)
+        entropies = [e for e in ctl.summary()["entropy_per_step"] if e is not None]
+        seen_length = ctl.prompt_length
+    finally:
+        remove_dqar(pixart_pipe)
+    assert seen_length == hub.prompt_lengths(pixart_pipe, ["a photo of a cat"], 16)[0] > 1
+    cfg = DQARConfig(schedule="gate", warmup=0.0, tau0=1.05 * max(entropies), snr_range=(0.0, 1e12))
+    events = {}
+    for forced in (None, 64):
+        ctl = apply_dqar(pixart_pipe, cfg)
+        if forced is not None:
+            ctl.set_prompt_length = lambda n, _ctl=ctl: type(_ctl).set_prompt_length(_ctl, forced)
+        try:
+            run_pixart(pixart_pipe)
+            events[forced] = (ctl.prompt_length, ctl.summary()["reuse_events"])
+        finally:
+            remove_dqar(pixart_pipe)
+    assert events[None][0] == seen_length and events[64][0] == 64
+    assert events[64][1] > events[None][1]

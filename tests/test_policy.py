@@ -244,5 +244,62 @@ def test_shipped_policy_fires_on_the_embedded_model_deterministically():
     (a, sa), (b, sb) = runs
     assert sa["reuse_events"] > 0
     assert torch.equal(a, b)
+    assert not torch.equal(a, sample(model, [3, 7], [0, 1], steps=20, cfg_scale=1.5))   # the reuse changed pixels
     assert sa["events_per_step"] == sb["events_per_step"] and sa["events_per_layer"] == sb["events_per_layer"]
     assert sum(sa["events_per_step"][:8]) == 0                                # warmup 0.4 of 20 steps: steps 0-7
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+@pytest.fixture(scope="module")
+def trained_policy_dir(tmp_path_factory):
+    """`dqar train-policy` end to end on DiT-Tiny: traces, calibration, training, the policy files."""
+    from dqar.cli import main
+
+    out = tmp_path_factory.mktemp("policy")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["train-policy", "--model", "DiT-Tiny", "--out", str(out), "--n-seeds", "4", "--steps", "6",
+                   "--calib-positions", "4", "--calib-seeds", "2", "--epochs", "30", "--cfg-scale", "1.5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return out
+
+
+def test_train_policy_writes_traces_calibration_and_a_loadable_policy(trained_policy_dir):
+    out = trained_policy_dir
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    # 4 seeds x steps 2..5 x 4 layers x 2 branches: step 0 has no cached output to compare with, and
+    # step 1's rows are dropped because their cached step (0) has no row to take the entropy from.
+    assert len(traces) == 4 * 4 * 4 * 2
+    assert {"rel_change", *POLICY_FEATURE_NAMES} <= set(traces[0])
+    assert (out / "calibration.jsonl").read_text().strip()
+    card = json.loads((out / "policy_digits.json").read_text())
+    assert card["feature_names"] == list(POLICY_FEATURE_NAMES)
+    assert set(card["validation"]) >= {"accuracy", "auc"}
+    load_policy(out / "policy_digits.safetensors")
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_schedule_policy_from_the_command_line_uses_the_given_file(trained_policy_dir, tmp_path, capsys, command):
+    from dqar.cli import main
+
+    policy = str(trained_policy_dir / "policy_digits.safetensors")
+    # Threshold 0: every layer with a measured entropy reuses after warmup, whatever the MLP says.
+    common = ["--model", "DiT-Tiny", "--steps", "6", "--schedule", "policy", "--policy", policy,
+              "--policy-threshold", "0", "--warmup", "0.2"]
+    if command == "generate":
+        rc = main(["generate", *common, "--classes", "1,2", "--out", str(tmp_path / "g"), "--json"])
+        result = json.loads(capsys.readouterr().out)
+        assert rc == 0 and result["config"]["policy_path"] == policy
+        events = result["dqar"]["reuse_events"]
+    else:
+        out = tmp_path / "b.json"
+        rc = main(["bench", *common, "--n", "2", "--repeats", "1", "--warmup-runs", "0", "--json", str(out)])
+        result = json.loads(out.read_text())
+        assert rc == 0 and result["config"]["policy_path"] == policy
+        events = result["dqar"]["reuse_events"]
+    # Steps 1..5 (progress i/5 >= 0.2) reuse all 4 layers in both branches.
+    assert events == 5 * 4 * 2

@@ -317,3 +317,21 @@ def test_generate_rejects_unsupported_cache_bits(tmp_path, capsys):
 def test_bad_quantization_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"DQARConfig\.{field}="):
         DQARConfig(**{field: value})
+
+
+def test_csb_topk_beyond_the_cached_channels_fails_at_apply_time(model):
+    with pytest.raises(ValueError, match="csb_topk=33 .* 32 channels"):
+        apply_dqar(model, DQARConfig(cache_bits=8, csb_topk=33))
+    with pytest.raises(ValueError, match=f"csb_topk=17 .*head dim of K/V is {HEAD_DIM}"):
+        apply_dqar(model, DQARConfig(mode="kv", cache_bits=8, csb_topk=HEAD_DIM + 1))
+    assert not hasattr(model, "_dqar_controller")       # nothing was left half-attached
+
+
+def test_csb_applies_to_the_kv_cache(model):
+    _, _, plain = run(model, mode="kv", cache_bits=4, quant_granularity="tensor")
+    _, _, csb = run(model, mode="kv", cache_bits=4, quant_granularity="tensor", csb_topk=2)
+    entry_plain, entry_csb = plain[(0, "cond", "attn")], csb[(0, "cond", "attn")]
+    shape = tuple(entry_csb.keys.shape)
+    assert entry_csb.keys.nbytes == quantized_bytes(shape, 4, "tensor", salient=2)
+    assert entry_csb.values.nbytes == quantized_bytes(shape, 4, "tensor", salient=2)
+    assert entry_plain.keys.nbytes == quantized_bytes(shape, 4, "tensor")

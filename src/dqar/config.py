@@ -173,7 +173,7 @@ class DQARConfig:
 
     @property
     def needs_entropy(self) -> bool:
-        return self.record_entropy or self.trace or self.schedule in ("gate", "policy")
+        return self.record_entropy or self.trace or self.cfg_sharing or self.schedule in ("gate", "policy")
 
     @property
     def resolved_kv_bits(self) -> tuple[int, int]:

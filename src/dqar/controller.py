@@ -173,9 +173,11 @@ class DQARController:
             entry.output = encode(output, cfg.cache_bits, cfg.quant_granularity,
                                   self._salient_channels(layer_id, target, output, cfg.cache_bits))
         if keys is not None:
+            # CSB applies to K and V too: their channels are the head dimension.
             kb, vb = cfg.resolved_kv_bits
-            entry.keys = encode(keys, kb, cfg.quant_granularity)
-            entry.values = encode(values, vb, cfg.quant_granularity)
+            entry.keys = encode(keys, kb, cfg.quant_granularity, self._salient_channels(layer_id, "keys", keys, kb))
+            entry.values = encode(values, vb, cfg.quant_granularity,
+                                  self._salient_channels(layer_id, "values", values, vb))
         self.cache.put(entry)
         return entry
 

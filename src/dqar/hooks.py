@@ -46,6 +46,11 @@ class DiTAttentionOps:
     def kv_weight_numel(m):
         return m.qkv.weight.numel() * 2 // 3
 
+    @staticmethod
+    def cache_channels(m, mode):
+        """Channels (last dim) of what the cache stores: the output width, or the head dim for K/V."""
+        return m.head_dim if mode == "kv" else m.proj.out_features
+
 
 class DiffusersAttentionOps:
     """diffusers' Attention (to_q / to_k / to_v / to_out) for self-attention without a mask."""
@@ -79,6 +84,10 @@ class DiffusersAttentionOps:
     @staticmethod
     def kv_weight_numel(m):
         return m.to_k.weight.numel() + m.to_v.weight.numel()
+
+    @staticmethod
+    def cache_channels(m, mode):
+        return m.to_k.out_features // m.heads if mode == "kv" else m.to_out[0].out_features
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -375,6 +384,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
             f"apply_dqar on a bare {type(model).__name__} needs the scheduler that drives it: pass the "
             "pipeline (apply_dqar(pipe, config)) or apply_dqar(transformer, config, scheduler=pipe.scheduler)")
     blocks = list(getattr(model, layout.blocks_attr))
+    _check_csb_topk(config, layout, blocks)
     ctl = DQARController(config, num_layers=len(blocks))
     wrapped = []
     for layer, block in enumerate(blocks):
@@ -394,6 +404,19 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
 _MISSING = object()
 
 
+def _check_csb_topk(config: DQARConfig, layout: BlockLayout, blocks) -> None:
+    """A salient-channel count larger than the cached tensors' channels fails here, not mid-generation."""
+    topk = config.csb_topk
+    if not blocks or config.cache_bits == 16 and config.kv_bits is None or not topk or topk < 1:
+        return
+    attn = getattr(blocks[0], layout.target_attrs["attn"])
+    channels = layout.ops.cache_channels(attn, config.mode)
+    if topk > channels:
+        what = "the head dim of K/V" if config.mode == "kv" else "the attention/MLP output width"
+        raise ValueError(f"DQARConfig.csb_topk={topk!r} is not allowed for this model: {what} is {channels} "
+                         f"channels, so a count must be in 1..{channels} (or a fraction < 1)")
+
+
 def _replace_forward(module: nn.Module, hook) -> tuple[nn.Module, object]:
     """Install `hook` as the instance's forward; returns what to put back on removal."""
     previous = module.__dict__.get("forward", _MISSING)
@@ -409,14 +432,21 @@ def _restore_attr(obj, name: str, previous) -> None:
 
 
 def _watch_pixart_cfg(pipe, root: _RootHook):
-    """PixArt batches [uncond | cond] when guidance is on; its encode_prompt call tells us which."""
+    """PixArt batches [uncond | cond] when guidance is on; its encode_prompt call tells us which, and how
+    many tokens the prompt has."""
     original = pipe.encode_prompt
     previous = pipe.__dict__.get("encode_prompt", _MISSING)
 
     def encode_prompt(*args, **kwargs):
         cfg = kwargs.get("do_classifier_free_guidance", args[1] if len(args) > 1 else True)
         root.pipeline_branches = ("uncond", "cond") if cfg else ("cond",)
-        return original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        # The prompt's token count (padding excluded, EOS included) feeds tau(p_len) and the policy; the
+        # batch shares one threshold, so the longest prompt of the batch decides.
+        mask = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
+            root.ctl.set_prompt_length(max(1, int(mask.sum(dim=1).max())))
+        return result
 
     pipe.encode_prompt = encode_prompt
     return lambda: _restore_attr(pipe, "encode_prompt", previous)

@@ -6,6 +6,7 @@ controller among them) are told when each step begins and, with the x0 predictio
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -46,13 +47,14 @@ class StepObserver(Protocol):
     def on_step_end(self, info: StepInfo) -> None: ...
 
 
-def validate_sampling_args(sampler: str, steps: int, cfg_scale: float) -> None:
+def validate_sampling_args(sampler: str, steps: int, cfg_scale: float, train_timesteps: int = 1000) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not known; allowed: {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} is not allowed: must be an integer >= 1")
-    if not cfg_scale >= 0:
-        raise ValueError(f"cfg_scale={cfg_scale!r} is not allowed: must be >= 0")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_timesteps:
+        raise ValueError(f"steps={steps!r} is not allowed: must be an integer in [1, {train_timesteps}] "
+                         "(the schedule's training timesteps)")
+    if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
+        raise ValueError(f"cfg_scale={cfg_scale!r} is not allowed: must be a finite number >= 0")
 
 
 def make_scheduler(sampler: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from .common import EMBEDDED, add_model_options
+from .common import add_features_option, add_model_options
 
 _DQAR_OPTIONS = "dqar.cli.dqar_options"
 BASELINE_CHOICES = ("none", "ptq-int8", "pab")   # mirrors dqar.eval.baselines.BASELINES without importing torch
@@ -29,6 +29,7 @@ def _dqar_options():
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
+    add_features_option(parser)
     parser.add_argument("--classes", default=None,
                         help="comma list of class labels cycled over the images (default: every class in turn)")
     parser.add_argument("--n", type=int, default=100, help="images per generation, one batch (default 100)")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from dqar.eval.baselines import BaselineUnavailable, make_baseline
     from dqar.eval.bench import format_table, run_bench
 
-    from .common import parse_classes, resolve_model, setup_torch
+    from .common import parse_classes, quality_tools, resolve_model, setup_torch
 
     device = setup_torch(args)
     model, description = resolve_model(args.model, seed=args.seed)
@@ -91,18 +92,12 @@ def run(args: argparse.Namespace) -> int:
     except BaselineUnavailable as exc:
         raise UsageError(str(exc)) from None
 
-    evaluator = real_stats = None
-    if args.model == EMBEDDED:
-        from dqar.embedded import load_evaluator
-        from dqar.eval.metrics import EvaluatorFeatures, real_data_stats
-
-        evaluator = load_evaluator().to(device).eval()
-        real_stats = real_data_stats(EvaluatorFeatures(evaluator), "test")
+    evaluator, extractor, real_stats = quality_tools(args.model, args.features, device)
 
     record = run_bench(model, config, labels=labels, seeds=seeds, steps=args.steps, sampler=args.sampler,
                        cfg_scale=args.cfg_scale, repeats=args.repeats, warmup_runs=args.warmup_runs,
-                       evaluator=evaluator, real_features=real_stats, baseline_model=baseline_model,
-                       device=device)
+                       evaluator=evaluator, extractor=extractor, real_features=real_stats,
+                       baseline_model=baseline_model, device=device)
 
     title = (f"dqar bench: {description}, {args.n} images x {args.steps} {args.sampler} steps, "
              f"cfg {args.cfg_scale}, baseline {args.baseline}, {args.repeats} repeats on {device}")

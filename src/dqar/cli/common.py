@@ -79,3 +79,42 @@ def parse_classes(text: str | None, num_classes: int, n: int) -> list[int]:
         if not 0 <= label < num_classes:
             raise UsageError(f"class label {label} is outside [0, {num_classes}) for this model")
     return labels
+
+
+FEATURE_CHOICES = ("evaluator", "inception")
+
+
+def add_features_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features", default="evaluator", choices=FEATURE_CHOICES,
+                        help="FID feature space: evaluator (the embedded digits CNN, offline; default) or inception "
+                             "(Inception-v3 through torchmetrics/torch-fidelity, needs its weights cached)")
+
+
+def quality_tools(model_spec: str, features: str, device, evaluator_path: str | None = None):
+    """(evaluator, extractor, real-data stats) for the quality block; Nones where not measurable.
+
+    The evaluator (accuracy, and FID features by default) exists for the embedded model or a given
+    --evaluator file; Inception features work for any model, with real-data stats only for the digits.
+    """
+    evaluator = extractor = real_stats = None
+    digits = model_spec == EMBEDDED or evaluator_path is not None
+    if digits:
+        from dqar.embedded import load_evaluator
+
+        evaluator = load_evaluator(evaluator_path).to(device).eval()
+    if features == "inception":
+        from dqar.eval.metrics import InceptionFeatures
+
+        try:
+            extractor = InceptionFeatures(device)
+        except RuntimeError as exc:
+            raise UsageError(f"--features inception: {exc}") from None
+    elif evaluator is not None:
+        from dqar.eval.metrics import EvaluatorFeatures
+
+        extractor = EvaluatorFeatures(evaluator)
+    if digits and extractor is not None:
+        from dqar.eval.metrics import real_data_stats
+
+        real_stats = real_data_stats(extractor, "test")
+    return evaluator, extractor, real_stats

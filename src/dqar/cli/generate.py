@@ -116,7 +116,6 @@ def default_cfg_scale(model_spec: str) -> float:
 
 def write_images(images, labels, seeds, out: Path):
     """Per-image PNGs named by index, class and seed, and a grid with one row per class."""
-    import numpy as np
     from PIL import Image
 
     from dqar.sampling import to_uint8

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, per_item=per_item, labels=tuple(labels),
                         prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                         dtype=args.dtype if kind != "dit" else "float32",
-                        dqar=dqar_cfg.to_dict() if dqar_cfg is not None else None)
+                        dqar=_dqar_identity(dqar_cfg))
         out_dir = Path(args.out) if args.out else Path(args.sample_dir) / folder_name(job)
 
         if dqar_cfg is not None:
@@ -187,3 +187,19 @@ if __name__ == "__main__":
     from . import main
 
     sys.exit(main(["sample", *sys.argv[1:]]))
+
+
+def _dqar_identity(config) -> dict | None:
+    """The config as the run's identity; a policy run also names its file's bytes, so a resumed run never
+    mixes images made under an old and a new policy (the shipped one changes with retraining)."""
+    if config is None:
+        return None
+    out = config.to_dict()
+    if config.schedule == "policy":
+        import hashlib
+
+        from dqar.policy import shipped_policy_path
+
+        path = Path(config.policy_path) if config.policy_path else shipped_policy_path()
+        out["policy_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    return out

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from .common import EMBEDDED, add_model_options
+from .common import add_features_option, add_model_options
 from .dqar_options import OPTIONS, add_dqar_options, config_overrides
 
 # Mirrors dqar.eval.sweep.BASELINES without importing torch at module top.
@@ -33,6 +33,7 @@ _COMPOUND = {"snr_range", "targets", "kv_bits", "depth_phases"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
+    add_features_option(parser)
     parser.add_argument("--grid", nargs="+", action="append", default=None, metavar="NAME=V1,V2",
                         help="one Cartesian product of config values, e.g. --grid warmup=0.2,0.4 layers=0.33,1.0; "
                              "repeat --grid for more products")
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dqar.eval.sweep import SweepSettings, run_sweep, weights_digest
 
-    from .common import parse_classes, resolve_model, setup_torch
+    from .common import parse_classes, quality_tools, resolve_model, setup_torch
 
     device = setup_torch(args)
     model, description = resolve_model(args.model, seed=args.seed)
@@ -195,19 +196,13 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, model.config.num_classes, args.n)
     settings = SweepSettings(model=args.model, n=args.n, classes=tuple(classes), steps=args.steps,
                              sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                             weights_sha256=weights_digest(model))
-    evaluator = real_stats = None
-    if args.model == EMBEDDED or args.evaluator is not None:
-        from dqar.embedded import load_evaluator
-        from dqar.eval.metrics import EvaluatorFeatures, real_data_stats
-
-        evaluator = load_evaluator(args.evaluator).to(device).eval()
-        real_stats = real_data_stats(EvaluatorFeatures(evaluator), "test")
+                             weights_sha256=weights_digest(model), features=args.features)
+    evaluator, extractor, real_stats = quality_tools(args.model, args.features, device, args.evaluator)
 
     print(f"dqar sweep: {len(points)} points on {description}, {args.n} images x {args.steps} {args.sampler} "
           f"steps, cfg {args.cfg_scale}, {args.repeats} timed run(s) each -> {args.out}", file=sys.stderr)
     result = run_sweep(model, points, settings, args.out, repeats=args.repeats, warmup_runs=args.warmup_runs,
-                       device=device, evaluator=evaluator, real_features=real_stats,
+                       device=device, evaluator=evaluator, extractor=extractor, real_features=real_stats,
                        save_samples=args.save_samples, max_points=args.max_points,
                        progress=not args.no_progress,
                        log=lambda msg: print(f"dqar sweep: {msg}", file=sys.stderr))

@@ -100,11 +100,17 @@ class SweepSettings:
     # Digest of the weights: "embedded" names whatever is shipped now, and a retrained model must not
     # resume from rows (or a cached reference run) measured on the old one.
     weights_sha256: str | None = None
+    # FID feature space; part of the key so rows scored in different spaces never mix on resume.
+    features: str = "evaluator"
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "n": self.n, "classes": list(self.classes), "steps": self.steps,
-                "sampler": self.sampler, "cfg_scale": self.cfg_scale, "seed": self.seed,
-                "weights_sha256": self.weights_sha256}
+        out = {"model": self.model, "n": self.n, "classes": list(self.classes), "steps": self.steps,
+               "sampler": self.sampler, "cfg_scale": self.cfg_scale, "seed": self.seed,
+               "weights_sha256": self.weights_sha256}
+        if self.features != "evaluator":
+            # Only when not the default, so results files written before this field existed still resume.
+            out["features"] = self.features
+        return out
 
     @property
     def labels(self) -> list[int]:
@@ -261,7 +267,8 @@ def load_samples(results_path: str | Path, row: dict) -> tuple[np.ndarray, np.nd
 
 def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: SweepSettings, out: str | Path, *,
               repeats: int = 1, warmup_runs: int = 0, device: torch.device | str = "cpu", evaluator=None,
-              real_features=None, save_samples: int = SAVED_SAMPLES, max_points: int | None = None,
+              extractor=None, real_features=None, save_samples: int = SAVED_SAMPLES,
+              max_points: int | None = None,
               progress: bool = False, on_row: Callable[[dict], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Measure every point not already in `out`; returns {"computed": n, "skipped": n, "rows": [...]}."""
@@ -296,7 +303,8 @@ def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: Sw
                       device=device)
 
     ref = _reference(model, settings, folder, generate, repeats, warmup_runs, device, log)
-    extractor = EvaluatorFeatures(evaluator) if evaluator is not None else None
+    if extractor is None and evaluator is not None:
+        extractor = EvaluatorFeatures(evaluator)
     if extractor is not None and settings.n >= 2:
         ref.features = feature_stats(extractor(ref.images), "reference features")
 
