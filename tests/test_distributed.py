@@ -126,10 +126,21 @@ def test_torchrun_two_processes_write_the_same_images_and_merge_stats(tmp_path, 
     one, two = tmp_path / "one", tmp_path / "two"
     rc, stdout, _ = run_cli([*DQAR_ARGS, "--out", str(one)], capsys)
     assert rc == 0 and "6 written, 0 already present" in stdout
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dqar.sample", *DQAR_ARGS, "--out", str(two)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    # Loopback for gloo: in a sandbox, resolving the host name to another interface can abort a rank.
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    def torchrun(out):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "dqar.sample", *DQAR_ARGS, "--out", str(out)]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    proc = torchrun(two)
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
+        # Seen once in about ten runs on the 2-core VM: a rank died of SIGABRT in the launcher's report,
+        # and the same command passed on every rerun. One rerun into a fresh folder; a second failure
+        # fails the test with both reports.
+        first, two = proc.stderr[-2000:], tmp_path / "two-rerun"
+        proc = torchrun(two)
+        assert proc.returncode == 0, first + "\n--- rerun ---\n" + proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 batches to do on 2 process(es)" in proc.stderr
     assert "6 written, 0 already present" in proc.stdout
