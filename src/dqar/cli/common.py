@@ -50,10 +50,13 @@ def resolve_model(spec: str, seed: int = 0, quiet: bool = False):
                   "its images and quality numbers mean nothing", file=sys.stderr)
         return build_dit(spec).randomize_(seed).eval(), f"{spec} (random weights)"
     path = Path(spec)
+    if (path / "model_index.json").is_file():
+        raise UsageError(f"--model={spec!r} is a diffusers pipeline folder; pipelines run through "
+                         "`dqar sample --model ...`")
     if path.suffix == ".safetensors" or path.exists():
         return load_dit(path), str(path)
     hint = ""
-    if "/" in spec or (path / "model_index.json").exists():
+    if "/" in spec:
         hint = ("; diffusers pipelines (a hub id such as facebook/DiT-XL-2-256, or a local pipeline folder) "
                 "run through `dqar sample --model ...`")
     raise UsageError(

@@ -69,6 +69,12 @@ def pareto_plot(points: Sequence[dict], front: Sequence[str], path: str | Path, 
     if fr:
         ax.plot([p["speedup"] for p in fr], [p["quality"] for p in fr], "k--", lw=1, label="Pareto front")
     ax.axvline(1.0, color="grey", lw=0.5)
+    qs = [p["quality"] for p in points if p["quality"] is not None and np.isfinite(p["quality"])]
+    if qs and max(qs) > 100 * max(min(q for q in qs if q >= 0), 0.1):
+        # FIDs from 0.01 to 300 on one plot: linear would flatten every good point onto zero.
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(bottom=0, top=max(qs) * 2)
+        ylabel += ", symlog scale"
     ax.set_xlabel("measured speedup over the uncached model (x)")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)

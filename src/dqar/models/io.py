@@ -30,6 +30,8 @@ def save_dit(model: DiT, path: str | Path, extra_metadata: dict[str, str] | None
 def read_safetensors(path: str | Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, or a WeightsError that names the file."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{what} file {str(path)!r} is a folder, not a .safetensors file")
     if not path.is_file():
         raise WeightsError(f"{what} file {str(path)!r} does not exist")
     try:
@@ -76,7 +78,9 @@ def load_dit(path: str | Path, preset: str | None = None) -> DiT:
             raise WeightsError(f"DiT weights file {str(path)!r} has an invalid shape config: {exc}") from None
     else:
         raise WeightsError(
-            f"DiT weights file {str(path)!r} carries no '{CONFIG_KEY}' metadata; pass the preset it was saved from"
+            f"DiT weights file {str(path)!r} carries no '{CONFIG_KEY}' metadata, so its shape "
+            "is unknown: re-save it with dqar.models.save_dit (which records the shape), or load it in Python with "
+            "load_dit(path, preset=...)"
         )
     model = DiT(config)
     check_state_dict(model, tensors, f"DiT weights file {str(path)!r}")
