@@ -4,7 +4,7 @@
 #   benchmarks/standard_report.sh            # -> runs/standard/{results.jsonl, report/report.md, wall_time.log}
 #   OUT=runs/x N=40 benchmarks/standard_report.sh    # smaller run (N images per point)
 #
-# 19 sampling runs of N=200 images (20 per digit), 50 DDIM steps, CFG 1.5 (DiT's FID setting), plus the
+# 18 sampling runs of N=200 images (20 per digit), 50 DDIM steps, CFG 1.5 (DiT's FID setting), plus the
 # shared reference ("none", uncached; "static" is the warmup 0.4 / layers 0.33 grid cell):
 #   - seed 000's grid: warmup {0.2, 0.3, 0.4} x layer fraction {0.33, 0.66, 1.0}, shallow-first (9)
 #   - deep-first order at warmup 0.2 (where reuse is largest) for layer fractions 0.33 and 1.0 (2)

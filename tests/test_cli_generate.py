@@ -120,7 +120,7 @@ def test_a_missing_or_corrupt_model_card_is_an_error_naming_it(capsys, tmp_path,
 def test_trace_writes_named_feature_rows(capsys, tmp_path):
     out = tmp_path / "o"
     code, stdout, _ = run_cli(capsys, "--model", "DiT-Tiny", "--steps", "3", "--classes", "1", "--out", str(out),
-                              "--json", "--trace", "true", "--warmup", "1.0")
+                              "--json", "--trace", "true", "--schedule", "none")
     result = json.loads(stdout)
     rows = [json.loads(line) for line in Path(result["traces"]).read_text().splitlines()]
     # Steps 1 and 2 have a cached output to compare with: 2 steps x 4 layers x 2 branches.

@@ -152,11 +152,15 @@ def test_a_scheduler_swapped_after_apply_is_followed(dit_pipe):
     from diffusers import DDIMScheduler
 
     original = dit_pipe.scheduler
+    original.set_timesteps(4)          # the stale scheduler now knows 4 of the 8 timesteps the new one makes
     ctl = apply_dqar(dit_pipe, DQARConfig(warmup=0.25, layer_fraction=1.0))
     try:
         dit_pipe.scheduler = DDIMScheduler.from_config(original.config)
         run_dit(dit_pipe)
-        assert len(ctl.summary()["events_per_step"]) == 8 and ctl.summary()["reuse_events"] > 0
+        s = ctl.summary()
+        assert ctl.step.total_steps == 8 and len(s["events_per_step"]) == 8
+        # steps 0..7, p = i/7: floor((p - 0.25)/0.75 * 2) layers x 2 branches, as with the original scheduler
+        assert s["events_per_step"] == [0, 0, 0, 0, 0, 2, 2, 4]
     finally:
         remove_dqar(dit_pipe)
         dit_pipe.scheduler = original
@@ -176,15 +180,30 @@ def test_a_bare_transformer_needs_its_scheduler(dit_pipe):
 
 def test_pixart_cfg_sharing_works_in_uncond_cond_order(pixart_pipe):
     plain = run_pixart(pixart_pipe)
+    attn = pixart_pipe.transformer.transformer_blocks[0].attn1
     ctl = apply_dqar(pixart_pipe, DQARConfig(warmup=0.2, layer_fraction=0.01, cfg_sharing=True,
                                              cfg_sharing_eps=10.0))
+    calls = []                     # (full input, what was computed on, output) per call of block 0's attention
+    hook = attn.forward
+    inner = hook._compute
+    hook._compute = lambda *a, **k: (calls[-1].append(a[0]), inner(*a, **k))[1]
+    pre = attn.register_forward_pre_hook(lambda m, args: calls.append([args[0]]))
+    post = attn.register_forward_hook(lambda m, args, out: calls[-1].append(out))
     try:
         shared = run_pixart(pixart_pipe)
         s = ctl.summary()
     finally:
+        pre.remove()
+        post.remove()
         remove_dqar(pixart_pipe)
     assert s["share_events"] > 0 and s["reuse_events"] == s["share_events"]
     assert not np.array_equal(shared, plain)
+    shared_calls = [c for c in calls if c[1].shape[0] * 2 == c[0].shape[0]]
+    assert shared_calls
+    for full, computed, out in shared_calls:
+        n = full.shape[0]
+        assert torch.equal(computed, full[n // 2:])          # PixArt is [uncond | cond]: cond is the second half
+        assert torch.equal(out[: n // 2], out[n // 2:])
 
 
 def test_the_prompt_length_moves_the_gate_threshold(pixart_pipe):

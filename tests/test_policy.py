@@ -303,3 +303,17 @@ def test_schedule_policy_from_the_command_line_uses_the_given_file(trained_polic
         events = result["dqar"]["reuse_events"]
     # Steps 1..5 (progress i/5 >= 0.2) reuse all 4 layers in both branches.
     assert events == 5 * 4 * 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "not-safetensors"])
+def test_a_bad_policy_file_on_the_command_line_exits_2_naming_it(tmp_path, capsys, damage):
+    from dqar.cli import main
+
+    path = tmp_path / "p.safetensors"
+    if damage == "not-safetensors":
+        path.write_bytes(b"not a safetensors file")
+    rc = main(["generate", "--model", "DiT-Tiny", "--steps", "3", "--schedule", "policy", "--policy", str(path),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

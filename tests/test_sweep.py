@@ -168,3 +168,13 @@ def test_rows_carry_the_bench_schema_and_per_step_profile(tmp_path):
     assert rows["static"]["dqar"]["reuse_events"] == 2
     assert rows["static"]["profile"]["events_per_step"] == [0, 0, 2]
     assert rows["kv"]["config"]["mode"] == "kv" and rows["kv"]["dqar"]["reuse_events"] == 2
+
+
+def test_reuse_options_for_the_grid_leave_the_no_reuse_baselines_valid(tmp_path):
+    # --cfg-sharing applies to the grid's points; the uncached reference must stay a plain run.
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, "--cfg-sharing", "true", "--baselines", "none,ptq-int8",
+                 "--grid", "warmup=0.2", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in read_rows(out)}
+    assert rows["none"]["config"]["cfg_sharing"] is False and rows["ptq-int8"]["config"]["cfg_sharing"] is False
+    assert rows["warmup=0.2"]["config"]["cfg_sharing"] is True

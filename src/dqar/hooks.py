@@ -407,8 +407,9 @@ _MISSING = object()
 def _check_csb_topk(config: DQARConfig, layout: BlockLayout, blocks) -> None:
     """A salient-channel count larger than the cached tensors' channels fails here, not mid-generation."""
     topk = config.csb_topk
-    if not blocks or config.cache_bits == 16 and config.kv_bits is None or not topk or topk < 1:
-        return
+    bits = config.resolved_kv_bits if config.mode == "kv" else (config.cache_bits,)
+    if not blocks or all(b == 16 for b in bits) or not topk or topk < 1:
+        return              # nothing is quantized, so no channels are kept aside
     attn = getattr(blocks[0], layout.target_attrs["attn"])
     channels = layout.ops.cache_channels(attn, config.mode)
     if topk > channels:

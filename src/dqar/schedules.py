@@ -74,7 +74,8 @@ class Schedule:
         return frozenset()
 
     def in_warmup(self, step: StepState) -> bool:
-        return step.progress < self.config.warmup
+        # warmup = 1.0 means never reuse, the last step (progress 1.0) included, as in ReusableLayers(p).
+        return step.progress < self.config.warmup or self.config.warmup >= 1.0
 
     def reusable_ever(self, num_layers: int) -> frozenset[int]:
         """Every layer this schedule can ever plan for reuse; the controller caches only these."""

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     model = model.to(device)
     make_scheduler(args.sampler)   # imports diffusers now, so its seconds of import stay out of ms/step
-    ctl = apply_dqar(model, config) if config.schedule != "none" else None
+    # schedule "none" is the plain model, unless statistics were asked for (traces, entropy curves).
+    hooked = config.schedule != "none" or config.trace or config.record_entropy
+    ctl = apply_dqar(model, config) if hooked else None
     try:
         start = time.perf_counter()
         images = sample(model, labels, seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale,

@@ -49,15 +49,17 @@ from .timing import Contender, interleaved_timing
 # pyramid attention broadcast) and runs that without DQAR.
 BASELINES: dict[str, tuple[str | None, dict]] = {
     # The uncached model itself: free, it is the shared reference run.
-    "none": (None, {"schedule": "none", "record_entropy": True}),
+    # (Every schedule-"none" baseline also turns cfg_sharing off: sharing is reuse, and a --cfg-sharing given
+    # for the grid must not make the reference itself invalid.)
+    "none": (None, {"schedule": "none", "record_entropy": True, "cfg_sharing": False}),
     # Seed 000's recommended quality configuration (40% warmup, 33% layers, shallow-first).
     "static": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33}),
     # Seed 002's "PTQ4DiT" row: quantization only, no reuse.
-    "ptq-int8": ("ptq-int8", {"schedule": "none"}),
+    "ptq-int8": ("ptq-int8", {"schedule": "none", "cfg_sharing": False}),
     # FORA (Selvaraju et al. 2024): recompute attention and MLP every N=3 steps from the start, reuse between.
     "interval-attn-mlp": (None, {"schedule": "interval", "interval": 3, "warmup": 0.0, "targets": ("attn", "mlp")}),
     # diffusers' pyramid attention broadcast on the same weights in diffusers' DiT (dqar.eval.baselines).
-    "pab": ("pab", {"schedule": "none"}),
+    "pab": ("pab", {"schedule": "none", "cfg_sharing": False}),
     # Seed 000's failed first attempt: cache K/V, recompute Q, on the same schedule as "static".
     "kv": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33, "mode": "kv"}),
 }
