@@ -183,7 +183,9 @@ class _TargetHook:
             return self._kv(x, n, branches, args, kwargs)
         decisions = [ctl.should_reuse(self.layer, b, self.target) for b in branches]
         if not any(d.use_cache for d in decisions):
-            share = self.is_attn and sorted(branches) == ["cond", "uncond"] and ctl.should_share(self.layer)
+            # Two branches are always cond and uncond (in either order); should_share is False at once
+            # when sharing is off, so the common path pays one attribute test.
+            share = self.is_attn and len(branches) == 2 and ctl.should_share(self.layer)
             if share:
                 # Cond computes on its half; the uncond half takes that fresh output (either batch order).
                 c = branches.index("cond")
@@ -261,7 +263,7 @@ class _RootHook:
 
     def __init__(self, ctl: DQARController, model: nn.Module, layout: BlockLayout, scheduler=None, pipe=None):
         self.ctl, self.model, self.layout = ctl, model, layout
-        self._scheduler, self._pipe = scheduler, pipe
+        self._scheduler, self._pipe = scheduler, pipe     # an explicit scheduler wins over the pipeline's
         self.original = model.forward
         self.profiles: dict = {}
         self.pipeline_branches: tuple | None = None
@@ -309,10 +311,8 @@ class _RootHook:
 
     @property
     def scheduler(self):
-        # Read from the pipeline at call time: swapping pipe.scheduler after apply_dqar must be seen.
-        if self._pipe is not None and getattr(self._pipe, "scheduler", None) is not None:
-            return self._pipe.scheduler
-        return self._scheduler
+        # The pipeline's is read at call time: swapping pipe.scheduler after apply_dqar must be seen.
+        return self._scheduler if self._scheduler is not None else getattr(self._pipe, "scheduler", None)
 
     # diffusers: the pipeline calls the transformer once per step with the timestep as input.
     def _begin_step_from_timestep(self, x, args, kwargs):
@@ -374,11 +374,10 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     if not isinstance(config, DQARConfig):
         raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
     model, pipe_scheduler, pipe = _split_pipeline(model_or_pipeline)
-    scheduler = scheduler if scheduler is not None else pipe_scheduler
     if hasattr(model, CONTROLLER_ATTR):
         raise RuntimeError(f"DQAR is already applied to this {type(model).__name__}; call remove_dqar first")
     layout = find_layout(model)
-    if layout.drives_itself and scheduler is None:
+    if layout.drives_itself and scheduler is None and pipe_scheduler is None:
         # Without one no step would ever begin and the model would run uncached without a word.
         raise ValueError(
             f"apply_dqar on a bare {type(model).__name__} needs the scheduler that drives it: pass the "
@@ -392,7 +391,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
             module = getattr(block, layout.target_attrs[target])
             hook = _TargetHook(ctl, layer, target, module, layout)
             wrapped.append(_replace_forward(module, hook))
-    root = _RootHook(ctl, model, layout, scheduler, pipe if scheduler is pipe_scheduler else None)
+    root = _RootHook(ctl, model, layout, scheduler, pipe)
     wrapped.append(_replace_forward(model, root))
     restore = []
     if pipe is not None and hasattr(pipe, "encode_prompt") and layout.name == "diffusers-pixart":

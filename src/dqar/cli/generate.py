@@ -45,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dqar.hooks import apply_dqar, remove_dqar
-    from dqar.sampling import sample
-
-    from dqar.sampling import make_scheduler
+    from dqar.sampling import make_scheduler, sample
 
     model = model.to(device)
     make_scheduler(args.sampler)   # imports diffusers now, so its seconds of import stay out of ms/step

@@ -183,12 +183,6 @@ def _make_generate(job, model, device, controller):
     return generate
 
 
-if __name__ == "__main__":
-    from . import main
-
-    sys.exit(main(["sample", *sys.argv[1:]]))
-
-
 def _dqar_identity(config) -> dict | None:
     """The config as the run's identity; a policy run also names its file's bytes, so a resumed run never
     mixes images made under an old and a new policy (the shipped one changes with retraining)."""
@@ -203,3 +197,10 @@ def _dqar_identity(config) -> dict | None:
         path = Path(config.policy_path) if config.policy_path else shipped_policy_path()
         out["policy_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
     return out
+
+
+if __name__ == "__main__":
+    from . import main
+
+    sys.exit(main(["sample", *sys.argv[1:]]))
+
