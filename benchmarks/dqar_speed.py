@@ -18,7 +18,7 @@ from datetime import date
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.eval.timing import Contender, interleaved_timing
+from dqar.harness.timing import Contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dqar.data import load_split
-from dqar.embedded import DIT_CARD, DIT_FILE, EVALUATOR_FILE, asset_path, load_embedded_model, load_evaluator
-from dqar.eval.metrics import frechet_distance
+from dqar.digits.data import load_split
+from dqar.digits.embedded import DIT_CARD, DIT_FILE, EVALUATOR_FILE, asset_path, load_embedded_model, load_evaluator
+from dqar.harness.metrics import frechet_distance
 from dqar.sampling import sample
 
 

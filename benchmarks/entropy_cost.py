@@ -22,10 +22,10 @@ from datetime import date
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.eval.timing import interleaved_timing
-from dqar.hooks import DiTAttentionOps
+from dqar.harness.timing import interleaved_timing
+from dqar.method.hooks import DiTAttentionOps
 from dqar.models import build_dit
-from dqar.stats import attention_entropy, sample_query_rows
+from dqar.method.stats import attention_entropy, sample_query_rows
 
 
 def capture_qk(model, x, t, y):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dqar.eval.timing import Contender, interleaved_timing
+from dqar.harness.timing import Contender, interleaved_timing
 from dqar.models import build_dit
 
 

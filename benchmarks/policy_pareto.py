@@ -9,7 +9,7 @@ training, which used 10000+) and is scored against the uncached images of the sa
 evaluator's penultimate features (`EvaluatorFeatures`), PSNR, and the ideal speedup from the controller's FLOP
 accounting (`summary()["ideal_speedup"]`, combined over batches as total FLOPs / computed FLOPs). With
 `--time-rounds > 0` the wall-clock speedup is also measured on `--time-images` images, all configurations and
-the baseline interleaved (dqar.eval.timing.interleaved_timing, median of the rounds).
+the baseline interleaved (dqar.harness.timing.interleaved_timing, median of the rounds).
 A point is "dominated" when some point of the other family is at least as fast (ideal speedup) and at least as
 good (lower FID and higher PSNR), better in one of them.
 """
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from dqar.config import DQARConfig
-from dqar.embedded import load_embedded_model, load_evaluator, model_card
-from dqar.eval.metrics import EvaluatorFeatures, feature_stats, frechet_distance_from_stats, psnr
-from dqar.eval.timing import interleaved_timing
-from dqar.hooks import apply_dqar, remove_dqar
+from dqar.method.config import DQARConfig
+from dqar.digits.embedded import load_embedded_model, load_evaluator, model_card
+from dqar.harness.metrics import EvaluatorFeatures, feature_stats, frechet_distance_from_stats, psnr
+from dqar.harness.timing import interleaved_timing
+from dqar.method.hooks import apply_dqar, remove_dqar
 from dqar.sampling import sample
 
 

@@ -30,9 +30,9 @@ from dataclasses import replace
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.controller import DQARController
+from dqar.method.controller import DQARController
 from dqar.models import build_dit
-from dqar.quant import GRANULARITIES, SalienceCalibrator, store
+from dqar.method.quant import GRANULARITIES, SalienceCalibrator, store
 from dqar.sampling import sample
 
 BRANCHES = ("cond", "uncond")
@@ -43,12 +43,12 @@ MB = 2 ** 20
 def load_digits_model(dry_run: bool):
     """(model, description, cfg_scale, evaluator or None)."""
     try:
-        from dqar.embedded import load_embedded_model, model_card
+        from dqar.digits.embedded import load_embedded_model, model_card
 
         model = load_embedded_model()
         cfg_scale = float(model_card().get("recommended_cfg_scale", 1.5))
         try:
-            from dqar.embedded import load_evaluator
+            from dqar.digits.embedded import load_evaluator
 
             evaluator = load_evaluator()
         except Exception as exc:  # the evaluator is optional: PSNR does not need it
@@ -295,7 +295,7 @@ QUALITY_SCHEDULES = [("static w=0.2 l=1.0", {"warmup": 0.2, "layer_fraction": 1.
 
 
 def part_d(model, cfg_scale, evaluator, args):
-    from dqar.eval.metrics import EvaluatorFeatures, feature_stats, fid_from_features, psnr
+    from dqar.harness.metrics import EvaluatorFeatures, feature_stats, fid_from_features, psnr
 
     labels, seeds = labels_seeds(args.quality_images, seed0=1000)
     run = lambda: sample(model, labels, seeds, steps=args.quality_steps, cfg_scale=cfg_scale)  # noqa: E731

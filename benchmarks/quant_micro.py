@@ -1,4 +1,4 @@
-"""Micro-benchmark of dqar.quant: quantize + dequantize time and error per mode, and cache size.
+"""Micro-benchmark of dqar.method.quant: quantize + dequantize time and error per mode, and cache size.
 
 Shapes are a DiT attention output (batch 2 = CFG cond|uncond, 256 tokens, hidden 1152 for DiT-XL/2,
 768 for DiT-B/2), fp32. Data is synthetic and seeded: Gaussian, and Gaussian with 1% of channels
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dqar.quant import GRANULARITIES, select_salient_channels, store
+from dqar.method.quant import GRANULARITIES, select_salient_channels, store
 
 SHAPES = {"DiT-XL/2": (2, 256, 1152), "DiT-B/2": (2, 256, 768)}
 CSB_TOPK = 0.01

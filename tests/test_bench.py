@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dqar import DQARConfig
-from dqar.eval.bench import SCHEMA, bench
-from dqar.eval.timing import Contender, interleaved_timing
-from dqar.hooks import get_controller
+from dqar.harness.bench import SCHEMA, bench
+from dqar.harness.timing import Contender, interleaved_timing
+from dqar.method.hooks import get_controller
 from dqar.models.dit import build_dit
 from dqar.sampling import sample
 
@@ -160,7 +160,7 @@ def test_bench_rejects_bad_arguments(tiny):
 
 
 def test_ptq_int8_baseline_is_a_quantized_copy(tiny):
-    from dqar.eval.baselines import make_baseline
+    from dqar.harness.baselines import make_baseline
 
     assert make_baseline("none", tiny) is None
     q = make_baseline("ptq-int8", tiny)
@@ -202,17 +202,17 @@ def test_cli_bench_usage_errors(capsys):
 
 def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch):
     # Stand-ins with the embedded model's shapes, so the wiring is tested without the trained assets.
-    import dqar.embedded
+    import dqar.digits.embedded
     from dqar.cli import main
-    from dqar.evaluator import DigitsEvaluator
+    from dqar.digits.evaluator import DigitsEvaluator
 
     def fake_evaluator(path=None):
         torch.manual_seed(0)
         return DigitsEvaluator().eval()
 
-    monkeypatch.setattr(dqar.embedded, "load_embedded_model",
+    monkeypatch.setattr(dqar.digits.embedded, "load_embedded_model",
                         lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
-    monkeypatch.setattr(dqar.embedded, "load_evaluator", fake_evaluator)
+    monkeypatch.setattr(dqar.digits.embedded, "load_evaluator", fake_evaluator)
     out = tmp_path / "bench.json"
     rc = main(["bench", "--n", "4", "--steps", "2", "--cfg-scale", "1", "--repeats", "1", "--warmup-runs", "0",
                "--schedule", "static", "--warmup", "0", "--layers", "1.0", "--json", str(out)])

@@ -105,7 +105,7 @@ def test_a_hub_id_points_to_dqar_sample(capsys, tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_missing_or_corrupt_model_card_is_an_error_naming_it(capsys, tmp_path, monkeypatch, damage):
-    import dqar.embedded as embedded
+    import dqar.digits.embedded as embedded
 
     card = tmp_path / "dit_digits.json"
     if damage == "corrupt":

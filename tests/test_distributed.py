@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dqar.cli import main
-from dqar.distributed import (global_batches, load_png, merge_summaries, png_path, sample_seeds, save_png, shard,
+from dqar.harness.distributed import (global_batches, load_png, merge_summaries, png_path, sample_seeds, save_png, shard,
                               write_npz)
-from dqar.sample import SampleJob, folder_name
+from dqar.harness.sharded_sampling import SampleJob, folder_name
 
 # 6 samples in global batches [0..3], [4, 5]: with 2 ranks, rank 0 takes batch 0 and rank 1 batch 1.
 ARGS = ["--model", "DiT-Tiny", "--num-samples", "6", "--steps", "3", "--batch-size", "4", "--cfg-scale", "1.5",
@@ -130,7 +130,7 @@ def test_torchrun_two_processes_write_the_same_images_and_merge_stats(tmp_path, 
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     def torchrun(out):
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "dqar.sample", *DQAR_ARGS, "--out", str(out)]
+                "-m", "dqar.harness.sharded_sampling", *DQAR_ARGS, "--out", str(out)]
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
 
     proc = torchrun(two)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import dqar
-from dqar import embedded
-from dqar.data import load_split
-from dqar.embedded import (ASSET_FILES, DIT_CARD, DIT_FILE, EVALUATOR_CARD, EVALUATOR_FILE, EmbeddedAssetError,
+from dqar.digits import embedded
+from dqar.digits.data import load_split
+from dqar.digits.embedded import (ASSET_FILES, DIT_CARD, DIT_FILE, EVALUATOR_CARD, EVALUATOR_FILE, EmbeddedAssetError,
                            asset_path, load_embedded_model, load_evaluator, model_card)
 from dqar.models.dit import DIT_PRESETS
 from dqar.models.io import WeightsError
@@ -34,7 +34,7 @@ def evaluator():
 def test_assets_resolve_inside_the_installed_package():
     package_dir = Path(dqar.__file__).resolve().parent
     for name in ASSET_FILES:
-        ref = resources.files("dqar").joinpath("assets", name)
+        ref = resources.files("dqar.digits").joinpath("assets", name)
         assert ref.is_file(), f"{name} is not reachable through importlib.resources"
         path = asset_path(name).resolve()
         assert path.is_relative_to(package_dir), f"{path} is outside the imported package {package_dir}"
@@ -61,8 +61,8 @@ def test_assets_load_from_a_built_and_installed_wheel(tmp_path):
     wheel = next(wheels.glob("dqar-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     probe = (
-        "import dqar, pathlib, sys; from dqar.embedded import load_embedded_model, load_evaluator, model_card;"
-        "from dqar.policy import load_policy;"
+        "import dqar, pathlib, sys; from dqar.digits.embedded import load_embedded_model, load_evaluator, model_card;"
+        "from dqar.method.policy import load_policy;"
         "assert pathlib.Path(dqar.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()), dqar.__file__;"
         "m = load_embedded_model(); load_evaluator(); load_policy(); print(model_card()['preset'])"
     )
@@ -158,7 +158,7 @@ def test_broken_model_card_names_the_file(tmp_path):
 
 
 def test_library_does_not_import_the_harness():
-    code = ("import sys, dqar.embedded; dqar.embedded.load_embedded_model(); dqar.embedded.load_evaluator(); "
+    code = ("import sys, dqar.digits.embedded; dqar.digits.embedded.load_embedded_model(); dqar.digits.embedded.load_evaluator(); "
             "print([m for m in sys.modules if m.split('.')[:2] in (['dqar', 'cli'], ['dqar', 'eval'])])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

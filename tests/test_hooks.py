@@ -5,7 +5,7 @@ import torch
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.models import build_dit
 from dqar.sampling import sample
-from dqar.schedules import Schedule
+from dqar.method.schedules import Schedule
 
 LABELS, SEEDS, STEPS = [1, 7], [3, 4], 10
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.hooks import get_controller
+from dqar.method.hooks import get_controller
 
 hub_fixtures = pytest.importorskip("hub_fixtures")
 
@@ -209,7 +209,7 @@ def test_pixart_cfg_sharing_works_in_uncond_cond_order(pixart_pipe):
 def test_the_prompt_length_moves_the_gate_threshold(pixart_pipe):
     # tau(p_len) = tau0 * sqrt(p_len / 64). With tau0 just above the largest entropy measured, a 64-token
     # prompt passes the gate everywhere while the real prompt (a few tokens) is held to about a third.
-    from dqar import hub
+    from dqar.models import hub
 
     ctl = apply_dqar(pixart_pipe, DQARConfig(schedule="none", record_entropy=True))
     try:

@@ -1,4 +1,4 @@
-"""diffusers models through dqar.hub: tiny DiT and PixArt pipelines saved to disk and loaded like a hub id."""
+"""diffusers models through dqar.models.hub: tiny DiT and PixArt pipelines saved to disk and loaded like a hub id."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dqar import hub
+from dqar.models import hub
 from dqar.cli import main
 from hub_fixtures import build_tiny_dit_pipeline, build_tiny_pixart_pipeline
 
-HAS_HOOKS = importlib.util.find_spec("dqar.hooks") is not None
-needs_core = pytest.mark.skipif(not HAS_HOOKS, reason="the DQAR core (dqar.hooks) has not landed yet")
+HAS_HOOKS = importlib.util.find_spec("dqar.method.hooks") is not None
+needs_core = pytest.mark.skipif(not HAS_HOOKS, reason="the DQAR core (dqar.method.hooks) has not landed yet")
 PROMPTS = ["a photo of a cat", "red dog"]  # 5 + EOS and 2 + EOS tokens
 
 

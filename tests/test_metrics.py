@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dqar.eval import metrics
-from dqar.eval.metrics import (FeatureStats, accuracy, feature_stats, fid_from_features, fid_vs_baseline,
+from dqar.harness import metrics
+from dqar.harness.metrics import (FeatureStats, accuracy, feature_stats, fid_from_features, fid_vs_baseline,
                                frechet_distance, frechet_distance_from_stats, kernel_distance, psnr, ssim)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqar.eval.baselines import PyramidAttentionBroadcastDiT, make_baseline
+from dqar.harness.baselines import PyramidAttentionBroadcastDiT, make_baseline
 from dqar.models.diffusers_port import DiffusersDiT, PortError
 from dqar.models.dit import DiT, DiTConfig, build_dit
 from dqar.sampling import make_scheduler, sample
@@ -48,7 +48,7 @@ def _expected_reuse_events(layers: int) -> int:
 @pytest.fixture(scope="module")
 def digits():
     # Trained weights: a random tiny DiT's attention barely moves its output, the embedded model's does.
-    from dqar.embedded import load_embedded_model
+    from dqar.digits.embedded import load_embedded_model
 
     return load_embedded_model().eval()
 
@@ -88,7 +88,7 @@ def test_pab_rejects_a_bad_skip_range(tiny):
 
 def test_sweep_measures_pab_as_a_named_baseline(tmp_path):
     from dqar.cli import main
-    from dqar.eval.sweep import read_rows
+    from dqar.harness.sweep import read_rows
 
     out = tmp_path / "rows.jsonl"
     args = ["sweep", "--model", "DiT-Tiny", "--n", "2", "--steps", str(STEPS), "--threads", "1", "--no-progress",

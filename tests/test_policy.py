@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dqar.config import DQARConfig
-from dqar.hooks import apply_dqar, remove_dqar
+from dqar.method.config import DQARConfig
+from dqar.method.hooks import apply_dqar, remove_dqar
 from dqar.models.dit import build_dit
-from dqar.policy import (FORMAT, NUM_FEATURES, PolicyFileError, ReusePolicy, load_policy, save_policy,
+from dqar.method.policy import (FORMAT, NUM_FEATURES, PolicyFileError, ReusePolicy, load_policy, save_policy,
                          shipped_policy_path)
-from dqar.policy_training import (Calibration, Delta, feature_matrix, fit_calibration, fit_policy,
+from dqar.harness.policy_training import (Calibration, Delta, feature_matrix, fit_calibration, fit_policy,
                                   generate_with_single_reuse, label_rows, split_by_group, trace_generation)
 from dqar.sampling import make_scheduler, sample
-from dqar.stats import POLICY_FEATURE_NAMES, policy_features
+from dqar.method.stats import POLICY_FEATURE_NAMES, policy_features
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_trace_rows_hold_the_features_the_policy_sees(tiny):
         raw = list(ctl.trace_rows)
     finally:
         remove_dqar(tiny)
-    from dqar.policy_training import policy_rows
+    from dqar.harness.policy_training import policy_rows
 
     rows = policy_rows(raw, seed=11, label=3)
     # Steps 0 (nothing cached) and 1 (no traced predecessor for the entropy) give no rows.
@@ -226,7 +226,7 @@ def test_wrong_feature_count_order_or_format_raise_naming_the_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ in use
 
 def test_shipped_policy_fires_on_the_embedded_model_deterministically():
-    from dqar.embedded import EmbeddedAssetError, load_embedded_model
+    from dqar.digits.embedded import EmbeddedAssetError, load_embedded_model
 
     assert shipped_policy_path().is_file()
     try:

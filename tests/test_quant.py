@@ -1,4 +1,4 @@
-"""Exact and tightly-bounded expectations for dqar.quant (INT8/INT4, granularities, CSB, storage)."""
+"""Exact and tightly-bounded expectations for dqar.method.quant (INT8/INT4, granularities, CSB, storage)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dqar.quant import (
+from dqar.method.quant import (
     GRANULARITIES,
     FullPrecision,
     QTensor,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.cache import Exact
+from dqar.method.cache import Exact
 from dqar.cli import main
 from dqar.models import build_dit
-from dqar.quant import QTensor
+from dqar.method.quant import QTensor
 from dqar.sampling import sample
 
 LABELS, SEEDS, STEPS, CFG = [1, 7], [3, 4], 10, 2.0
@@ -89,7 +89,7 @@ def exact_run(model):
 
 def reference_reuse(model):
     """Unquantized reuse written out by hand: keep each layer's last attention output in a dict and
-    return it on the layers the static schedule reuses. Independent of dqar.cache and the controller."""
+    return it on the layers the static schedule reuses. Independent of dqar.method.cache and the controller."""
     state = {"step": 0, "cache": {}}
 
     class StepTracker:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dqar.cli import main
-from dqar.eval.report import build_report, interpolate, pareto_front, same_except
+from dqar.harness.report import build_report, interpolate, pareto_front, same_except
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 

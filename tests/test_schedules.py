@@ -2,7 +2,7 @@
 import pytest
 
 from dqar import DQARConfig
-from dqar.schedules import (StepState, build_schedule, depth_layer_count, entropy_threshold, layer_order,
+from dqar.method.schedules import (StepState, build_schedule, depth_layer_count, entropy_threshold, layer_order,
                             reusable_layer_count)
 
 # (p, w, l, L) -> floor((p - w) / (1 - w) * l * L), 0 if p < w; computed by hand.

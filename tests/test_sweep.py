@@ -7,7 +7,7 @@ import pytest
 
 from dqar.cli import UsageError, main
 from dqar.cli.sweep import parse_grid_token, parse_grids
-from dqar.eval.sweep import read_rows
+from dqar.harness.sweep import read_rows
 
 TINY = ["--model", "DiT-Tiny", "--n", "4", "--steps", "3", "--threads", "1", "--no-progress", "--save-samples", "4"]
 GRID = ["--baselines", "none,static", "--grid", "warmup=0.2,0.4", "layers=1.0"]
@@ -125,7 +125,7 @@ def test_other_weights_are_not_resumed_from(tmp_path):
     out = tmp_path / "r.jsonl"
     assert main(["sweep", *TINY, "--baselines", "static", "--out", str(out)]) == 0
     # Same preset name, different random weights (--seed also moves the image seeds, so compare keys).
-    from dqar.eval.sweep import weights_digest
+    from dqar.harness.sweep import weights_digest
     from dqar.models.dit import build_dit
 
     a = weights_digest(build_dit("DiT-Tiny").randomize_(0))

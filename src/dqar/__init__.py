@@ -7,11 +7,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DQARConfig": "dqar.config",
-    "DQARController": "dqar.controller",
-    "Decision": "dqar.controller",
-    "apply_dqar": "dqar.hooks",
-    "remove_dqar": "dqar.hooks",
+    "DQARConfig": "dqar.method.config",
+    "DQARController": "dqar.method.controller",
+    "Decision": "dqar.method.controller",
+    "apply_dqar": "dqar.method.hooks",
+    "remove_dqar": "dqar.method.hooks",
     "DiT": "dqar.models.dit",
     "DiTConfig": "dqar.models.dit",
     "build_dit": "dqar.models.dit",

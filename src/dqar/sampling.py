@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .controller import CONTROLLER_ATTR
+from .method.controller import CONTROLLER_ATTR
 
 SAMPLERS = ("ddim", "dpm")
 BRANCHES_CFG = ("cond", "uncond")

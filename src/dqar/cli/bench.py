@@ -17,7 +17,7 @@ from . import UsageError
 from .common import add_features_option, add_model_options
 
 _DQAR_OPTIONS = "dqar.cli.dqar_options"
-BASELINE_CHOICES = ("none", "ptq-int8", "pab")   # mirrors dqar.eval.baselines.BASELINES without importing torch
+BASELINE_CHOICES = ("none", "ptq-int8", "pab")   # mirrors dqar.harness.baselines.BASELINES without importing torch
 
 
 def _dqar_options():
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     config = opts.config_from_args(args)
 
-    from dqar.eval.baselines import BaselineUnavailable, make_baseline
-    from dqar.eval.bench import format_table, run_bench
+    from dqar.harness.baselines import BaselineUnavailable, make_baseline
+    from dqar.harness.bench import format_table, run_bench
 
     from .common import parse_classes, quality_tools, resolve_model, setup_torch
 

@@ -41,7 +41,7 @@ def resolve_model(spec: str, seed: int = 0, quiet: bool = False):
     from dqar.models.io import load_dit
 
     if spec == EMBEDDED:
-        from dqar.embedded import load_embedded_model
+        from dqar.digits.embedded import load_embedded_model
 
         return load_embedded_model(), "embedded digits DiT"
     if spec in DIT_PRESETS:
@@ -102,22 +102,22 @@ def quality_tools(model_spec: str, features: str, device, evaluator_path: str | 
     evaluator = extractor = real_stats = None
     digits = model_spec == EMBEDDED or evaluator_path is not None
     if digits:
-        from dqar.embedded import load_evaluator
+        from dqar.digits.embedded import load_evaluator
 
         evaluator = load_evaluator(evaluator_path).to(device).eval()
     if features == "inception":
-        from dqar.eval.metrics import InceptionFeatures
+        from dqar.harness.metrics import InceptionFeatures
 
         try:
             extractor = InceptionFeatures(device)
         except RuntimeError as exc:
             raise UsageError(f"--features inception: {exc}") from None
     elif evaluator is not None:
-        from dqar.eval.metrics import EvaluatorFeatures
+        from dqar.harness.metrics import EvaluatorFeatures
 
         extractor = EvaluatorFeatures(evaluator)
     if digits and extractor is not None:
-        from dqar.eval.metrics import real_data_stats
+        from dqar.harness.metrics import real_data_stats
 
         real_stats = real_data_stats(extractor, "test")
     return evaluator, extractor, real_stats

@@ -101,7 +101,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def config_from_args(args: argparse.Namespace, **defaults):
     """DQARConfig from the options (unset ones take `defaults`, then the dataclass defaults)."""
-    from dqar.config import DQARConfig
+    from dqar.method.config import DQARConfig
 
     values = dict(defaults)
     values.update(config_overrides(args))

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dqar.hooks import apply_dqar, remove_dqar
+    from dqar.method.hooks import apply_dqar, remove_dqar
     from dqar.sampling import make_scheduler, sample
 
     model = model.to(device)
@@ -97,8 +97,8 @@ def _summary_for_json(ctl) -> dict | None:
 
 def write_traces(rows, out: Path) -> Path:
     """--trace: one JSON line per traced (step, layer, branch) of the whole batch, features named."""
-    from dqar.policy_training import write_jsonl
-    from dqar.stats import POLICY_FEATURE_NAMES
+    from dqar.harness.policy_training import write_jsonl
+    from dqar.method.stats import POLICY_FEATURE_NAMES
 
     named = ({**r, "features": dict(zip(POLICY_FEATURE_NAMES, r["features"]))} for r in rows)
     return write_jsonl(out / "traces.jsonl", named)
@@ -107,7 +107,7 @@ def write_traces(rows, out: Path) -> Path:
 def default_cfg_scale(model_spec: str) -> float:
     """The embedded model card's recommended guidance scale; 1.5 (DiT's FID setting) otherwise."""
     if model_spec == "embedded":
-        from dqar.embedded import model_card
+        from dqar.digits.embedded import model_card
 
         # A missing or corrupt card is an error naming the file (raised by model_card), never a silent 1.5.
         return float(model_card().get("recommended_cfg_scale", 1.5))

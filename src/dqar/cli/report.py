@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out={args.out!r} exists and is not a folder")
-    from dqar.eval.report import build_report
+    from dqar.harness.report import build_report
 
     path = build_report(results, out)
     print(f"dqar report: wrote {path} and {len(list(out.glob('*.png')))} figure(s)")

@@ -1,6 +1,6 @@
 """`dqar sample`: sharded sample generation (torchrun-aware) to PNGs, an ADM-format .npz and reuse stats.
 
-One process without torchrun; under `torchrun --nproc_per_node N -m dqar.sample ...` each rank takes every
+One process without torchrun; under `torchrun --nproc_per_node N -m dqar.harness.sharded_sampling ...` each rank takes every
 N-th global batch of the same sample set (seed = --seed + global index). See docs/MULTI_GPU.md.
 """
 from __future__ import annotations
@@ -86,9 +86,9 @@ def _cfg_scale(args, kind: str) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dqar import hub
-    from dqar.distributed import init_distributed, shutdown
-    from dqar.sample import SampleJob, folder_name, run_job
+    from dqar.models import hub
+    from dqar.harness.distributed import init_distributed, shutdown
+    from dqar.harness.sharded_sampling import SampleJob, folder_name, run_job
 
     from .common import parse_classes, resolve_model, setup_torch
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else Path(args.sample_dir) / folder_name(job)
 
         if dqar_cfg is not None:
-            from dqar.hooks import apply_dqar
+            from dqar.method.hooks import apply_dqar
 
             controller = apply_dqar(model, dqar_cfg)
         generate = _make_generate(job, model, device, controller)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         if controller is not None:
-            from dqar.hooks import remove_dqar
+            from dqar.method.hooks import remove_dqar
 
             remove_dqar(model)
         shutdown(info)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _make_generate(job, model, device, controller):
     """Bind the model and the job's labels/prompts into generate(indices, seeds) -> uint8 (N, H, W, C)."""
-    from dqar import hub
+    from dqar.models import hub
 
     if job.kind == "dit":
         from dqar.sampling import sample, to_uint8
@@ -192,7 +192,7 @@ def _dqar_identity(config) -> dict | None:
     if config.schedule == "policy":
         import hashlib
 
-        from dqar.policy import shipped_policy_path
+        from dqar.method.policy import shipped_policy_path
 
         path = Path(config.policy_path) if config.policy_path else shipped_policy_path()
         out["policy_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None

@@ -25,7 +25,7 @@ from . import UsageError
 from .common import add_features_option, add_model_options
 from .dqar_options import OPTIONS, add_dqar_options, config_overrides
 
-# Mirrors dqar.eval.sweep.BASELINES without importing torch at module top.
+# Mirrors dqar.harness.sweep.BASELINES without importing torch at module top.
 BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab")
 # Fields whose one value is itself a comma list: their value lists are separated by ';' only.
 _COMPOUND = {"snr_range", "targets", "kv_bits", "depth_phases"}
@@ -135,8 +135,8 @@ def _value_text(v) -> str:
 
 def build_points(args: argparse.Namespace):
     """Every SweepPoint the options ask for, configs validated (UsageError before anything runs)."""
-    from dqar.config import DQARConfig
-    from dqar.eval.sweep import SweepPoint, baseline_point
+    from dqar.method.config import DQARConfig
+    from dqar.harness.sweep import SweepPoint, baseline_point
 
     # Entropy is measured only where a schedule needs it (gate, policy) and for the report's per-step
     # curves on the "none" row: measuring it on every point would slow each one against the unhooked
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     points = build_points(args)       # all grid/baseline errors surface here, before any model loads
 
-    from dqar.eval.sweep import SweepSettings, run_sweep, weights_digest
+    from dqar.harness.sweep import SweepSettings, run_sweep, weights_digest
 
     from .common import parse_classes, quality_tools, resolve_model, setup_torch
 

@@ -1,9 +1,9 @@
 """`dqar train-model`: train the embedded digits DiT and its evaluator, write the four asset files.
 
 The files go to --out (a local folder, never the package by default). `--install` then copies them over the
-shipped assets in `dqar/assets/` (an editable install or source checkout); the manual equivalent is
+shipped assets in `dqar/digits/assets/` (an editable install or source checkout); the manual equivalent is
 `cp OUT/dit_digits_ema.safetensors OUT/dit_digits.json OUT/evaluator.safetensors OUT/evaluator.json
-src/dqar/assets/`. Measured quality is added to the cards afterwards by `benchmarks/embedded_quality.py`.
+src/dqar/digits/assets/`. Measured quality is added to the cards afterwards by `benchmarks/embedded_quality.py`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="DiT batch size (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="DiT peak learning rate (default 1e-3)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the shipped weights (0.999)")
+    parser.add_argument("--preset", default="DiT-Digits", help="DiT preset to train (default DiT-Digits)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="after warmup: constant (DiT; checkpoints equal shorter runs) or cosine decay "
+                             "to --min-lr-ratio x lr at the last step (default constant)")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor as a share of --lr (0.05)")
+    parser.add_argument("--max-shift", type=int, default=0, help="augmentation: random shift in pixels (0)")
+    parser.add_argument("--rotate", type=float, default=0.0, help="augmentation: random rotation +-degrees (0)")
+    parser.add_argument("--scale-jitter", type=float, default=0.0,
+                        help="augmentation: random isotropic scale 1 +- this (0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
     parser.add_argument("--evaluator-epochs", type=int, default=20, help="evaluator CNN epochs (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -33,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
-    parts = ["dqar train-model", f"--out {args.out}", f"--steps {args.steps}", f"--batch-size {args.batch_size}",
-             f"--lr {args.lr:g}", f"--ema-decay {args.ema_decay:g}", f"--seed {args.seed}",
+    parts = ["dqar train-model", f"--out {args.out}", f"--preset {args.preset}", f"--steps {args.steps}",
+             f"--batch-size {args.batch_size}", f"--lr {args.lr:g}", f"--lr-schedule {args.lr_schedule}",
+             f"--min-lr-ratio {args.min_lr_ratio:g}", f"--max-shift {args.max_shift}", f"--rotate {args.rotate:g}",
+             f"--scale-jitter {args.scale_jitter:g}", f"--ema-decay {args.ema_decay:g}", f"--seed {args.seed}",
              f"--evaluator-epochs {args.evaluator_epochs}"]
     if args.threads is not None:
         parts.append(f"--threads {args.threads}")
@@ -55,9 +66,9 @@ def install_assets(out) -> list:
     from importlib import resources
     from pathlib import Path
 
-    from dqar.embedded import ASSET_FILES
+    from dqar.digits.embedded import ASSET_FILES
 
-    dest = Path(str(resources.files("dqar").joinpath("assets")))
+    dest = Path(str(resources.files("dqar.digits").joinpath("assets")))
     if not dest.is_dir():
         raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not a writable folder "
                          "(installed from a wheel?); copy the files by hand instead")
@@ -70,8 +81,8 @@ def install_assets(out) -> list:
 def _train_evaluator(args, out, train, test, data_card, env, progress) -> None:
     import sys
 
-    from dqar.embedded import EVALUATOR_CARD, EVALUATOR_FILE, save_embedded_evaluator
-    from dqar.evaluator import ARCH, EvaluatorTrainConfig, accuracy, train_evaluator
+    from dqar.digits.embedded import EVALUATOR_CARD, EVALUATOR_FILE, save_embedded_evaluator
+    from dqar.digits.evaluator import ARCH, EvaluatorTrainConfig, accuracy, train_evaluator
 
     evaluator, summary = train_evaluator(train, EvaluatorTrainConfig(epochs=args.evaluator_epochs, seed=args.seed),
                                          progress=progress)
@@ -90,8 +101,8 @@ def _train_evaluator(args, out, train, test, data_card, env, progress) -> None:
 
 def _write_dit(out, result, args, data_card, env) -> None:
     """Weights, card and loss log of a finished run or checkpoint (the card's command reproduces exactly it)."""
-    from dqar.data import IMAGE_SIZE
-    from dqar.embedded import DIT_CARD, DIT_FILE, save_embedded_dit, tensor_digest
+    from dqar.digits.data import IMAGE_SIZE
+    from dqar.digits.embedded import DIT_CARD, DIT_FILE, save_embedded_dit, tensor_digest
 
     with open(out / "dit_loss.csv", "w", encoding="utf-8") as f:
         f.write("step,loss,lr,elapsed_s\n")
@@ -102,7 +113,7 @@ def _write_dit(out, result, args, data_card, env) -> None:
     steps = result.config.steps
     command = reproduce_command(argparse.Namespace(**{**vars(args), "steps": steps}))
     _write_json(out / DIT_CARD, {
-        "name": "dqar embedded digits DiT", "preset": "DiT-Digits", "config": config.to_dict(),
+        "name": "dqar embedded digits DiT", "preset": result.config.preset, "config": config.to_dict(),
         "image_shape": [config.in_channels, config.input_size, config.input_size],
         "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
         "parameters": sum(p.numel() for p in result.ema.parameters()),
@@ -111,7 +122,10 @@ def _write_dit(out, result, args, data_card, env) -> None:
         "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                      "prediction": "epsilon", "loss": "MSE", "label_dropout": config.class_dropout_prob},
         "training": {**result.summary(), "steps_trained": steps, "optimizer": "AdamW",
-                     "lr_schedule": "linear warmup, then constant (DiT)",
+                     "lr_schedule": ("linear warmup, then constant (DiT)" if result.config.lr_schedule == "constant"
+                                     else f"linear warmup, then cosine decay to {result.config.min_lr_ratio:g} x lr"),
+                     "augmentation": {"max_shift_px": result.config.max_shift, "rotate_deg": result.config.rotate_deg,
+                                      "scale_jitter": result.config.scale_jitter},
                      "final_loss_definition": "mean training MSE over the last 10% of steps",
                      "loss_log": "dit_loss.csv beside the weights in the --out folder",
                      "command": command, "environment": env},
@@ -127,18 +141,28 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dqar.cli.common import setup_torch
-    from dqar.data import SPLIT_SEED, TEST_FRACTION, load_split
-    from dqar.training import DiTTrainConfig, train_dit
+    from dqar.digits.data import SPLIT_SEED, TEST_FRACTION, load_split
+    from dqar.digits.training import DiTTrainConfig, train_dit
 
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every={args.checkpoint_every} is not allowed: must be >= 0")
     if args.evaluator_epochs < 1:
         raise UsageError(f"--evaluator-epochs={args.evaluator_epochs} is not allowed: must be >= 1")
     try:
-        dit_cfg = DiTTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 ema_decay=args.ema_decay, seed=args.seed)
+        dit_cfg = DiTTrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 ema_decay=args.ema_decay, seed=args.seed, lr_schedule=args.lr_schedule,
+                                 min_lr_ratio=args.min_lr_ratio, max_shift=args.max_shift,
+                                 rotate_deg=args.rotate, scale_jitter=args.scale_jitter)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("steps=", "--steps=").replace("batch_size=", "--batch-size=")) from None
+        flags = {"steps=": "--steps=", "batch_size=": "--batch-size=", "preset=": "--preset=",
+                 "min_lr_ratio=": "--min-lr-ratio=", "max_shift=": "--max-shift=", "rotate_deg=": "--rotate=",
+                 "scale_jitter=": "--scale-jitter=", "ema_decay=": "--ema-decay=", "lr=": "--lr="}
+        message = str(exc)
+        for field_name, flag in flags.items():
+            if message.startswith(field_name):
+                message = flag + message[len(field_name):]
+                break
+        raise UsageError(message) from None
     setup_torch(argparse.Namespace(threads=args.threads, device="cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

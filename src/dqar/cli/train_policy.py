@@ -2,7 +2,7 @@
 
 Writes to --out: `traces.jsonl` (one row per seed, step, layer, branch), `calibration.jsonl` (single-position
 reuse measurements), `policy_digits.safetensors` + `policy_digits.json` (the policy and its card) and
-`report.json`. `--install` copies the two policy files over the package's shipped policy (`dqar/assets/`).
+`report.json`. `--install` copies the two policy files over the package's shipped policy (`dqar/digits/assets/`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25, help="seeds held out for validation (0.25)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and positions (default 0)")
     parser.add_argument("--install", action="store_true",
-                        help="copy the policy files over the package's shipped policy (dqar/assets/)")
+                        help="copy the policy files over the package's shipped policy (dqar/digits/assets/)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
 
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--device={args.device!r}: train-policy runs on the CPU (batch-1 traces gain nothing "
                          "from a GPU)")
 
-    from dqar import policy_training as pt
-    from dqar.policy import save_policy
+    from dqar.harness import policy_training as pt
+    from dqar.method.policy import save_policy
 
     model, described = resolve_model(args.model)
     out = Path(args.out)
@@ -200,7 +200,7 @@ def _file_sha256(spec: str) -> str | None:
     from pathlib import Path
 
     if spec == "embedded":
-        from dqar.embedded import DIT_FILE, asset_path
+        from dqar.digits.embedded import DIT_FILE, asset_path
 
         path = asset_path(DIT_FILE)
     else:
@@ -216,9 +216,9 @@ def install_policy(st_path, json_path) -> list:
     from importlib import resources
     from pathlib import Path
 
-    from dqar.policy import SHIPPED_NAME
+    from dqar.method.policy import SHIPPED_NAME
 
-    dest = Path(str(resources.files("dqar").joinpath("assets")))
+    dest = Path(str(resources.files("dqar.digits").joinpath("assets")))
     if not dest.is_dir():
         raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not a folder (installed from a "
                          "wheel?); copy the two files by hand instead")

@@ -16,6 +16,7 @@ so a run with the same settings and thread count reproduces the same weights.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -23,8 +24,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import DigitsSplit, random_shift
-from .models.dit import DIT_PRESETS, DiT, build_dit
+from .data import DigitsSplit, random_affine, random_shift
+from dqar.models.dit import DIT_PRESETS, DiT, build_dit
+from dqar.sampling import make_scheduler
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class DiTTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     max_shift: int = 0
+    rotate_deg: float = 0.0                    # affine jitter: rotation drawn uniformly in +-rotate_deg
+    scale_jitter: float = 0.0                  # affine jitter: isotropic scale drawn in 1 +- scale_jitter
+    lr_schedule: str = "constant"              # "constant" (DiT) or "cosine" (decay to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.05
     seed: int = 0
     log_every: int = 50
 
@@ -52,6 +61,14 @@ class DiTTrainConfig:
             raise ValueError(f"lr={self.lr!r} is not allowed: must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: must be in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not known; allowed: {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} is not allowed: must be in [0, 1]")
+        if not 0.0 <= self.rotate_deg <= 45.0:
+            raise ValueError(f"rotate_deg={self.rotate_deg!r} is not allowed: must be in [0, 45]")
+        if not 0.0 <= self.scale_jitter < 0.5:
+            raise ValueError(f"scale_jitter={self.scale_jitter!r} is not allowed: must be in [0, 0.5)")
         if self.max_shift < 0:
             raise ValueError(f"max_shift={self.max_shift!r} is not allowed: must be >= 0")
 
@@ -71,14 +88,17 @@ class TrainResult:
 
 def training_alphas_cumprod() -> torch.Tensor:
     """alphas_cumprod of the sampler's own scheduler (1000 steps, linear betas 1e-4..0.02), float32."""
-    from .sampling import make_scheduler
-
     return make_scheduler("ddim").alphas_cumprod.to(torch.float32).clone()
 
 
 def lr_at(step: int, cfg: DiTTrainConfig) -> float:
-    # No decay: the schedule must not depend on cfg.steps, or checkpoints would differ from shorter runs.
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    """Linear warmup, then constant (checkpoints equal shorter runs) or cosine decay over cfg.steps."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return cfg.lr * warm
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
 @torch.no_grad()
@@ -147,6 +167,7 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
     for step in steps:
         idx = next(batches)
         x0 = random_shift(data.images[idx], cfg.max_shift, gen)
+        x0 = random_affine(x0, cfg.rotate_deg, cfg.scale_jitter, gen)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -13,7 +13,7 @@ baseline and candidate runs is what makes their ratio trustworthy on a drifting 
 
 - seconds: median wall time of one generation (all N images in one batch); ms_per_step = seconds/steps.
 - peak_mem_mb: per-generation peak, MiB; CUDA max allocated, or on CPU the peak RSS growth over the
-  call (see `dqar.eval.timing`). cache_mb: the controller's peak cache size, MiB.
+  call (see `dqar.harness.timing`). cache_mb: the controller's peak cache size, MiB.
 - speedup: baseline seconds / dqar seconds (medians). ideal_speedup: the controller's FLOP-count bound.
 - quality: only with an evaluator (the embedded digits model); the reference for fid_vs_baseline, psnr
   and ssim is always the uncached full-precision model on the same seeds, whatever the timing baseline.
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.hooks import get_controller
+from dqar.method.hooks import get_controller
 from dqar.sampling import sample
 
 from .metrics import (EvaluatorFeatures, FeatureExtractor, FeatureStats, accuracy, feature_stats,

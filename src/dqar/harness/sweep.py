@@ -1,7 +1,7 @@
 """A resumable sweep: many DQAR configurations (and named baselines) against one shared reference run.
 
 Each finished point is appended to a JSON-lines file as one row: the `dqar bench` record (see
-`dqar.eval.bench`) plus the point's identity and the controller's per-step profile:
+`dqar.harness.bench`) plus the point's identity and the controller's per-step profile:
 
     {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8" | "pab", "grid": {field: value},
      "settings": {model, n, classes, steps, sampler, cfg_scale, seed},
@@ -45,7 +45,7 @@ from .metrics import EvaluatorFeatures, feature_stats
 from .timing import Contender, interleaved_timing
 
 # Named comparison points. Each is (variant, config overrides); a variant swaps the model for the one
-# dqar.eval.baselines builds ("ptq-int8": its int8-weight copy; "pab": its diffusers port under diffusers'
+# dqar.harness.baselines builds ("ptq-int8": its int8-weight copy; "pab": its diffusers port under diffusers'
 # pyramid attention broadcast) and runs that without DQAR.
 BASELINES: dict[str, tuple[str | None, dict]] = {
     # The uncached model itself: free, it is the shared reference run.
@@ -58,7 +58,7 @@ BASELINES: dict[str, tuple[str | None, dict]] = {
     "ptq-int8": ("ptq-int8", {"schedule": "none", "cfg_sharing": False}),
     # FORA (Selvaraju et al. 2024): recompute attention and MLP every N=3 steps from the start, reuse between.
     "interval-attn-mlp": (None, {"schedule": "interval", "interval": 3, "warmup": 0.0, "targets": ("attn", "mlp")}),
-    # diffusers' pyramid attention broadcast on the same weights in diffusers' DiT (dqar.eval.baselines).
+    # diffusers' pyramid attention broadcast on the same weights in diffusers' DiT (dqar.harness.baselines).
     "pab": ("pab", {"schedule": "none", "cfg_sharing": False}),
     # Seed 000's failed first attempt: cache K/V, recompute Q, on the same schedule as "static".
     "kv": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33, "mode": "kv"}),
@@ -80,7 +80,7 @@ class SweepPoint:
     name: str
     kind: str                      # "grid" | "baseline"
     config: DQARConfig
-    variant: str | None = None     # None: the model as loaded; else a dqar.eval.baselines model
+    variant: str | None = None     # None: the model as loaded; else a dqar.harness.baselines model
     grid: dict = field(default_factory=dict)
 
     @property
@@ -435,7 +435,7 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
         try:
             t = interleaved_timing({"dqar": c}, rounds=repeats, warmup_runs=warmup_runs, device=device)["dqar"]
         finally:
-            from dqar.hooks import get_controller
+            from dqar.method.hooks import get_controller
 
             if get_controller(model) is not None:
                 remove_dqar(model)

@@ -27,12 +27,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import DQARConfig
-from .hooks import apply_dqar, remove_dqar
-from .policy import ReusePolicy
-from .sampling import sample
-from .schedules import Schedule
-from .stats import POLICY_FEATURE_NAMES
+from dqar.method.config import DQARConfig
+from dqar.method.hooks import apply_dqar, remove_dqar
+from dqar.method.policy import ReusePolicy
+from dqar.method.schedules import Schedule, layer_order, reusable_layer_count
+from dqar.method.stats import POLICY_FEATURE_NAMES
+from dqar.sampling import sample
 
 DATA_RANGE = 2.0   # sampled images live in [-1, 1]
 
@@ -255,7 +255,6 @@ def compounding_factor(model: torch.nn.Module, rows: Sequence[dict], calibration
     much: the static run's final MSE against the sum of the calibrated single-position MSEs of the positions
     it reused (one-step rel_change of the traced run). Returns the geometric mean ratio and the per-seed data.
     """
-    from .schedules import layer_order, reusable_layer_count
 
     cfg = DQARConfig(schedule="static", warmup=warmup, layer_fraction=layer_fraction, record_entropy=True)
     rel = {(r["seed"], r["step"], r["layer"], r["branch"]): r["rel_change"] for r in rows}

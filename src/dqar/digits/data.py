@@ -9,6 +9,7 @@ mapped from [0, 16] to [-1, 1] (-1 is background). The train/test split is strat
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -86,3 +87,27 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
         dy, dx = int(offsets[k, 0]), int(offsets[k, 1])
         out[k] = padded[k, :, dy:dy + h, dx:dx + w]
     return out
+
+
+def random_affine(images: torch.Tensor, rotate_deg: float, scale_jitter: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Rotate half the images (drawn at random) by up to +-rotate_deg and scale them by 1 +- scale_jitter.
+
+    Bilinear resampling about the centre; pixels from outside the frame are background (-1). The other half
+    keep their exact pixels (an identity grid with align_corners=False samples pixel centres), so the model
+    still sees the unblurred scans the test set holds. With both amounts 0 nothing is drawn or changed.
+    """
+    if rotate_deg <= 0 and scale_jitter <= 0:
+        return images
+    n = images.shape[0]
+    jittered = (torch.rand(n, generator=generator) < 0.5).float()
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotate_deg) * jittered
+    scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale_jitter * jittered
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale      # grid maps output -> input coords
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    # grid_sample pads with 0, so sample (x + 1) and shift back: the padding becomes background -1.
+    out = torch.nn.functional.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)
+    return out - 1

@@ -1,6 +1,6 @@
 """The shipped default model: the digits DiT (EMA weights), its evaluator and their model cards.
 
-Assets live in the package (`dqar/assets/`) and are found through importlib.resources, so they resolve from an
+Assets live in the package (`dqar/digits/assets/`) and are found through importlib.resources, so they resolve from an
 installed wheel as well as from a source checkout. Every weights file carries a SHA-256 of its tensor bytes in
 its metadata: safetensors only validates the header, so a file whose data bytes were damaged would otherwise
 load silently and sample garbage.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .models.dit import DIT_PRESETS, DiT
-from .models.io import WeightsError, load_dit, read_safetensors, save_dit
+from dqar.models.dit import DIT_PRESETS, DiT
+from dqar.models.io import WeightsError, load_dit, read_safetensors, save_dit
 
 DIT_FILE = "dit_digits_ema.safetensors"
 DIT_CARD = "dit_digits.json"
@@ -37,7 +37,7 @@ def asset_path(name: str) -> Path:
     """Filesystem path of a packaged asset, resolved through importlib.resources."""
     if name not in ASSET_FILES:
         raise ValueError(f"unknown embedded asset {name!r}; allowed: {', '.join(ASSET_FILES)}")
-    ref = resources.files("dqar").joinpath("assets", name)
+    ref = resources.files("dqar.digits").joinpath("assets", name)
     path = Path(_keep_open.enter_context(resources.as_file(ref)))
     if not path.is_file():
         raise EmbeddedAssetError(
@@ -99,7 +99,7 @@ def load_embedded_model(path: str | Path | None = None) -> DiT:
 
 
 def load_evaluator(path: str | Path | None = None):
-    """The digits evaluator CNN (`dqar.evaluator.DigitsEvaluator`) in eval mode."""
+    """The digits evaluator CNN (`dqar.digits.evaluator.DigitsEvaluator`) in eval mode."""
     from .evaluator import load_evaluator_file
 
     path = Path(path) if path is not None else asset_path(EVALUATOR_FILE)

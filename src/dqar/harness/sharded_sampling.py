@@ -1,6 +1,6 @@
 """Sharded sample generation to a folder: PNGs by global index, an ADM-format .npz and merged reuse stats.
 
-Run it as `dqar sample ...` (one process) or `torchrun --nproc_per_node N -m dqar.sample ...` (N processes,
+Run it as `dqar sample ...` (one process) or `torchrun --nproc_per_node N -m dqar.harness.sharded_sampling ...` (N processes,
 same options). Sample k uses seed `seed + k` and is computed in global batch k // batch_size whichever
 rank gets that batch, so the set is identical for any N. A re-run computes only batches with a missing
 PNG and writes only the missing ones (resume). As in `dqar generate`, the label list is class-major:
@@ -206,8 +206,8 @@ def run_job(job: SampleJob, generate: Generate, out_dir: str | Path, info: DistI
 
 
 if __name__ == "__main__":
-    # Script entry for torchrun (`-m dqar.sample`): the CLI parses the options and loads the model. The import
-    # stays here so importing dqar.sample as a library never pulls in the command-line harness.
+    # Script entry for torchrun (`-m dqar.harness.sharded_sampling`): the CLI parses the options and loads the model. The import
+    # stays here so importing dqar.harness.sharded_sampling as a library never pulls in the command-line harness.
     from dqar.cli import main as _cli_main
 
     sys.exit(_cli_main(["sample", *sys.argv[1:]]))

@@ -240,7 +240,7 @@ def make_feature_extractor(kind: str, evaluator=None, device: torch.device | str
     """'evaluator' (needs the embedded evaluator) or 'inception' (needs torch-fidelity weights)."""
     if kind == "evaluator":
         if evaluator is None:
-            raise ValueError("feature extractor 'evaluator' needs an evaluator (dqar.embedded.load_evaluator())")
+            raise ValueError("feature extractor 'evaluator' needs an evaluator (dqar.digits.embedded.load_evaluator())")
         return EvaluatorFeatures(evaluator)
     if kind == "inception":
         return InceptionFeatures(device)
@@ -249,7 +249,7 @@ def make_feature_extractor(kind: str, evaluator=None, device: torch.device | str
 
 def real_data_stats(extractor: FeatureExtractor, split: str = "test") -> FeatureStats:
     """Feature statistics of the held-out real digits (the embedded model's FID reference)."""
-    from dqar.data import load_split
+    from dqar.digits.data import load_split
 
     return feature_stats(extractor(load_split(split).images), f"real {split} features")
 

@@ -9,7 +9,7 @@ On disk a policy is two files with the same stem:
   (format, feature order, threshold) - everything needed to run it;
 - `NAME.json`: the human-readable sidecar (feature order, normalisation, threshold, training data,
   validation accuracy/AUC, the command that produced it). Loading needs only the safetensors file.
-Training lives in `dqar.policy_training`; this module only runs and stores a policy.
+Training lives in `dqar.harness.policy_training`; this module only runs and stores a policy.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def save_policy(policy: ReusePolicy, path: str | Path, info: dict | None = None)
 
 def shipped_policy_path() -> Path:
     """The package's policy trained on the embedded digits DiT (resolved through importlib.resources)."""
-    ref = resources.files("dqar").joinpath("assets", f"{SHIPPED_NAME}.safetensors")
+    ref = resources.files("dqar.digits").joinpath("assets", f"{SHIPPED_NAME}.safetensors")
     path = Path(_keep_open.enter_context(resources.as_file(ref)))
     if not path.is_file():
         raise PolicyFileError(f"the shipped policy {str(path)!r} is missing from the installed package; pass "
@@ -180,7 +180,7 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
                               "as .safetensors written by `dqar train-policy`") from None
     if metadata.get("format") != FORMAT:
         raise PolicyFileError(f"{where} has format {metadata.get('format')!r}, expected {FORMAT!r}; it was not "
-                              "written by dqar.policy.save_policy")
+                              "written by dqar.method.policy.save_policy")
     try:
         names = json.loads(metadata.get("feature_names", "null"))
     except json.JSONDecodeError:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import IMAGE_SIZE, NUM_CLASSES, DigitsSplit, random_shift
-from .models.io import WeightsError, check_state_dict, read_safetensors
+from dqar.models.io import WeightsError, check_state_dict, read_safetensors
 
 ARCH_KEY = "dqar_evaluator_arch"
 ARCH = {"name": "digits-cnn", "input": [1, IMAGE_SIZE, IMAGE_SIZE], "channels": [32, 64], "features": 128,

@@ -1,5 +1,5 @@
 """The measurement harness: metrics, timing, baselines, bench (and sweep/report from other modules).
 
 The harness imports the library; the library never imports the harness. Submodules are imported
-explicitly (`from dqar.eval.metrics import psnr`) so `import dqar.eval` stays cheap.
+explicitly (`from dqar.harness.metrics import psnr`) so `import dqar.harness` stays cheap.
 """
