@@ -25,10 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from .sweep import load_samples, read_rows
+from dqar.method.schedules import live_fields
 
-# Fields a row's config identity is compared on, minus the one a comparison varies.
-_IGNORED_FIELDS = {"record_entropy", "trace"}
+from .sweep import load_samples, read_rows
 
 
 class Missing(Exception):
@@ -78,36 +77,6 @@ def is_plain_static(row: dict) -> bool:
             and c.get("order") == "shallow" and c.get("cache_bits") == 16 and list(c.get("targets", [])) == ["attn"])
 
 
-def inert_fields(c: dict) -> set[str]:
-    """Config fields that cannot change this config's images, so a changed default (e.g. tau0) between two
-    sweeps does not stop a static point from pairing with its deep-first twin."""
-    sched = c.get("schedule")
-    gate_like = sched in ("gate", "policy")
-    inert = set(_IGNORED_FIELDS)
-    if not gate_like:
-        inert |= {"tau0", "snr_range", "snr_form", "gate_with", "entropy_rows", "entropy_seed"}
-    if sched != "policy":
-        inert |= {"policy_path", "policy_threshold", "policy_budget"}
-    if sched != "interval":
-        inert.add("interval")
-    if sched != "depth" and c.get("gate_with") != "depth":
-        inert.add("depth_phases")
-    if sched != "static" and c.get("gate_with") != "static":
-        inert |= {"layer_fraction", "order", "order_seed"}
-    if c.get("order") != "random":
-        inert.add("order_seed")
-    if sched == "none":
-        inert |= {"warmup", "mode", "targets", "cache_bits", "kv_bits", "quant_granularity", "csb_topk",
-                  "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps"}
-    if not c.get("cfg_sharing"):
-        inert.add("cfg_sharing_eps")
-    if c.get("mode") != "kv":
-        inert.add("kv_bits")
-    if c.get("cache_bits") == 16 and c.get("mode") != "kv":
-        inert |= {"quant_granularity", "csb_topk", "csb_calibration_steps"}
-    return inert
-
-
 def same_except(a: dict, b: dict, field: str) -> bool:
     """Same variant, and configs equal on every field except `field` that could change either's images."""
     if a.get("variant") != b.get("variant"):
@@ -115,8 +84,7 @@ def same_except(a: dict, b: dict, field: str) -> bool:
     ca, cb = cfg(a), cfg(b)
     # A field counts if it is live in either config: kv_bits is inert for an output-mode point but live
     # for its K/V twin, so it must match.
-    inert = inert_fields(ca) & inert_fields(cb)
-    keys = (set(ca) | set(cb)) - inert - {field}
+    keys = (live_fields(ca) | live_fields(cb)) - {field}
     return all(ca.get(k) == cb.get(k) for k in keys)
 
 

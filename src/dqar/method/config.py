@@ -5,6 +5,7 @@ never written back to: defaults are resolved where they are used.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -26,7 +27,12 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A real number that is not NaN (a NaN would pass no comparison and so slip through range checks)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
 
 
 def _is_int(v: Any) -> bool:
@@ -101,6 +107,9 @@ class DQARConfig:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
         if self.gate_with not in GATE_WITH:
             _fail("gate_with", self.gate_with, "must be None, 'static' or 'depth'")
+        if self.gate_with is not None and self.schedule != "gate":
+            _fail("gate_with", self.gate_with, f"applies to schedule='gate' only (schedule is {self.schedule!r}); "
+                                               "leave it None")
         if not _is_number(self.warmup) or not 0.0 <= self.warmup <= 1.0:
             _fail("warmup", self.warmup, "must be a number in [0, 1]")
         if not _is_number(self.layer_fraction) or not 0.0 < self.layer_fraction <= 1.0:
@@ -108,18 +117,18 @@ class DQARConfig:
         if not _is_int(self.order_seed):
             _fail("order_seed", self.order_seed, "must be an integer")
         self._validate_phases()
-        if not _is_number(self.tau0) or self.tau0 <= 0:
-            _fail("tau0", self.tau0, "must be a number > 0")
+        if not _is_finite(self.tau0) or self.tau0 <= 0:
+            _fail("tau0", self.tau0, "must be a finite number > 0")
         sr = self.snr_range
         if (not isinstance(sr, tuple) or len(sr) != 2 or not all(_is_number(v) for v in sr)
                 or sr[0] < 0 or sr[0] > sr[1]):
-            _fail("snr_range", sr, "must be a pair (a, b) of numbers with 0 <= a <= b")
+            _fail("snr_range", sr, "must be a pair (a, b) of numbers (not NaN) with 0 <= a <= b")
         if not _is_int(self.entropy_rows) or self.entropy_rows < 1:
             _fail("entropy_rows", self.entropy_rows, "must be an integer >= 1")
         if not _is_int(self.entropy_seed):
             _fail("entropy_seed", self.entropy_seed, "must be an integer")
-        if not _is_number(self.cfg_sharing_eps) or self.cfg_sharing_eps < 0:
-            _fail("cfg_sharing_eps", self.cfg_sharing_eps, "must be a number >= 0")
+        if not _is_finite(self.cfg_sharing_eps) or self.cfg_sharing_eps < 0:
+            _fail("cfg_sharing_eps", self.cfg_sharing_eps, "must be a finite number >= 0")
         t = self.targets
         if not isinstance(t, tuple) or not t or any(x not in TARGETS for x in t) or len(set(t)) != len(t):
             _fail("targets", t, f"must be a non-empty tuple of distinct names from {', '.join(TARGETS)}")
@@ -139,7 +148,7 @@ class DQARConfig:
             kb = self.kv_bits
             if not isinstance(kb, tuple) or len(kb) != 2 or any(b not in CACHE_BITS for b in kb):
                 _fail("kv_bits", kb, "must be None or a pair (k_bits, v_bits), each 16, 8 or 4")
-        if not _is_number(self.csb_topk) or self.csb_topk < 0:
+        if not _is_finite(self.csb_topk) or self.csb_topk < 0:
             _fail("csb_topk", self.csb_topk, "must be 0 (off), a channel count >= 1 or a fraction in (0, 1)")
         if isinstance(self.csb_topk, float) and self.csb_topk >= 1 and not self.csb_topk.is_integer():
             _fail("csb_topk", self.csb_topk, "a count must be a whole number; a fraction must be < 1")

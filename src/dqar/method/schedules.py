@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import DQARConfig
+from .policy import load_policy
+from .stats import policy_features
 
 # Guards floor() against float error: (0.7 - 0.4) / 0.6 * 0.5 * 28 must give 7, not 6.
 _FLOOR_EPS = 1e-9
@@ -65,7 +67,13 @@ def entropy_threshold(tau0: float, prompt_length: int) -> float:
 
 
 class Schedule:
-    """Base: nothing is planned; any layer may be (a subclass plans its own)."""
+    """Base: nothing is planned; any layer may be (a subclass plans its own).
+
+    `reads` names the config fields a schedule's plan depends on; `live_fields` builds on it, so a new
+    schedule or field is declared once, here, and the report's pairing rules follow.
+    """
+
+    reads: tuple[str, ...] = ("warmup",)
 
     def __init__(self, config: DQARConfig):
         self.config = config
@@ -85,11 +93,15 @@ class Schedule:
 class NoReuse(Schedule):
     """schedule="none": the uncached baseline."""
 
+    reads = ()
+
     def reusable_ever(self, num_layers):
         return frozenset()
 
 
 class StaticSchedule(Schedule):
+    reads = ("warmup", "layer_fraction", "order", "order_seed")
+
     def plan(self, step, branch, entropies):
         c = self.config
         n = reusable_layer_count(step.progress, c.warmup, c.layer_fraction, step.num_layers)
@@ -102,6 +114,8 @@ class StaticSchedule(Schedule):
 
 
 class DepthSchedule(Schedule):
+    reads = ("warmup", "depth_phases")
+
     def plan(self, step, branch, entropies):
         if self.in_warmup(step):
             return frozenset()
@@ -116,6 +130,8 @@ class DepthSchedule(Schedule):
 
 class GateSchedule(Schedule):
     """Reuse where the layer's last measured entropy < tau(p_len) and the SNR is inside the window."""
+
+    reads = ("warmup", "tau0", "snr_range", "snr_form", "gate_with", "entropy_rows", "entropy_seed")
 
     def __init__(self, config: DQARConfig, base: Schedule | None = None):
         super().__init__(config)
@@ -138,6 +154,8 @@ class GateSchedule(Schedule):
 class IntervalSchedule(Schedule):
     """FORA-style: after warmup, every `interval`-th step computes and the steps between reuse."""
 
+    reads = ("warmup", "interval")
+
     def plan(self, step, branch, entropies):
         if self.in_warmup(step):
             return frozenset()
@@ -153,13 +171,14 @@ class IntervalSchedule(Schedule):
 class PolicySchedule(Schedule):
     """The learned policy: p_reuse per layer from the five seed features, threshold and budget."""
 
+    reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
+             "entropy_seed")
+
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
         self.policy = policy
 
     def plan(self, step, branch, entropies):
-        from .stats import policy_features
-
         if self.in_warmup(step) or step.snr is None or not entropies:
             return frozenset()
         layers = sorted(entropies)
@@ -173,6 +192,48 @@ class PolicySchedule(Schedule):
         return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
 
 
+SCHEDULE_CLASSES: dict[str, type[Schedule]] = {
+    "none": NoReuse, "static": StaticSchedule, "depth": DepthSchedule, "gate": GateSchedule,
+    "interval": IntervalSchedule, "policy": PolicySchedule,
+}
+_SCHEDULE_FIELDS = frozenset(f for cls in SCHEDULE_CLASSES.values() for f in cls.reads)
+# What reuse does with what it keeps: dead for the uncached baseline.
+_CACHE_FIELDS = ("mode", "targets", "cache_bits", "kv_bits", "quant_granularity", "csb_topk",
+                 "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps")
+# Fields that describe the run, not the images it makes.
+_NEVER_LIVE = ("record_entropy", "trace")
+
+
+def live_fields(config: dict) -> frozenset[str]:
+    """The fields of `config` (a dict, as sweep rows keep it) that can change the images of its run.
+
+    Every field is live unless a rule says otherwise, so a new field counts until it is declared: fields
+    that some schedule `reads` are live only for the schedules that read them (and the base a gate
+    filters); the cache fields only when anything can be reused, K/V bits, quantizer settings and the
+    sharing epsilon only where they apply.
+    """
+    schedule = config.get("schedule")
+    reads = set(SCHEDULE_CLASSES[schedule].reads) if schedule in SCHEDULE_CLASSES else set(_SCHEDULE_FIELDS)
+    if schedule == "gate" and config.get("gate_with") in SCHEDULE_CLASSES:
+        reads |= set(SCHEDULE_CLASSES[config["gate_with"]].reads)
+    sharing = schedule != "none" and bool(config.get("cfg_sharing"))
+    if sharing:
+        reads |= {"entropy_rows", "entropy_seed"}       # sharing measures entropy whatever the schedule
+    dead = set(_SCHEDULE_FIELDS - reads) | set(_NEVER_LIVE)
+    if config.get("order") != "random":
+        dead.add("order_seed")
+    kv = config.get("mode") == "kv"
+    if schedule == "none":
+        dead |= set(_CACHE_FIELDS)
+    if not kv:
+        dead.add("kv_bits")
+    if not kv and config.get("cache_bits") == 16:
+        dead |= {"quant_granularity", "csb_topk", "csb_calibration_steps"}
+    if not sharing:
+        dead.add("cfg_sharing_eps")
+    return frozenset(set(config) - dead)
+
+
 def build_schedule(config: DQARConfig) -> Schedule:
     if config.schedule == "static":
         return StaticSchedule(config)
@@ -184,7 +245,5 @@ def build_schedule(config: DQARConfig) -> Schedule:
         base = {"static": StaticSchedule, "depth": DepthSchedule}.get(config.gate_with)
         return GateSchedule(config, base(config) if base else None)
     if config.schedule == "policy":
-        from .policy import load_policy
-
         return PolicySchedule(config, load_policy(config.policy_path))
     return NoReuse(config)
