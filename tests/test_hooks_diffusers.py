@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.method.hooks import get_controller
+from dqar.method.hooks import get_step_driver, get_controller
 
 hub_fixtures = pytest.importorskip("hub_fixtures")
 
@@ -215,7 +215,7 @@ def test_the_prompt_length_moves_the_gate_threshold(pixart_pipe):
     try:
         run_pixart(pixart_pipe)
         entropies = [e for e in ctl.summary()["entropy_per_step"] if e is not None]
-        seen_length = ctl.prompt_length
+        seen_length = ctl.step.prompt_length
     finally:
         remove_dqar(pixart_pipe)
     assert seen_length == hub.prompt_lengths(pixart_pipe, ["a photo of a cat"], 16)[0] > 1
@@ -223,11 +223,14 @@ def test_the_prompt_length_moves_the_gate_threshold(pixart_pipe):
     events = {}
     for forced in (None, 64):
         ctl = apply_dqar(pixart_pipe, cfg)
+        driver = get_step_driver(pixart_pipe)
         if forced is not None:
-            ctl.set_prompt_length = lambda n, _ctl=ctl: type(_ctl).set_prompt_length(_ctl, forced)
+            # Whatever the pipeline's prompt encoding announces, the driver keeps the forced length.
+            driver.announce = lambda prompt_length=None, _announce=driver.announce, **kw: _announce(
+                prompt_length=forced if prompt_length is not None else None, **kw)
         try:
             run_pixart(pixart_pipe)
-            events[forced] = (ctl.prompt_length, ctl.summary()["reuse_events"])
+            events[forced] = (ctl.step.prompt_length, ctl.summary()["reuse_events"])
         finally:
             remove_dqar(pixart_pipe)
     assert events[None][0] == seen_length and events[64][0] == 64

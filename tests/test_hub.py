@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dqar.models import hub
+from dqar.sampling import to_uint8
 from dqar.cli import main
 from hub_fixtures import build_tiny_dit_pipeline, build_tiny_pixart_pipeline
 
@@ -76,7 +77,7 @@ def test_dit_pipeline_per_sample_seeds(dit_pipe):
     # Exactly what the pipeline gives for one generator per image.
     ref = dit_pipe(class_labels=[3, 4], guidance_scale=1.5, num_inference_steps=3, output_type="pt",
                    generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]).images
-    assert torch.equal(imgs, hub.to_uint8(ref))
+    assert torch.equal(imgs, to_uint8(ref, (0.0, 1.0)))
     # Image k depends only on its own seed and label, not on the rest of the batch.
     alone = hub.generate(dit_pipe, [6], class_labels=[4], steps=3, cfg_scale=1.5)
     assert torch.equal(alone[0], imgs[1])
@@ -118,7 +119,7 @@ def test_dqar_under_diffusers_reuses_and_removal_restores(kind, dit_pipe, pixart
         cached = hub.generate(pipe, [5, 6], steps=4, cfg_scale=cfg, controller=controller, **inputs)
         summary = controller.summary()
         if kind == "pixart":
-            assert controller.prompt_length == 6  # the longest prompt of the batch, EOS included
+            assert controller.step.prompt_length == 6  # the longest prompt of the batch, EOS included
     finally:
         remove_dqar(pipe)
     # Static schedule, 2 layers, 4 steps: floor(p * 2) layers at p = 0, 1/3, 2/3, 1 -> 0, 0, 1, 2 layers,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
-from dqar.method.cache import Exact
+from dqar.method.quant import Unquantized
 from dqar.cli import main
 from dqar.models import build_dit
 from dqar.method.quant import QTensor
@@ -128,7 +128,7 @@ def test_16_bit_reuse_is_bit_identical_to_unquantized_reuse(model, exact_run, un
     assert not torch.equal(images, uncached)  # reuse did change the run, so the equality above means something
     assert len(entries) == ENTRIES
     for e in entries.values():
-        assert type(e.output) is Exact and e.output.tensor.dtype == torch.float32
+        assert type(e.output) is Unquantized and e.output.tensor.dtype == torch.float32
         assert e.output.tensor.shape == (ROWS, TOKENS, HIDDEN)
         assert e.output.dequantize() is e.output.tensor  # replayed as is, no copy, no rounding
     assert s["cache_bytes"] == ENTRIES * ROWS * TOKENS * HIDDEN * 4 == 32768
@@ -184,7 +184,7 @@ def test_kv_mode_stores_k_exact_and_v_int8(model):
     shape = (ROWS, HEADS, TOKENS, HEAD_DIM)
     for e in entries.values():
         assert e.output is None
-        assert type(e.keys) is Exact and e.keys.tensor.shape == shape
+        assert type(e.keys) is Unquantized and e.keys.tensor.shape == shape
         # K is a strided view of the fused qkv projection; the cache must hold K alone, not all of qkv
         assert e.keys.tensor.untyped_storage().nbytes() == e.keys.nbytes == math.prod(shape) * 4
         assert type(e.values) is QTensor and e.values.bits == 8 and e.values.shape == shape

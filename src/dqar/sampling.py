@@ -1,50 +1,53 @@
 """Sampling loop over diffusers schedulers with classifier-free guidance and one generator per sample.
 
 Image k depends only on its own seed (EDM's convention), so paired cached-vs-uncached comparisons and
-sharded multi-process runs see the same starting noise whatever the batch size. Observers (the DQAR
-controller among them) are told when each step begins and, with the x0 prediction, when it ends.
+sharded multi-process runs see the same starting noise whatever the batch size. A DQAR-hooked model's
+step driver is told when each step begins and, with the x0 prediction, when it ends; so are any other
+observers.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
 from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .method.controller import CONTROLLER_ATTR
+from .method.step import StepInfo, step_driver
 
 SAMPLERS = ("ddim", "dpm")
 BRANCHES_CFG = ("cond", "uncond")
 BRANCHES_COND = ("cond",)
 
 
-@dataclass
-class StepInfo:
-    """What a sampler knows about one denoising step."""
-
-    step_index: int
-    total_steps: int
-    timestep: int
-    alpha: float                # sqrt(alphas_cumprod[t])
-    sigma: float                # sqrt(1 - alphas_cumprod[t])
-    x: torch.Tensor             # (N, C, H, W) current noisy sample x_t, one row per image (no CFG copy)
-    branches: tuple[str, ...]   # how the model's batch is split: ("cond", "uncond") under CFG
-    x0: torch.Tensor | None = None  # (N, C, H, W) the model's x0 prediction; set at step end
-
-    @property
-    def progress(self) -> float:
-        return self.step_index / max(self.total_steps - 1, 1)
-
-    @property
-    def schedule_snr(self) -> float:
-        return (self.alpha ** 2) / max(self.sigma ** 2, 1e-12)
-
-
 class StepObserver(Protocol):
     def on_step_begin(self, info: StepInfo) -> None: ...
 
     def on_step_end(self, info: StepInfo) -> None: ...
+
+
+MAX_SEED = 2**63 - 1    # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+def _is_integer(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def validate_labels_and_seeds(class_labels: Sequence[int], seeds: Sequence[int], null_class: int) -> None:
+    """One integer seed per image, labels in [0, null_class): the null class is guidance's, not a request."""
+    if len(class_labels) == 0:
+        raise ValueError("class_labels is empty: pass at least one label")
+    if len(class_labels) != len(seeds):
+        raise ValueError(f"got {len(class_labels)} class labels but {len(seeds)} seeds: one seed per image")
+    for label in class_labels:
+        if not _is_integer(label) or not 0 <= int(label) < null_class:
+            raise ValueError(f"class label {label!r} is not allowed: labels are integers in [0, {null_class}) "
+                             f"({null_class} is the null class that classifier-free guidance uses)")
+    for seed in seeds:
+        if not _is_integer(seed) or not 0 <= int(seed) <= MAX_SEED:
+            raise ValueError(f"seed {seed!r} is not allowed: seeds are integers in [0, 2**63 - 1]")
 
 
 def validate_sampling_args(sampler: str, steps: int, cfg_scale: float, train_timesteps: int = 1000) -> None:
@@ -104,18 +107,25 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
     `num_classes`) for the unconditional half. Guidance is skipped when `cfg_scale == 1`.
     """
     validate_sampling_args(sampler, steps, cfg_scale)
-    if len(class_labels) != len(seeds):
-        raise ValueError(f"got {len(class_labels)} class labels but {len(seeds)} seeds: one seed per image")
     cfg = getattr(model, "config", None)
+    null_class = cfg.num_classes if null_class is None else null_class
+    validate_labels_and_seeds(class_labels, seeds, null_class)
     if sample_shape is None:
         sample_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     channels = sample_shape[0]
-    null_class = cfg.num_classes if null_class is None else null_class
     denoiser = denoiser or (lambda x, t, y: model(x, t, y))
+    driver = step_driver(model)
+    try:
+        return _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels, sample_shape,
+                        null_class, driver, observers, device, progress)
+    except BaseException:
+        if driver is not None:
+            driver.abort()      # a half-finished generation must not leave its cache to a later call
+        raise
 
-    hooked = getattr(model, CONTROLLER_ATTR, None)
-    if hooked is not None:
-        observers = [hooked[0], *observers]
+
+def _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels, sample_shape, null_class,
+             driver, observers, device, progress) -> torch.Tensor:
     scheduler = make_scheduler(sampler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -136,6 +146,8 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
         t_int = int(t)
         alpha, sigma = float(acp[t_int].sqrt()), float((1 - acp[t_int]).sqrt())
         info = StepInfo(i, len(timesteps), t_int, alpha, sigma, x, branches)
+        if driver is not None:
+            driver.begin(info)
         for obs in observers:
             obs.on_step_begin(info)
         x_in = torch.cat([x, x]) if use_cfg else x
@@ -145,12 +157,17 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
             out = guide(*out.chunk(2), cfg_scale, channels)
         eps = out[:, :channels]
         info.x0 = (x - sigma * eps) / alpha
+        if driver is not None:
+            driver.end(info)
         for obs in observers:
             obs.on_step_end(info)
         x = scheduler.step(eps, t, x).prev_sample
     return x
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images (N, C, H, W) to uint8 (N, H, W, C)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Float images (N, C, H, W) in `value_range` (the sampler's [-1, 1]; diffusers pipelines give [0, 1]
+    with output_type='pt') to uint8 (N, H, W, C), clamped."""
+    low, high = value_range
+    return ((images.float().clamp(low, high) - low) * (255.0 / (high - low))).round().to(torch.uint8) \
+        .permute(0, 2, 3, 1).cpu()

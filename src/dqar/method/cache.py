@@ -1,36 +1,7 @@
-"""The reuse cache: one entry per (layer, branch, target), stored exact or quantized, with byte accounting."""
+"""The reuse cache: one entry per (layer, branch, target), stored as computed or quantized, with byte accounting."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-
-
-class Exact:
-    """An unquantized cache payload: the tensor itself, returned as is (bit-identical reuse)."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    def dequantize(self) -> torch.Tensor:
-        return self.tensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
-
-
-def encode(x: torch.Tensor, bits: int, granularity: str, salient: torch.Tensor | None = None):
-    """Store `x` at `bits` (16 = as computed); anything stored has .dequantize() and .nbytes."""
-    if bits == 16:
-        # A strided view (K out of a fused qkv projection) would pin the whole projection buffer,
-        # 3x what nbytes reports; a contiguous copy is still bit-identical and keeps the bytes honest.
-        return Exact(x if x.is_contiguous() else x.contiguous())
-    from .quant import store
-
-    return store(x, bits, granularity, salient)
 
 
 @dataclass

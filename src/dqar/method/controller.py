@@ -1,9 +1,10 @@
-"""DQARController: per-step reuse decisions, the cache, statistics and the run summary.
+"""DQARController: the per-generation state of reuse: decisions, the cache, counters and the run summary.
 
-Seed 002's API: begin_step / should_reuse / reuse / commit / reset / summary. The controller is
-also a sampler observer (on_step_begin / on_step_end), which is how `dqar.sampling.sample` and
-the diffusers step detector drive it. It holds all per-generation state; `reset()` clears it and
-runs at step 0 of every generation, so nothing leaks from one image batch into the next.
+Seed 002's API: begin_step / should_reuse / reuse / commit / reset / summary. It is a plain state
+object: a `StepDriver` (dqar.method.step) starts and ends its steps, the hooks ask it for decisions and
+hand it what they computed, and the FLOP profile behind ideal_speedup is measured by the hooks and
+handed in read-only. `reset()` clears everything and runs at step 0 of every generation, so nothing
+leaks from one image batch into the next.
 """
 from __future__ import annotations
 
@@ -11,15 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CacheEntry, ReuseCache, encode
+from .cache import CacheEntry, ReuseCache
 from .config import DQARConfig
+from .quant import SalienceTracker, store
 from .schedules import StepState, build_schedule
-from .stats import latent_norm as _latent_norm
-from .stats import policy_features, schedule_snr, x0_snr
-
-
-# The attribute under which apply_dqar leaves the controller on the model (read by the sampler).
-CONTROLLER_ATTR = "_dqar_controller"
+from .stats import x0_snr
+from .trace import trace_row
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,10 @@ class DQARController:
         self.num_layers = num_layers
         self.default_branches = branches
         self.schedule = build_schedule(config)
-        # Per-sample FLOPs measured once per input shape by the hooks (survive reset: they describe the model).
-        self.flops_profile: dict | None = None
-        self.profiler = None          # a FlopCounterMode while the hooks measure that profile
-        self.profile_acc: dict = {}
+        # Per-branch FLOPs of this forward's input shape, measured by the hooks (dqar.method.flops).
+        self.flops_profile = None
         self.cache = ReuseCache()
+        self.salience = SalienceTracker(config.csb_topk, config.csb_calibration_steps)
         self.trace_rows: list[dict] = []
         self.reset()
 
@@ -60,12 +57,10 @@ class DQARController:
         self.active = False
         self.branches = self.default_branches
         self.step: StepState | None = None
-        self.prompt_length = getattr(self, "prompt_length", 1)
         self._plans: dict[str, frozenset] = {}
         self._entropy: dict[str, dict[int, float]] = {}
         self._last_x0_snr: float | None = None
-        self._calibrators: dict = {}
-        self._salient: dict = {}
+        self.salience.reset()
         self.reuse_events = 0
         self.compute_events = 0
         self.share_events = 0
@@ -77,27 +72,25 @@ class DQARController:
         self._step_entropies: list[float] = []
         self._flops_total = 0.0
         self._flops_skipped = 0.0
+        self.entropy_unavailable = 0       # attention calls whose entropy could not be measured
+        self.unmatched_timesteps = 0       # diffusers calls whose timestep is not one of the scheduler's
         self.trace_rows = []
 
-    def set_prompt_length(self, n: int) -> None:
-        """Token count of the text prompt (class-conditional models use 1); feeds tau(p_len) and the policy."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"prompt_length={n!r} is not allowed: must be an integer >= 1")
-        self.prompt_length = n
-
     def begin_step(self, step_index: int, total_steps: int, snr: float | None = None,
-                   prompt_length: int | None = None, latent_norm: float | None = None,
+                   prompt_length: int = 1, latent_norm: float | None = None,
                    branches: tuple[str, ...] | None = None) -> None:
+        """Start a step (step 0 starts a generation and resets); prompt_length is the prompt's token count
+        (class-conditional models use 1) and feeds tau(p_len) and the policy."""
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 1:
+            raise ValueError(f"prompt_length={prompt_length!r} is not allowed: must be an integer >= 1")
         if step_index == 0:
             self.reset()
         self._finish_step_stats()
-        if prompt_length is not None:
-            self.set_prompt_length(prompt_length)
         if branches is not None:
             self.branches = tuple(branches)
         if self.config.snr_form == "x0":
             snr = self._last_x0_snr
-        self.step = StepState(step_index, total_steps, self.num_layers, snr, latent_norm, self.prompt_length)
+        self.step = StepState(step_index, total_steps, self.num_layers, snr, latent_norm, prompt_length)
         self.active = True
         self.events_per_step.append(0)
         self.snr_per_step.append(snr)
@@ -114,16 +107,6 @@ class DQARController:
         self.active = False
         return self.summary()
 
-    # Sampler observer protocol (dqar.sampling.StepObserver).
-    def on_step_begin(self, info) -> None:
-        self.begin_step(info.step_index, info.total_steps, snr=schedule_snr(info.alpha, info.sigma),
-                        latent_norm=_latent_norm(info.x), branches=info.branches)
-
-    def on_step_end(self, info) -> None:
-        self.end_step(info.x0, info.x)
-        if info.step_index == info.total_steps - 1:
-            self.end_generation()
-
     # ------------------------------------------------------------------ decisions
     def should_reuse(self, layer_id: int, branch: str, target: str = "attn") -> Decision:
         if not self.active or layer_id not in self._plans.get(branch, ()):
@@ -133,17 +116,15 @@ class DQARController:
 
     def should_share(self, layer_id: int) -> bool:
         """Uncond may take cond's fresh output when their last entropies are within epsilon."""
-        if not (self.config.cfg_sharing and self.active and self.step.progress >= self.config.warmup):
+        if not (self.config.cfg_sharing and self.active) or self.schedule.in_warmup(self.step):
             return False
         hc = self._entropy.get("cond", {}).get(layer_id)
         hu = self._entropy.get("uncond", {}).get(layer_id)
         return hc is not None and hu is not None and abs(hc - hu) < self.config.cfg_sharing_eps
 
-    def reuse(self, entry: CacheEntry, shared: bool = False) -> torch.Tensor | None:
+    def reuse(self, entry: CacheEntry) -> torch.Tensor | None:
         """Count a reuse event for `entry` and return its dequantized output (None in kv mode)."""
         self._count(entry.layer, entry.target, reused=True, kv=entry.output is None)
-        if shared:
-            self.share_events += 1
         return entry.output.dequantize() if entry.output is not None else None
 
     def count_share(self, layer_id: int, target: str) -> None:
@@ -163,21 +144,24 @@ class DQARController:
         if entropy is not None:
             self._entropy.setdefault(branch, {})[layer_id] = entropy
             self._step_entropies.append(entropy)
-        if cfg.trace and output is not None and target == "attn":
-            self._trace(layer_id, branch, output, entropy)
+        if cfg.trace and output is not None and target == "attn" and self.step is not None:
+            row = trace_row(self.step, layer_id, branch, output, self.cache.get(layer_id, branch, "attn"), entropy)
+            if row is not None:
+                self.trace_rows.append(row)
         entry = CacheEntry(layer_id, branch, target, step_index, entropy=entropy)
         self._count(layer_id, target, reused=False)
         if layer_id not in self.cached_layers:
             return entry
+        salient = self.salience.channels
         if output is not None:
-            entry.output = encode(output, cfg.cache_bits, cfg.quant_granularity,
-                                  self._salient_channels(layer_id, target, output, cfg.cache_bits))
+            entry.output = store(output, cfg.cache_bits, cfg.quant_granularity,
+                                 salient(layer_id, target, output, cfg.cache_bits, step_index))
         if keys is not None:
             # CSB applies to K and V too: their channels are the head dimension.
             kb, vb = cfg.resolved_kv_bits
-            entry.keys = encode(keys, kb, cfg.quant_granularity, self._salient_channels(layer_id, "keys", keys, kb))
-            entry.values = encode(values, vb, cfg.quant_granularity,
-                                  self._salient_channels(layer_id, "values", values, vb))
+            entry.keys = store(keys, kb, cfg.quant_granularity, salient(layer_id, "keys", keys, kb, step_index))
+            entry.values = store(values, vb, cfg.quant_granularity,
+                                 salient(layer_id, "values", values, vb, step_index))
         self.cache.put(entry)
         return entry
 
@@ -194,56 +178,18 @@ class DQARController:
             key = ("kv", layer_id) if kv else (target, layer_id)
             self._flops_skipped += self.flops_profile.get(key, 0.0)
 
-    def count_step_flops(self) -> None:
-        """Add one uncached forward (all branches) to the FLOP total; the hooks call it once per forward,
-        after choosing the profile of this forward's input shape."""
-        if self.flops_profile:
-            self._flops_total += self.flops_profile["total"] * len(self.branches)
+    def count_forward(self, flops_profile) -> None:
+        """The hooks hand in, once per model forward, the FLOP profile of its input shape (read-only; see
+        dqar.method.flops); an uncached forward of all branches is added to the FLOP total."""
+        self.flops_profile = flops_profile
+        if self.active and flops_profile:
+            self._flops_total += flops_profile["total"] * len(self.branches)
 
     def _finish_step_stats(self) -> None:
         if self.step is not None and len(self.entropy_per_step) < len(self.events_per_step):
             ents = self._step_entropies
             self.entropy_per_step.append(sum(ents) / len(ents) if ents else None)
         self._step_entropies = []
-
-    def _salient_channels(self, layer_id: int, target: str, x: torch.Tensor, bits: int):
-        """CSB: top-k channels kept exact; calibrated over the first computed steps when asked."""
-        cfg = self.config
-        if bits == 16 or not cfg.csb_topk:
-            return None
-        from .quant import SalienceCalibrator, select_salient_channels
-
-        topk = int(cfg.csb_topk) if cfg.csb_topk >= 1 else float(cfg.csb_topk)
-        if cfg.csb_calibration_steps <= 0:
-            return select_salient_channels(x, topk)
-        key = (layer_id, target)
-        if key in self._salient:
-            return self._salient[key]
-        # Count computed steps, not commits: under CFG each step commits once per branch, and
-        # counting those would freeze after half the requested steps with one branch's view only.
-        cal, seen = self._calibrators.setdefault(key, (SalienceCalibrator(), set()))
-        step_index = self.step.step_index if self.step else 0
-        if step_index not in seen and len(seen) >= cfg.csb_calibration_steps:
-            self._salient[key] = cal.channels(topk)
-            return self._salient[key]
-        seen.add(step_index)
-        cal.update(x)
-        return cal.channels(topk)
-
-    def _trace(self, layer_id: int, branch: str, output: torch.Tensor, entropy: float | None) -> None:
-        """One policy-training row: features now, and how far reuse of the cached output would be off."""
-        prev = self.cache.get(layer_id, branch, "attn")
-        if prev is None or prev.output is None or self.step is None:
-            return
-        cached = prev.output.dequantize().float()
-        fresh = output.float()
-        rel = float((fresh - cached).norm() / (fresh.norm() + 1e-12))
-        s = self.step
-        feats = policy_features(entropy if entropy is not None else float("nan"), s.snr or 0.0,
-                                s.latent_norm or 0.0, s.progress, s.prompt_length)
-        self.trace_rows.append({"step": s.step_index, "total_steps": s.total_steps, "layer": layer_id,
-                                "branch": branch, "features": feats, "rel_change": rel,
-                                "cached_step": prev.step})
 
     @property
     def ideal_speedup(self) -> float | None:
@@ -266,6 +212,8 @@ class DQARController:
             "entropy_per_step": list(self.entropy_per_step),
             "snr_per_step": list(self.snr_per_step),
             "x0_snr_per_step": list(self.x0_snr_per_step),
+            "entropy_unavailable": self.entropy_unavailable,
+            "unmatched_timesteps": self.unmatched_timesteps,
             "num_layers": self.num_layers,
             "config": self.config.to_dict(),
         }

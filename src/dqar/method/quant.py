@@ -1,7 +1,8 @@
 """Symmetric INT8/INT4 storage for cached activations, with channel-wise salience balancing (CSB).
 
-`store(x, bits, ...)` is the one entry point the cache uses: bits 16/32 keep a float copy
-(`FullPrecision`), bits 8/4 quantize (`QTensor`). Both answer `.dequantize()` and `.nbytes`.
+`store(x, bits, ...)` is the one entry point the cache uses: bits 16 keep the tensor as computed
+(`Unquantized`, in the model's own dtype), bits 8/4 quantize (`QTensor`). Both answer `.dequantize()`
+and `.nbytes`.
 
 Quantization (DESIGN.md): `q = clip(round(x / s), -Q, Q)`, `s = max|x| / Q`, Q = 127 (INT8, int8
 storage) or 7 (INT4, two values per uint8 byte). Scales are float32, one per tensor, per last-dim
@@ -22,7 +23,6 @@ from torch import Tensor
 
 QMAX = {8: 127, 4: 7}
 GRANULARITIES = ("tensor", "channel", "token")
-FLOAT_BITS = {16: torch.float16, 32: torch.float32}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,41 +265,32 @@ class QTensor:
                 f"granularity={self.granularity!r}, salient={k}, nbytes={self.nbytes})")
 
 
-class FullPrecision:
-    """A float copy (fp16 or fp32) with the same interface as `QTensor`."""
+class Unquantized:
+    """What `cache_bits=16` keeps: the tensor exactly as computed, in the model's own dtype (so "16-bit" is
+    32-bit on an fp32 model and 16-bit on a bf16/fp16 one); reuse of it is bit-identical."""
 
-    def __init__(self, x: Tensor, dtype: torch.dtype = torch.float16):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype")
-        # copy=True: a same-dtype .to() would alias the caller's tensor, and an in-place op on it later
-        # would silently change what the cache replays.
-        self.data = x.detach().to(dtype, copy=True)
-        self.orig_dtype = x.dtype
+    __slots__ = ("tensor",)
+
+    def __init__(self, x: Tensor):
+        # A strided view (K out of a fused qkv projection) would pin the whole projection buffer, 3x what
+        # nbytes reports; a contiguous copy is still bit-identical and keeps the bytes honest.
+        x = x.detach()          # a view: the cache never keeps an autograd graph alive
+        self.tensor = x if x.is_contiguous() else x.contiguous()
 
     @property
     def shape(self) -> torch.Size:
-        return self.data.shape
+        return self.tensor.shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.orig_dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
+        return self.tensor.dtype
 
     @property
     def nbytes(self) -> int:
-        return _tensor_bytes(self.data)
+        return _tensor_bytes(self.tensor)
 
     def dequantize(self) -> Tensor:
-        # always a fresh tensor (as QTensor's is), so a caller's in-place op cannot edit the cache
-        return self.data.to(self.orig_dtype, copy=True)
-
-    def __repr__(self) -> str:
-        return f"FullPrecision(shape={tuple(self.shape)}, stored={self.data.dtype}, dtype={self.orig_dtype}, nbytes={self.nbytes})"
+        return self.tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,26 +351,51 @@ def quantize(x: Tensor, bits: int, granularity: str = "tensor", salient=None) ->
     return QTensor(payload, scales, x.shape, x.dtype, bits, granularity, idx, sal_values)
 
 
-def dequantize(q) -> Tensor:
-    """`q.dequantize()` for a `QTensor` or `FullPrecision`."""
-    return q.dequantize()
+def store(x: Tensor, bits: int, granularity: str = "tensor", salient=None) -> QTensor | Unquantized:
+    """The cache's one storage call: bits 16 keep the tensor as computed, 8/4 quantize.
 
-
-def store(x: Tensor, bits: int, granularity: str = "tensor", salient=None) -> QTensor | FullPrecision:
-    """The cache's one storage call: bits 16/32 keep an fp16/fp32 copy, 8/4 quantize.
-
-    granularity and salient only shape quantized storage; a float copy has nothing to scale.
+    granularity and salient only shape quantized storage; an unquantized tensor has nothing to scale.
     """
-    _check_bits(bits, allowed=(*FLOAT_BITS, *QMAX))
+    _check_bits(bits, allowed=(16, *QMAX))
     _check_granularity(granularity)
-    if int(bits) in FLOAT_BITS:
-        return FullPrecision(x, FLOAT_BITS[int(bits)])
+    if int(bits) == 16:
+        return Unquantized(x)
     return quantize(x, int(bits), granularity, salient)
 
 
-def quantize_kv(k: Tensor, v: Tensor, k_bits: int = 16, v_bits: int = 8, granularity: str = "tensor",
-                k_salient=None, v_salient=None) -> tuple[QTensor | FullPrecision, QTensor | FullPrecision]:
-    """Mixed-precision K/V storage (the design's default: K fp16, V int8); each side via `store`."""
-    _check_bits(k_bits, allowed=(*FLOAT_BITS, *QMAX), name="k_bits")
-    _check_bits(v_bits, allowed=(*FLOAT_BITS, *QMAX), name="v_bits")
-    return store(k, k_bits, granularity, k_salient), store(v, v_bits, granularity, v_salient)
+class SalienceTracker:
+    """CSB per cached (layer, target) over one generation: which channels stay exact when storing at `bits`.
+
+    With `calibration_steps = 0` the salient set is chosen from each tensor itself. Otherwise a
+    `SalienceCalibrator` per (layer, target) folds in the tensors of the first `calibration_steps`
+    *computed steps* and the set is frozen after that.
+    """
+
+    def __init__(self, topk, calibration_steps: int):
+        # A whole-number count arrives as a float from JSON or the CLI; a fraction stays a float.
+        self.topk = int(topk) if topk >= 1 else float(topk)
+        self.enabled = bool(topk)
+        self.calibration_steps = calibration_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self._calibrators: dict = {}
+        self._frozen: dict = {}
+
+    def channels(self, layer: int, target: str, x: Tensor, bits: int, step_index: int) -> Tensor | None:
+        if bits == 16 or not self.enabled:
+            return None
+        if self.calibration_steps <= 0:
+            return select_salient_channels(x, self.topk)
+        key = (layer, target)
+        if key in self._frozen:
+            return self._frozen[key]
+        # Count computed steps, not commits: under CFG each step commits once per branch, and counting
+        # those would freeze after half the requested steps with one branch's view only.
+        cal, seen = self._calibrators.setdefault(key, (SalienceCalibrator(), set()))
+        if step_index not in seen and len(seen) >= self.calibration_steps:
+            self._frozen[key] = cal.channels(self.topk)
+            return self._frozen[key]
+        seen.add(step_index)
+        cal.update(x)
+        return cal.channels(self.topk)

@@ -14,6 +14,9 @@ from typing import Sequence
 
 import torch
 
+from dqar.method.hooks import get_step_driver
+from dqar.sampling import to_uint8
+
 SUPPORTED = ("DiTPipeline", "PixArtAlphaPipeline")
 SAMPLERS = ("ddim", "dpm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -123,11 +126,6 @@ def prompt_lengths(pipe, prompts: Sequence[str], max_sequence_length: int = 120)
     return [int(sum(mask)) for mask in enc["attention_mask"]]
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float images (N, C, H, W), as pipelines return with output_type='pt', to uint8 (N, H, W, C)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 @torch.no_grad()
 def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None = None,
              prompts: Sequence[str] | None = None, steps: int = 50, cfg_scale: float = 1.5,
@@ -135,8 +133,8 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
     """One image per seed as uint8 (N, H, W, C); DiT takes `class_labels`, PixArt `prompts`.
 
     Guidance follows each pipeline's rule (on when cfg_scale > 1). Under DQAR, PixArt's prompt length (longest
-    prompt of the batch: one batch shares one gate threshold) is handed to `controller.set_prompt_length` first;
-    class-conditional DiT keeps the controller's own prompt length.
+    prompt of the batch: one batch shares one gate threshold) is announced to the hooked pipeline's step driver
+    first; class-conditional DiT keeps prompt length 1.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise HubModelError(f"steps={steps!r} is not allowed: must be an integer >= 1")
@@ -155,13 +153,14 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
                 raise HubModelError(f"class label {label} is outside [0, {limit}) for this model")
         out = pipe(class_labels=[int(c) for c in class_labels], guidance_scale=cfg_scale,
                    generator=generators(seeds), num_inference_steps=steps, output_type="pt").images
-        return to_uint8(out)
+        return to_uint8(out, (0.0, 1.0))
     if prompts is None or class_labels is not None:
         raise HubModelError("a PixArt pipeline is text-conditional: pass prompts (--prompt / --prompts-file)")
     if len(prompts) != n:
         raise HubModelError(f"got {len(prompts)} prompts but {n} seeds: one seed per image")
-    if controller is not None:
-        controller.set_prompt_length(max(prompt_lengths(pipe, prompts, max_sequence_length)))
+    driver = get_step_driver(pipe) if controller is not None else None
+    if driver is not None:
+        driver.announce(prompt_length=max(prompt_lengths(pipe, prompts, max_sequence_length)))
     height, width, _ = image_shape(pipe)
     # clean_caption needs bs4/ftfy and rewrites the text after we counted its tokens; binning only knows the
     # released resolutions, so both are off and the model's native size is asked for.
@@ -169,4 +168,4 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
                generator=generators(seeds), num_inference_steps=steps, height=height, width=width,
                output_type="pt", clean_caption=False, use_resolution_binning=False,
                max_sequence_length=max_sequence_length).images
-    return to_uint8(out)
+    return to_uint8(out, (0.0, 1.0))

@@ -1,0 +1,57 @@
+"""The FLOP profile behind ideal_speedup: measured once per input shape in the first (uncached) forward.
+
+The root hook runs that forward under torch's FlopCounterMode; each hooked module adds its own share
+while it runs. A profile maps (target, layer) -> FLOPs of one branch's call of that module, ("kv", layer)
+-> the K/V projection FLOPs a K/V reuse skips, and "total" -> one branch's whole forward. The controller
+reads profiles; only this module writes them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+class FlopProfiler:
+    """Profiles per input shape, and the module FLOPs gathered while one is being measured."""
+
+    def __init__(self):
+        self.profiles: dict[tuple, dict] = {}
+        self.counter: FlopCounterMode | None = None      # set only while a profile is measured
+        self._acc: dict = {}
+        self._branches = 1
+
+    @property
+    def measuring(self) -> bool:
+        return self.counter is not None
+
+    def measure(self, key: tuple, branches: int, run: Callable[[], object]):
+        """Run `run()` under a FLOP counter and keep the profile of input shape `key`; returns run()'s output."""
+        mapping = {}
+        if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+            # torch's counter has no formula for the CPU flash kernel; attention FLOPs are the same.
+            mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+        self.counter, self._acc, self._branches = FlopCounterMode(display=False, custom_mapping=mapping), {}, branches
+        try:
+            with self.counter:
+                out = run()
+            # Events are counted per branch; a branch is 1 / branches of the batch.
+            self.profiles[key] = {**self._acc, "total": self.counter.get_total_flops() / max(branches, 1)}
+        finally:
+            self.counter = None
+        return out
+
+    def module_call(self, target: str, layer: int, run: Callable[[], object], kv_flops: float | None = None):
+        """Run one hooked module inside a measured forward and record its per-branch FLOPs."""
+        before = self.counter.get_total_flops()
+        out = run()
+        per_branch = 1.0 / self._branches
+        self._acc[(target, layer)] = (self.counter.get_total_flops() - before) * per_branch
+        if kv_flops is not None:
+            self._acc[("kv", layer)] = kv_flops * per_branch
+        return out
