@@ -4,6 +4,8 @@ Heavy dependencies (diffusers, the harness) are imported lazily so `import dqar`
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -25,7 +27,5 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dqar' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import numbers
 from typing import Callable, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .method.step import StepInfo, step_driver
 
@@ -139,8 +140,6 @@ def _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels,
 
     iterator = enumerate(timesteps)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, total=len(timesteps), desc="sampling", unit="step", leave=False)
     for i, t in iterator:
         t_int = int(t)

@@ -18,6 +18,8 @@ import torch
 from dqar.models.dit import DIT_PRESETS, DiT
 from dqar.models.io import WeightsError, load_dit, read_safetensors, save_dit
 
+from .evaluator import load_evaluator_file, save_evaluator
+
 DIT_FILE = "dit_digits_ema.safetensors"
 DIT_CARD = "dit_digits.json"
 EVALUATOR_FILE = "evaluator.safetensors"
@@ -78,7 +80,6 @@ def save_embedded_dit(model: DiT, path: str | Path, extra_metadata: dict[str, st
 
 
 def save_embedded_evaluator(model, path: str | Path) -> Path:
-    from .evaluator import save_evaluator
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return save_evaluator(model, path, {DIGEST_KEY: tensor_digest(tensors)})
@@ -100,7 +101,6 @@ def load_embedded_model(path: str | Path | None = None) -> DiT:
 
 def load_evaluator(path: str | Path | None = None):
     """The digits evaluator CNN (`dqar.digits.evaluator.DigitsEvaluator`) in eval mode."""
-    from .evaluator import load_evaluator_file
 
     path = Path(path) if path is not None else asset_path(EVALUATOR_FILE)
     try:

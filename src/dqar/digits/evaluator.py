@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .data import IMAGE_SIZE, NUM_CLASSES, DigitsSplit, random_shift
 from dqar.models.io import WeightsError, check_state_dict, read_safetensors
@@ -96,8 +98,6 @@ def train_evaluator(data: DigitsSplit, cfg: EvaluatorTrainConfig = EvaluatorTrai
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train evaluator", unit="step")
     start = time.perf_counter()
     model.train()
@@ -129,7 +129,6 @@ def train_evaluator(data: DigitsSplit, cfg: EvaluatorTrainConfig = EvaluatorTrai
 
 
 def save_evaluator(model: DigitsEvaluator, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

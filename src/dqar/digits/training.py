@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .data import DigitsSplit, random_affine, random_shift
 from dqar.models.dit import DIT_PRESETS, DiT, build_dit
@@ -159,8 +160,6 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
     steps = range(cfg.steps)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, desc="train DiT", unit="step")
     log, window, losses = [], [], []
     start = time.perf_counter()
