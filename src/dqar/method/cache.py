@@ -12,14 +12,17 @@ class CacheEntry:
     branch: str
     target: str
     step: int
-    output: object | None = None   # stored output (output mode)
+    output: object | None = None   # stored output F(s2) (output mode; a block's residual for the block target)
     keys: object | None = None     # stored K (kv mode)
     values: object | None = None   # stored V (kv mode)
     entropy: float | None = None
+    d1: object | None = None       # stored first divided difference (forecast order >= 1; dqar.method.forecast)
+    d2: object | None = None       # stored second divided difference (forecast order 2)
+    steps: tuple = ()              # step positions of the computed outputs the differences cover, oldest first
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in (self.output, self.keys, self.values) if p is not None)
+        return sum(p.nbytes for p in (self.output, self.keys, self.values, self.d1, self.d2) if p is not None)
 
 
 @dataclass

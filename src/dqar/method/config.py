@@ -15,7 +15,8 @@ SCHEDULES = ("none", "static", "depth", "gate", "policy", "interval")
 ORDERS = ("shallow", "deep", "random")
 SNR_FORMS = ("schedule", "x0")
 GATE_WITH = (None, "static", "depth")
-TARGETS = ("attn", "mlp")
+TARGETS = ("attn", "mlp", "block")
+FORECAST_ORDERS = (0, 1, 2)
 CACHE_BITS = (16, 8, 4)
 GRANULARITIES = ("tensor", "channel", "token")
 # The seed's depth-aware phases for 28 layers, {0,1,2} / {0..12} / all, as fractions of depth.
@@ -50,7 +51,14 @@ class DQARConfig:
     warmup     progress before which nothing is reused, for every schedule.
     mode       "output" caches the module output before the adaLN gate; "kv" caches K and V and
                recomputes Q and attention (the seeds' failure mode, kept to show it).
-    cache_bits 16 stores outputs unquantized in the compute dtype; 8 / 4 quantize them.
+    targets    which outputs are cached: "attn" and/or "mlp" (the module output before its adaLN gate), or
+               "block" alone (the whole block's residual, output - input: a reuse skips the block's
+               attention, MLP, adaLN modulation and norms).
+    forecast_order  0 reuses the last computed output; 1 / 2 extrapolate from the last 2 / 3 computed
+               outputs of that module and branch (Newton divided differences over their step positions,
+               dqar.method.forecast); too little history yet means compute (summary()["short_history"]).
+    cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
+               quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
                models have p_len = 1, so tau = tau0 / 8 (entropy in nats, mean over query rows).
                The default 28 (tau = 3.5 nats at p_len = 1) was calibrated on the embedded model,
@@ -85,6 +93,7 @@ class DQARConfig:
     quant_granularity: str = "channel"
     csb_topk: float = 0
     csb_calibration_steps: int = 0
+    forecast_order: int = 0
     trace: bool = False
 
     def __post_init__(self):
@@ -132,8 +141,17 @@ class DQARConfig:
         t = self.targets
         if not isinstance(t, tuple) or not t or any(x not in TARGETS for x in t) or len(set(t)) != len(t):
             _fail("targets", t, f"must be a non-empty tuple of distinct names from {', '.join(TARGETS)}")
-        if self.mode == "kv" and "mlp" in t:
+        if self.mode == "kv" and t != ("attn",):
             _fail("targets", t, "mode='kv' caches attention keys/values only; use targets=('attn',)")
+        if "block" in t and len(t) > 1:
+            _fail("targets", t, "'block' caches the whole block's residual, attention and MLP included; "
+                                "use targets=('block',) alone")
+        if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
+            _fail("forecast_order", self.forecast_order, "must be 0 (reuse the last output), 1 or 2 (extrapolate "
+                                                         "from the last 2 or 3 computed outputs)")
+        if self.forecast_order and self.mode == "kv":
+            _fail("forecast_order", self.forecast_order, "forecasting extrapolates module outputs; mode='kv' caches "
+                                                         "keys/values, so use forecast_order=0 with it")
         if not _is_int(self.interval) or self.interval < 1:
             _fail("interval", self.interval, "must be an integer >= 1")
         if self.policy_threshold is not None and (not _is_number(self.policy_threshold)

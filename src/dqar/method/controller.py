@@ -14,6 +14,7 @@ import torch
 
 from .cache import CacheEntry, ReuseCache
 from .config import DQARConfig
+from .forecast import advance, extrapolate, points
 from .quant import SalienceTracker, store
 from .schedules import StepState, build_schedule
 from .stats import x0_snr
@@ -72,6 +73,7 @@ class DQARController:
         self._step_entropies: list[float] = []
         self._flops_total = 0.0
         self._flops_skipped = 0.0
+        self.short_history = 0             # reuse decisions turned into computes: too little history to forecast
         self.entropy_unavailable = 0       # attention calls whose entropy could not be measured
         self.unmatched_timesteps = 0       # diffusers calls whose timestep is not one of the scheduler's
         self.trace_rows = []
@@ -112,7 +114,12 @@ class DQARController:
         if not self.active or layer_id not in self._plans.get(branch, ()):
             return _COMPUTE
         entry = self.cache.get(layer_id, branch, target)
-        return Decision(True, entry) if entry is not None else _COMPUTE
+        if entry is None:
+            return _COMPUTE
+        if self.config.forecast_order and points(entry) <= self.config.forecast_order:
+            self.short_history += 1         # too few computed outputs yet for a forecast of this order
+            return _COMPUTE
+        return Decision(True, entry)
 
     def should_share(self, layer_id: int) -> bool:
         """Uncond may take cond's fresh output when their last entropies are within epsilon."""
@@ -123,9 +130,14 @@ class DQARController:
         return hc is not None and hu is not None and abs(hc - hu) < self.config.cfg_sharing_eps
 
     def reuse(self, entry: CacheEntry) -> torch.Tensor | None:
-        """Count a reuse event for `entry` and return its dequantized output (None in kv mode)."""
+        """Count a reuse event for `entry` and return its output for this step (None in kv mode): the stored
+        one (forecast order 0) or its forecast from the stored differences."""
         self._count(entry.layer, entry.target, reused=True, kv=entry.output is None)
-        return entry.output.dequantize() if entry.output is not None else None
+        if entry.output is None:
+            return None
+        if not self.config.forecast_order:
+            return entry.output.dequantize()
+        return extrapolate(entry, self.step.step_index, self.config.forecast_order, entry.output.dtype)
 
     def count_share(self, layer_id: int, target: str) -> None:
         self._count(layer_id, target, reused=True, kv=False)
@@ -154,8 +166,14 @@ class DQARController:
             return entry
         salient = self.salience.channels
         if output is not None:
-            entry.output = store(output, cfg.cache_bits, cfg.quant_granularity,
-                                 salient(layer_id, target, output, cfg.cache_bits, step_index))
+            def keep(t: torch.Tensor, slot: str):
+                name = target if slot == "output" else f"{target}.{slot}"
+                return store(t, cfg.cache_bits, cfg.quant_granularity,
+                             salient(layer_id, name, t, cfg.cache_bits, step_index))
+
+            previous = self.cache.get(layer_id, branch, target)
+            entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
+                                                                    cfg.forecast_order, keep)
         if keys is not None:
             # CSB applies to K and V too: their channels are the head dimension.
             kb, vb = cfg.resolved_kv_bits
@@ -212,6 +230,7 @@ class DQARController:
             "entropy_per_step": list(self.entropy_per_step),
             "snr_per_step": list(self.snr_per_step),
             "x0_snr_per_step": list(self.x0_snr_per_step),
+            "short_history": self.short_history,
             "entropy_unavailable": self.entropy_unavailable,
             "unmatched_timesteps": self.unmatched_timesteps,
             "num_layers": self.num_layers,

@@ -45,6 +45,7 @@ class _TargetHook:
         self.ctl, self.flops, self.layer, self.target, self.module, self.layout = ctl, flops, layer, target, module, layout
         self.original = module.forward
         self.is_attn = target == "attn"
+        self.is_block = target == "block"          # caches the block's residual (output - input)
         self.rows: torch.Tensor | None = None
         self._warned_entropy = False
 
@@ -82,19 +83,24 @@ class _TargetHook:
                 ctl.count_share(self.layer, self.target)
                 return torch.cat([out, out])
             out, ents = self._compute(*args, **kwargs)
-            self._commit_chunks(branches, out, ents)
+            self._commit_chunks(branches, self._cached_form(out, x), ents)
             return out
         b = n // len(branches)
         parts = []
         for i, (branch, d) in enumerate(zip(branches, decisions)):
             if d.use_cache:
-                parts.append(self._checked(ctl.reuse(d.entry), b).to(x.dtype))
+                cached = self._checked(ctl.reuse(d.entry), b).to(x.dtype)
+                parts.append(x[i * b:(i + 1) * b] + cached if self.is_block else cached)
             else:
                 sub_args, sub_kwargs = _slice_call(args, kwargs, n, i * b, (i + 1) * b)
                 out, ents = self._compute(*sub_args, **sub_kwargs)
-                self._commit_chunks((branch,), out, ents)
+                self._commit_chunks((branch,), self._cached_form(out, _hidden_states(sub_args, sub_kwargs)), ents)
                 parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _cached_form(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the cache keeps of a fresh output: the output itself, or a block's residual."""
+        return out - x if self.is_block else out
 
     def _checked(self, cached: torch.Tensor, batch: int) -> torch.Tensor:
         """A cached output is per image: a batch that changed size mid-generation must never broadcast it."""
@@ -298,7 +304,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     wrapped = []
     for layer, block in enumerate(blocks):
         for target in config.targets:
-            module = getattr(block, layout.target_attrs[target])
+            module = block if target == "block" else getattr(block, layout.target_attrs[target])
             wrapped.append(_replace_forward(module, _TargetHook(ctl, flops, layer, target, module, layout)))
     wrapped.append(_replace_forward(model, _RootHook(driver, flops, model, layout, scheduler, pipe)))
     restore = []

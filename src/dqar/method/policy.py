@@ -196,6 +196,12 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
         info = json.loads(metadata.get("info", "{}"))
     except ValueError as exc:
         raise PolicyFileError(f"{where} has unreadable metadata ({exc})") from None
+    if not 0.0 <= threshold <= 1.0:          # NaN fails this too
+        raise PolicyFileError(f"{where} has threshold {metadata.get('threshold')!r} in its metadata; a policy's "
+                              "threshold must be a number in [0, 1]")
+    if not isinstance(info, dict):
+        raise PolicyFileError(f"{where} has 'info' metadata that is a JSON {type(info).__name__}, not an object; "
+                              "it was not written by `dqar train-policy`")
     policy = ReusePolicy(threshold=threshold, info=info)
     expected = policy.state_dict()
     for name, ref in expected.items():
@@ -207,6 +213,14 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise PolicyFileError(f"{where} has unexpected tensor {extra[0]!r}; it is not a DQAR reuse policy")
+    for name in sorted(tensors):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            bad = int((~torch.isfinite(tensors[name])).sum())
+            raise PolicyFileError(f"{where}: tensor {name!r} has {bad} NaN or inf values; the policy would decide "
+                                  "nothing sensible (every comparison with NaN is false)")
+    if bool((tensors["feature_std"] < 0).any()):
+        raise PolicyFileError(f"{where}: tensor 'feature_std' has a negative entry "
+                              f"{tensors['feature_std'].min().item():g}; a standard deviation is >= 0")
     policy.load_state_dict({k: v.float() for k, v in tensors.items()})
     # Keep the std floor even for a hand-edited file, so inference never divides by zero.
     policy.feature_std.clamp_(min=_MIN_STD)

@@ -199,7 +199,7 @@ SCHEDULE_CLASSES: dict[str, type[Schedule]] = {
 _SCHEDULE_FIELDS = frozenset(f for cls in SCHEDULE_CLASSES.values() for f in cls.reads)
 # What reuse does with what it keeps: dead for the uncached baseline.
 _CACHE_FIELDS = ("mode", "targets", "cache_bits", "kv_bits", "quant_granularity", "csb_topk",
-                 "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps")
+                 "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps", "forecast_order")
 # Fields that describe the run, not the images it makes.
 _NEVER_LIVE = ("record_entropy", "trace")
 

@@ -1,0 +1,61 @@
+"""Forecasting a cached module's output from its last computed ones (Newton divided differences).
+
+Order 0 is plain reuse: the last computed output F(s2). Order k extrapolates from the last k+1 computed
+outputs of that module and branch at their actual step positions s0 < s1 < s2 (gaps may be uneven):
+
+    D1 = F[s1, s2] = (F(s2) - F(s1)) / (s2 - s1)
+    D2 = F[s0, s1, s2] = (F[s1, s2] - F[s0, s1]) / (s2 - s0)
+    F(s) ~ F(s2) + (s - s2) D1 + (s - s2)(s - s1) D2
+
+which is exact for polynomials of degree <= k whatever the gaps. A cache entry keeps F(s2), D1 and D2 (not
+three raw outputs): the differences have a far smaller range than F, so they lose less under the same
+INT8/INT4 quantizer, and at 16 bits (stored as computed) the forecast is the exact Newton polynomial.
+Each new difference is formed from the *stored* (dequantized) previous values, so quantization error
+does not compound from one refresh to the next.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+FORECAST_ORDERS = (0, 1, 2)
+
+
+Store = Callable[[torch.Tensor, str], object]     # (tensor, slot name) -> stored payload
+
+
+def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store) -> tuple:
+    """(output, d1, d2, steps) after `fresh` was computed at `step`, given the previous cache entry (or None):
+    the new stored F(s2) and, for order >= 1, the new stored differences and the positions behind them."""
+    if order == 0 or previous is None or previous.output is None:
+        return store(fresh, "output"), None, None, (step,)
+    s2 = previous.steps[-1]
+    if step <= s2:
+        raise ValueError(f"a computed output at step {step} does not follow the last one at step {s2}")
+    work = torch.promote_types(fresh.dtype, torch.float32)
+    d1 = (fresh.to(work) - previous.output.dequantize().to(work)) / (step - s2)
+    d2 = None
+    if order >= 2 and previous.d1 is not None:
+        s1 = previous.steps[-2]
+        d2 = (d1 - previous.d1.dequantize().to(work)) / (step - s1)
+    steps = (previous.steps + (step,))[-(order + 1):]
+    return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
+
+
+def points(entry) -> int:
+    """How many computed outputs an entry's stored differences cover (1 = only F(s2))."""
+    return 1 + (entry.d1 is not None) + (entry.d2 is not None)
+
+
+def extrapolate(history, step: int, order: int, dtype: torch.dtype) -> torch.Tensor:
+    """F(step) from a cache entry's stored F(s2), D1, D2 with the highest order it holds up to `order`."""
+    if order == 0 or history.d1 is None:
+        return history.output.dequantize()
+    s2 = history.steps[-1]
+    work = torch.promote_types(dtype, torch.float32)
+    out = history.output.dequantize().to(work) + (step - s2) * history.d1.dequantize().to(work)
+    if order >= 2 and history.d2 is not None:
+        s1 = history.steps[-2]
+        out = out + ((step - s2) * (step - s1)) * history.d2.dequantize().to(work)
+    return out.to(dtype)
