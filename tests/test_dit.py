@@ -1,4 +1,6 @@
 """The compact DiT: shapes of the small presets, construction of the large ones, weight files."""
+import re
+
 import pytest
 import torch
 
@@ -68,3 +70,14 @@ def test_weights_round_trip_and_errors(tmp_path):
     with pytest.raises(WeightsError, match=r"tensor 'x_embedder.proj.weight' has shape \(32, 1, 2, 2\) but the "
                                            r"model expects \(32, 4, 2, 2\)"):
         load_dit(path, preset="DiT-Tiny-Sigma")
+
+
+@pytest.mark.parametrize("value, counts", [(float("nan"), "2 non-finite values of 96 (2 NaN, 0 inf)"),
+                                           (float("-inf"), "2 non-finite values of 96 (0 NaN, 2 inf)")])
+def test_weights_with_nan_or_inf_are_refused_naming_file_and_tensor(tmp_path, value, counts):
+    model = build_dit("DiT-Tiny").randomize_(3)
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.bias[:2] = value
+    path = save_dit(model, tmp_path / "diverged.safetensors")
+    with pytest.raises(WeightsError, match=rf"diverged\.safetensors.*'blocks\.1\.attn\.qkv\.bias' has {re.escape(counts)}"):
+        load_dit(path)

@@ -45,7 +45,25 @@ def read_safetensors(path: str | Path, what: str = "weights") -> tuple[dict[str,
             f"{what} file {str(path)!r} is not a readable safetensors file ({exc}); "
             "DQAR loads only .safetensors weights"
         ) from None
+    check_finite(tensors, f"{what} file {str(path)!r}")
     return tensors, metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise WeightsError naming the first floating-point tensor with a NaN or inf value, and how many it has.
+
+    Such weights run without any error and give NaN outputs, which become flat images: refused at load time.
+    """
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            nan = int(torch.isnan(t).sum())
+            raise WeightsError(f"{source}: tensor {name!r} has {bad} non-finite values of {t.numel()} ({nan} NaN, "
+                               f"{bad - nan} inf); the file is damaged or comes from a diverged training run")
 
 
 def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
