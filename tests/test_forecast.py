@@ -134,7 +134,8 @@ def test_16_bit_forecasts_equal_an_independent_newton_extrapolation(model, targe
         d1 = (f2 - f1) / (s2 - s1)
         d2 = (d1 - (f1 - f0) / (s1 - s0)) / (s2 - s0)
         expected = f2 + (s - s2) * d1 + (s - s2) * (s - s1) * d2
-        assert torch.allclose(returned[s], expected, atol=1e-6, rtol=1e-5), s
+        # The block target hands back x + residual; subtracting x again costs a few ulps of |x|.
+        assert torch.allclose(returned[s], expected, atol=1e-6 * float(expected.abs().max()), rtol=1e-5), s
 
 
 def test_order_0_returns_the_last_computed_output_exactly(model):
