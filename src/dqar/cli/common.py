@@ -1,7 +1,10 @@
-"""Options and helpers shared by the subcommands: model resolution, device, class lists."""
+"""Options and helpers shared by the subcommands: model resolution, device, class lists, seeds, output paths."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +18,105 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="'embedded' (the shipped digits DiT, default), a preset name (random weights: "
                              "speed work only) or a .safetensors weights file")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, usually one per core)")
+
+
+# ----------------------------------------------------------------------------- guidance scale
+
+FALLBACK_CFG_SCALE = 1.5        # DiT's FID setting, for models without a card
+CARD_CFG_KEY = "recommended_cfg_scale"
+
+
+def _card_cfg_text() -> str | None:
+    """The embedded card's recommended scale as text, for --help; None when the card cannot be read.
+
+    Read straight from the packaged JSON (no torch import), so `dqar --help` stays fast and never fails:
+    a missing or corrupt card is reported when a command actually needs it.
+    """
+    from importlib import resources
+
+    try:
+        text = resources.files("dqar.digits").joinpath("assets", "dit_digits.json").read_text(encoding="utf-8")
+        value = json.loads(text).get(CARD_CFG_KEY)
+        return str(float(value))
+    except (OSError, ValueError, TypeError, AttributeError, ModuleNotFoundError):
+        return None
+
+
+def cfg_scale_help(pixart: bool = False) -> str:
+    """--cfg-scale's help, with the defaults spelled out (the card's value read now)."""
+    card = _card_cfg_text()
+    embedded = (f"{card} for the embedded model (its card's {CARD_CFG_KEY})" if card is not None
+                else f"the embedded model card's {CARD_CFG_KEY} for the embedded model")
+    pixart_text = ", 4.5 for PixArt (its pipeline's default)" if pixart else ""
+    return (f"classifier-free guidance scale (default: {embedded}{pixart_text}, "
+            f"{FALLBACK_CFG_SCALE} (DiT's FID setting) for other models)")
+
+
+def add_cfg_scale_option(parser: argparse.ArgumentParser, pixart: bool = False) -> None:
+    """--cfg-scale with default None: resolve it with `default_cfg_scale(args.model)` after parsing."""
+    parser.add_argument("--cfg-scale", type=float, default=None, help=cfg_scale_help(pixart))
+
+
+def default_cfg_scale(model_spec: str) -> float:
+    """The embedded model card's recommended guidance scale; 1.5 (DiT's FID setting) for every other model.
+
+    A missing or corrupt card, or a card whose value is not a finite number >= 0, is an error naming the
+    card file, never a silent fallback.
+    """
+    if model_spec != EMBEDDED:
+        return FALLBACK_CFG_SCALE
+    from dqar.digits.embedded import DIT_CARD, asset_path, model_card
+
+    card = model_card()
+    value = card.get(CARD_CFG_KEY, FALLBACK_CFG_SCALE)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"model card {str(asset_path(DIT_CARD))!r}: {CARD_CFG_KEY}={value!r} is not a finite "
+                         "number >= 0; fix the card or pass --cfg-scale")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+# torch.Generator.manual_seed takes any integer in [-2**63, 2**64 - 1]; outside it torch raises
+# "Overflow when unpacking long long" in the middle of sampling.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+SEED_RANGE_TEXT = "[-2**63, 2**64 - 1]"
+
+
+def check_seed(value: int, option: str = "--seed", count: int = 1) -> int:
+    """Refuse a seed torch cannot take; with `count` > 1 the seeds value .. value + count - 1 must all fit."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{option}={value!r} is not an integer")
+    last = value + max(count, 1) - 1
+    if value < SEED_MIN or last > SEED_MAX:
+        used = f" (the run uses seeds {value}..{last})" if count > 1 and value >= SEED_MIN else ""
+        raise UsageError(f"{option}={value} is not allowed{used}: seeds must lie in torch's range {SEED_RANGE_TEXT}")
+    return value
+
+
+# ----------------------------------------------------------------------------- output paths
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    The folder may exist (as a folder) or not; what must not happen is an existing file in its place or
+    in place of one of its parents, or a first existing ancestor that this user cannot write into.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option}={str(path)!r} is an existing file, not a folder; pass a folder path")
+    ancestor = path
+    while not ancestor.exists():
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UsageError(f"{option}={str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a folder")
+    if ancestor.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}={str(path)!r} is not writable: no write permission on {str(ancestor)!r}")
+    return path
 
 
 def setup_torch(args: argparse.Namespace):

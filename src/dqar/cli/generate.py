@@ -7,22 +7,51 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_options, parse_classes, resolve_model, setup_torch
+from .common import (add_cfg_scale_option, add_model_options, check_out_dir, check_seed,
+                     default_cfg_scale, parse_classes, resolve_model, setup_torch)
 from .dqar_options import add_dqar_options, config_from_args
+
+DEFAULT_BATCH_SIZE = 16
+# With no --classes, every class of a model with at most this many (the embedded digits DiT's ten);
+# ImageNet models get DiT's sample.py classes; any other model must be given --classes.
+MAX_DEFAULT_CLASSES = 16
+IMAGENET_CLASSES = 1000
+IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)   # DiT's sample.py (Peebles & Xie)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
-    parser.add_argument("--classes", default=None, help="comma-separated class labels (default: every class)")
+    parser.add_argument("--classes", default=None,
+                        help="comma-separated class labels (default: every class of a model with at most "
+                             f"{MAX_DEFAULT_CLASSES}, e.g. the embedded model's ten digits; for a 1000-class "
+                             f"ImageNet model DiT's sample classes {','.join(map(str, IMAGENET_SAMPLE_CLASSES))}; "
+                             "any other model needs --classes)")
     parser.add_argument("--n", type=int, default=1, help="images per class (default 1)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--sampler", default="ddim", help="ddim | dpm (DPM-Solver++ multistep)")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="classifier-free guidance scale (default: the model card's, else 1.5)")
-    parser.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    parser.add_argument("--sampler", default="ddim", help="ddim | dpm (DPM-Solver++ multistep) (default ddim)")
+    add_cfg_scale_option(parser)
+    parser.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}); bounds memory, with CFG "
+                             "the model sees twice this many rows")
     parser.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (no progress bar)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dqar_options(parser)
+
+
+def default_classes(num_classes: int, model_spec: str, n: int) -> tuple[list[int], str | None]:
+    """(labels, note) when --classes is not given: a class set that fits the model, or a UsageError."""
+    from . import UsageError
+
+    if num_classes <= MAX_DEFAULT_CLASSES:
+        return list(range(num_classes)), None
+    if num_classes == IMAGENET_CLASSES:
+        labels = list(IMAGENET_SAMPLE_CLASSES)
+        return labels, (f"no --classes: sampling DiT's sample classes {','.join(map(str, labels))} of the "
+                        f"{num_classes}; pass --classes to choose")
+    raise UsageError(f"--model {model_spec} has {num_classes} classes: without --classes every class would be "
+                     f"sampled, {num_classes * n} images; pass --classes (e.g. --classes 0,1,2,3)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,43 +63,84 @@ def run(args: argparse.Namespace) -> int:
     device = setup_torch(args)
     if args.n < 1:
         raise UsageError(f"--n={args.n} is not allowed: must be >= 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
+    check_seed(args.seed)
+    out = check_out_dir(args.out)
     if cfg_scale is None:
         cfg_scale = default_cfg_scale(args.model)
     validate_sampling_args(args.sampler, args.steps, cfg_scale)
     model, described = resolve_model(args.model)
-    labels_once = parse_classes(args.classes, model.config.num_classes, args.n)
+    num_classes = model.config.num_classes
+    note = None
+    if args.classes is None:
+        labels_once, note = default_classes(num_classes, args.model, args.n)
+    else:
+        labels_once = parse_classes(args.classes, num_classes, args.n)
     labels = [c for c in labels_once for _ in range(args.n)]
+    check_seed(args.seed, count=len(labels))
     seeds = [args.seed + k for k in range(len(labels))]
+    if note and not args.json:
+        print(note, file=sys.stderr)
 
     import torch
 
+    from dqar.harness.distributed import merge_summaries
     from dqar.method.hooks import apply_dqar, remove_dqar
-    from dqar.sampling import make_scheduler, sample
+    from dqar.sampling import make_scheduler, sample, to_uint8
 
     model = model.to(device)
     make_scheduler(args.sampler)   # imports diffusers now, so its seconds of import stay out of ms/step
     # schedule "none" is the plain model, unless statistics were asked for (traces, entropy curves).
     hooked = config.schedule != "none" or config.trace or config.record_entropy
+    batches = [range(s, min(s + args.batch_size, len(labels))) for s in range(0, len(labels), args.batch_size)]
+    progress = not (args.json or args.no_progress)
     ctl = apply_dqar(model, config) if hooked else None
+    arrays, paths, summaries, trace_rows = [], [], [], []
+    seconds = 0.0
+    bar = None
     try:
-        start = time.perf_counter()
-        images = sample(model, labels, seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale,
-                        device=device, progress=not args.json)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        summary = _summary_for_json(ctl)
-        trace_rows = list(ctl.trace_rows) if ctl is not None else []
+        if progress and len(batches) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batches), desc="generate", unit="batch", file=sys.stderr)
+        for b, idx in enumerate(batches):
+            start = time.perf_counter()
+            images = sample(model, [labels[i] for i in idx], [seeds[i] for i in idx], steps=args.steps,
+                            sampler=args.sampler, cfg_scale=cfg_scale, device=device, progress=progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            if not bool(torch.isfinite(images).all()):
+                raise UsageError(f"--model {described}: sampling produced NaN or inf values (batch {b}, images "
+                                 f"{idx.start}..{idx.stop - 1}); the weights or the settings make the model "
+                                 "diverge, and its images would be flat; nothing more was written")
+            if ctl is not None:
+                s = dict(ctl.summary())
+                s["images"] = len(idx)
+                summaries.append(s)
+                trace_rows.extend({**r, "batch": b} for r in ctl.trace_rows)
+            arr = to_uint8(images).numpy()
+            paths += write_pngs(arr, [labels[i] for i in idx], [seeds[i] for i in idx], out, first=idx.start)
+            arrays.append(arr)
+            if bar is not None:
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         if ctl is not None:
             remove_dqar(model)
-    paths, grid = write_images(images, labels, seeds, Path(args.out))
-    traces = write_traces(trace_rows, Path(args.out)) if config.trace else None
+    import numpy as np
+
+    grid = write_grid(np.concatenate(arrays), labels, out)
+    summary = _summary_for_json(merge_summaries(summaries)) if ctl is not None else None
+    traces = write_traces(trace_rows, out) if config.trace else None
     result = {
         "model": described, "images": [str(p) for p in paths], "grid": str(grid), "seconds": seconds,
         "ms_per_step": 1000.0 * seconds / args.steps, "steps": args.steps, "sampler": args.sampler,
-        "cfg_scale": cfg_scale, "classes": labels, "seeds": seeds, "config": config.to_dict(),
-        "dqar": summary, "traces": str(traces) if traces else None,
+        "cfg_scale": cfg_scale, "classes": labels, "seeds": seeds, "batch_size": args.batch_size,
+        "batches": len(batches), "config": config.to_dict(), "dqar": summary,
+        "traces": str(traces) if traces else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -86,10 +156,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary_for_json(ctl) -> dict | None:
-    if ctl is None:
-        return None
-    s = ctl.summary()
+def _summary_for_json(summary: dict) -> dict:
+    """The merged per-batch summaries, with the cache sizes in MB (peaks over batches)."""
+    s = dict(summary)
     s["cache_mb"] = s["cache_bytes"] / 2**20
     s["peak_cache_mb"] = s["peak_cache_bytes"] / 2**20
     return s
@@ -104,32 +173,26 @@ def write_traces(rows, out: Path) -> Path:
     return write_jsonl(out / "traces.jsonl", named)
 
 
-def default_cfg_scale(model_spec: str) -> float:
-    """The embedded model card's recommended guidance scale; 1.5 (DiT's FID setting) otherwise."""
-    if model_spec == "embedded":
-        from dqar.digits.embedded import model_card
-
-        # A missing or corrupt card is an error naming the file (raised by model_card), never a silent 1.5.
-        return float(model_card().get("recommended_cfg_scale", 1.5))
-    return 1.5
-
-
-def write_images(images, labels, seeds, out: Path):
-    """Per-image PNGs named by index, class and seed, and a grid with one row per class."""
+def write_pngs(arr, labels, seeds, out: Path, first: int = 0) -> list[Path]:
+    """One PNG per (H, W, C) uint8 image, named by global index, class and seed."""
     from PIL import Image
 
-    from dqar.sampling import to_uint8
-
     out.mkdir(parents=True, exist_ok=True)
-    arr = to_uint8(images).numpy()                                     # (N, H, W, C)
     paths = []
-    for k, (img, label, seed) in enumerate(zip(arr, labels, seeds)):
+    for k, (img, label, seed) in enumerate(zip(arr, labels, seeds), start=first):
         p = out / f"{k:05d}_class{label}_seed{seed}.png"
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(p)
         paths.append(p)
+    return paths
+
+
+def write_grid(arr, labels, out: Path) -> Path:
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
     grid_path = out / "grid.png"
     Image.fromarray(make_grid(arr, labels)).save(grid_path)
-    return paths, grid_path
+    return grid_path
 
 
 def make_grid(arr, labels, pad: int = 2):
