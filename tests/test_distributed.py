@@ -224,3 +224,157 @@ def test_bad_options_name_the_value(bad, message, tmp_path, capsys):
     rc, _, err = run_cli(["--model", "DiT-Tiny", "--steps", "1", "--out", str(tmp_path / "x"), *bad], capsys)
     assert rc == 2
     assert message in err
+
+
+# ----------------------------------------------------------------------------- issue 15: hardening
+
+def test_a_batch_killed_between_its_pngs_and_its_stats_is_computed_again(tmp_path, capsys):
+    """The stats record is a batch's last write: without it the batch is not done, so a resume recomputes it."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    rc, _, _ = run_cli([*DQAR_ARGS, "--out", str(whole)], capsys)
+    assert rc == 0
+    shutil.copytree(whole, killed)
+    # What a kill after batch 1's PNGs but before its stats leaves behind (plus the merged file of the first try).
+    (killed / "stats" / "batch_000001.json").unlink()
+    (killed / "reuse_stats.json").unlink()
+    rc, stdout, err = run_cli([*DQAR_ARGS, "--out", str(killed)], capsys)
+    assert rc == 0 and "1 batches to do" in err and "0 written, 6 already present" in stdout
+    assert "have no reuse stats" not in err
+    assert (json.loads((killed / "stats" / "batch_000001.json").read_text())
+            == json.loads((whole / "stats" / "batch_000001.json").read_text()))
+    merged = json.loads((killed / "reuse_stats.json").read_text())
+    assert merged["batches"] == 2 and merged["images"] == 6
+    assert merged == json.loads((whole / "reuse_stats.json").read_text())
+
+
+def test_a_run_without_dqar_needs_no_stats_record_to_resume(one_process_run, tmp_path, capsys):
+    out = tmp_path / "plain"
+    shutil.copytree(one_process_run, out)
+    rc, stdout, err = run_cli([*ARGS, "--out", str(out)], capsys)
+    assert rc == 0 and "0 batches to do" in err and "0 written, 6 already present" in stdout
+
+
+@pytest.mark.parametrize("content, found", [("[1, 2]", "a JSON list"), ('{"identity": [1]}', "'identity' list"),
+                                            ('"text"', "a JSON str")])
+def test_a_run_json_that_is_not_a_run_record_is_refused_naming_it(tmp_path, capsys, content, found):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    rc, _, err = run_cli([*ARGS, "--out", str(out)], capsys)
+    assert rc == 2 and str(out / "run.json") in err and found in err and "Traceback" not in err
+    assert not (out / "images").exists()
+    assert (out / "run.json").read_text() == content          # nothing already written is lost
+
+
+def test_a_stats_record_that_is_not_an_object_is_refused_naming_it(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, _, _ = run_cli([*DQAR_ARGS, "--out", str(out)], capsys)
+    assert rc == 0
+    (out / "stats" / "batch_000000.json").write_text("[]")
+    rc, _, err = run_cli([*DQAR_ARGS, "--out", str(out)], capsys)
+    assert rc == 2 and "batch_000000.json holds a JSON list" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("layout, option, message", [
+    ("out-is-file", "--out", "is an existing file, not a folder"),
+    ("parent-is-file", "--out", "is a file, not a folder"),
+    ("sample-dir-is-file", "--sample-dir", "is an existing file, not a folder"),
+    ("images-is-file", "--out", "images' is a file, but this run keeps its images there as a folder"),
+    ("npz-is-folder", "--out", "samples.npz' is a folder, but this run writes its samples.npz file there"),
+    ("stats-is-file", "--out", "stats' is a file, but this run keeps its stats there as a folder"),
+])
+def test_output_paths_are_checked_before_any_sampling(tmp_path, capsys, monkeypatch, layout, option, message):
+    target = tmp_path / "o"
+    if layout in ("out-is-file", "sample-dir-is-file"):
+        target.write_text("keep")
+    elif layout == "parent-is-file":
+        (tmp_path / "file").write_text("keep")
+        target = tmp_path / "file" / "o"
+    else:
+        target.mkdir()
+        if layout == "images-is-file":
+            (target / "images").write_text("keep")
+        elif layout == "stats-is-file":
+            (target / "stats").write_text("keep")
+        else:
+            (target / "samples.npz").mkdir()
+    args = DQAR_ARGS if layout == "stats-is-file" else ARGS
+    calls = []
+    import dqar.sampling
+
+    real = dqar.sampling.sample
+    monkeypatch.setattr(dqar.sampling, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rc, _, err = run_cli([*args, option, str(target)], capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--seed", str(2**64)], f"--seed={2**64} is not allowed"),
+    (["--seed", str(2**64 - 3)], "the run uses seeds 18446744073709551613..18446744073709551618"),
+    (["--per-class", "0"], "--per-class=0 is not allowed"),
+    (["--interval", "3"], "--interval='3' does not apply to --schedule none"),
+    (["--cfg-sharing", "maybe"], "expected true or false"),
+])
+def test_bad_seeds_counts_and_options_exit_2_naming_the_value(tmp_path, capsys, bad, message):
+    argv = ARGS[:]
+    del argv[argv.index("--seed"):argv.index("--seed") + 2]
+    if "--per-class" in bad:
+        del argv[argv.index("--num-samples"):argv.index("--num-samples") + 2]
+    rc, _, err = run_cli([*argv, "--out", str(tmp_path / "x"), *bad], capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_sample_option_but_n_passes_through_torchruns_parser():
+    """torchrun parses the whole line with abbreviations on: an option that is a prefix of one of its own is
+    refused as ambiguous (or taken as its own). Every spelling `dqar sample` documents for torchrun must pass."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from dqar.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    sample_parser = subs["sample"]
+    options = sorted(s for a in sample_parser._actions for s in a.option_strings if s not in ("-h", "--help"))
+    assert "--per-class" in options and "--num-samples" in options
+    launcher = get_args_parser()
+    rejected = []
+    for option in options:
+        argv = ["--nproc_per_node", "2", "-m", "dqar.harness.sharded_sampling", option, "1"]
+        try:
+            parsed = launcher.parse_args(argv)
+        except SystemExit:
+            rejected.append(option)
+            continue
+        if parsed.training_script_args != [option, "1"]:
+            rejected.append(option)
+    assert rejected == ["--n"]
+    (n_action,) = [a for a in sample_parser._actions if "--n" in a.option_strings]
+    assert "torchrun" in n_action.help and "--per-class" in n_action.help
+
+
+def test_per_class_is_the_same_count_as_n(tmp_path, capsys):
+    rc, stdout, _ = run_cli(["--model", "DiT-Tiny", "--classes", "7,2", "--per-class", "2", "--steps", "2",
+                             "--batch-size", "3", "--schedule", "none", "--out", str(tmp_path / "p")], capsys)
+    assert rc == 0 and "4 written" in stdout
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert run["num_samples"] == 4 and run["identity"]["per_item"] == 2
+    with pytest.raises(SystemExit) as exc:                       # argparse's own refusal: one or the other
+        run_cli(["--model", "DiT-Tiny", "--per-class", "2", "--n", "2"], capsys)
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_sample_shows_a_progress_bar_over_batches(tmp_path, capsys):
+    rc, _, err = run_cli([*ARGS, "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0 and "sample" in err and "2/2" in err and "batch" in err and "<" in err
+    rc, _, err = run_cli([*ARGS, "--out", str(tmp_path / "q"), "--no-progress"], capsys)
+    assert rc == 0 and "2/2" not in err
+
+
+def test_sample_job_refuses_seeds_torch_cannot_take():
+    with pytest.raises(ValueError, match=r"seed=18446744073709551615 is not allowed: samples use seeds "
+                                         r"18446744073709551615\.\.18446744073709551616"):
+        SampleJob(model="DiT-Tiny", kind="dit", num_samples=2, seed=2**64 - 1, labels=(1,))
+    SampleJob(model="DiT-Tiny", kind="dit", num_samples=1, seed=2**64 - 1, labels=(1,))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from .common import add_model_options
+from .common import add_cfg_scale_option, add_model_options, check_out_dir, check_seed
 from .dqar_options import add_dqar_options, config_from_args
 
 
@@ -21,29 +21,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "hub or its local cache) or a local folder with model_index.json (DiTPipeline or "
                      "PixArtAlphaPipeline). Sampling runs under DQAR unless --schedule none.")
     count = parser.add_mutually_exclusive_group()
+    # torchrun parses the whole command line with abbreviations on, so `--n` (a prefix of its --nnodes,
+    # --nproc-per-node, --node-rank, ...) is refused there as ambiguous: --per-class is the spelling that
+    # works everywhere, --n stays for the one-process command (and `dqar generate`'s habit).
+    count.add_argument("--per-class", type=int, default=None,
+                       help="images per class (or per prompt), as --n in `dqar generate` (default 1); "
+                            "--per-class 50 over ImageNet's 1000 classes is FID-50K; works under torchrun")
     count.add_argument("--n", type=int, default=None,
-                       help="images per class (or per prompt), as in `dqar generate` (default 1); "
-                            "--n 50 over ImageNet's 1000 classes is FID-50K")
+                       help="the same as --per-class (default 1), for the one-process command only: torchrun refuses --n "
+                            "as an ambiguous prefix of its own --nnodes/--nproc-per-node, so under torchrun "
+                            "write --per-class (or --num-samples)")
     count.add_argument("--num-samples", type=int, default=None,
-                       help="total samples instead of --n: the first N of the class-major list with "
-                            "ceil(N / classes) per class")
+                       help="total samples instead of --per-class: the first N of the class-major list with "
+                            "ceil(N / classes) per class (default: --per-class times the classes); works "
+                            "under torchrun")
     parser.add_argument("--classes", default=None, help="comma-separated class labels (default: every class)")
     parser.add_argument("--prompt", action="append", default=None,
-                        help="text prompt for PixArt (repeatable; prompts are cycled over the sample index)")
-    parser.add_argument("--prompts-file", default=None, help="file with one PixArt prompt per line")
+                        help="text prompt for PixArt (repeatable; prompts are cycled over the sample index; "
+                             "default: none, a PixArt model then needs --prompts-file)")
+    parser.add_argument("--prompts-file", default=None, help="file with one PixArt prompt per line (default none)")
     parser.add_argument("--negative-prompt", default="", help="PixArt negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="classifier-free guidance scale (default: the embedded model card's, 4.5 for "
-                             "PixArt, else 1.5, DiT's FID setting)")
+    add_cfg_scale_option(parser, pixart=True)
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample k uses seed + k (default 0)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images per global batch, per forward pass (default 16); part of the run's settings")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="weights dtype for diffusers models (default float32)")
     parser.add_argument("--out", default=None, help="output folder (default: SAMPLE_DIR/<name from every setting>)")
-    parser.add_argument("--sample-dir", default="samples", help="parent of the default output folder")
+    parser.add_argument("--sample-dir", default="samples", help="parent of the default output folder (default samples)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dqar_options(parser)
 
 
@@ -51,9 +59,15 @@ def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
+        if path.is_dir():
+            raise UsageError(f"--prompts-file={args.prompts_file!r} is a folder, not a file")
         if not path.is_file():
             raise UsageError(f"--prompts-file={args.prompts_file!r} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--prompts-file={args.prompts_file!r} is not UTF-8 text ({exc.reason})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     return prompts
 
 
@@ -63,9 +77,10 @@ def _counts(args, items: int) -> tuple[int, int]:
         if args.num_samples < 1:
             raise UsageError(f"--num-samples={args.num_samples} is not allowed: must be >= 1")
         return args.num_samples, math.ceil(args.num_samples / items)
-    n = 1 if args.n is None else args.n
+    option, n = ("--per-class", args.per_class) if args.per_class is not None else ("--n", args.n)
+    n = 1 if n is None else n
     if n < 1:
-        raise UsageError(f"--n={n} is not allowed: must be >= 1")
+        raise UsageError(f"{option}={n} is not allowed: must be >= 1")
     return n * items, n
 
 
@@ -76,11 +91,9 @@ def _cfg_scale(args, kind: str) -> float:
         return args.cfg_scale
     if kind == "pixart":
         return 4.5  # PixArtAlphaPipeline's default
-    if args.model == "embedded":
-        from .generate import default_cfg_scale
+    from .common import default_cfg_scale
 
-        return default_cfg_scale(args.model)
-    return 1.5
+    return default_cfg_scale(args.model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
     if args.steps < 1:
         raise UsageError(f"--steps={args.steps} is not allowed: must be >= 1")
+    check_seed(args.seed)
+    if args.out:
+        check_out_dir(args.out)
+    else:
+        check_out_dir(args.sample_dir, "--sample-dir")
     prompts = _read_prompts(args)
     device = setup_torch(args)
     dqar_cfg = config_from_args(args)
@@ -133,20 +151,21 @@ def run(args: argparse.Namespace) -> int:
             labels = parse_classes(args.classes, n_classes, 1)
             items = labels
         num_samples, per_item = _counts(args, len(items))
+        check_seed(args.seed, count=num_samples)
         job = SampleJob(model=args.model, kind=kind, num_samples=num_samples, steps=args.steps,
                         sampler=args.sampler, cfg_scale=_cfg_scale(args, kind), seed=args.seed,
                         batch_size=args.batch_size, per_item=per_item, labels=tuple(labels),
                         prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                         dtype=args.dtype if kind != "dit" else "float32",
                         dqar=_dqar_identity(dqar_cfg))
-        out_dir = Path(args.out) if args.out else Path(args.sample_dir) / folder_name(job)
+        out_dir = Path(args.out) if args.out else check_out_dir(Path(args.sample_dir) / folder_name(job), "--out")
 
         if dqar_cfg is not None:
             from dqar.method.hooks import apply_dqar
 
             controller = apply_dqar(model, dqar_cfg)
         generate = _make_generate(job, model, device, controller)
-        result = run_job(job, generate, out_dir, info, controller=controller)
+        result = run_job(job, generate, out_dir, info, controller=controller, progress=not args.no_progress)
         if info.is_main:
             print(f"{result.written} written, {result.skipped} already present, "
                   f"{result.seconds:.1f} s -> {result.out_dir}")
@@ -170,6 +189,10 @@ def _make_generate(job, model, device, controller):
             labels = [job.label(i) for i in indices]
             x = sample(model, labels, seeds, steps=job.steps, sampler=job.sampler, cfg_scale=job.cfg_scale,
                        device=device)
+            if not bool(x.isfinite().all()):
+                raise UsageError(f"--model {job.model}: sampling produced NaN or inf values (images {indices[0]}.."
+                                 f"{indices[-1]}); the weights or the settings make the model diverge, and its "
+                                 "images would be flat; this batch was not written")
             return to_uint8(x)
     elif job.kind == "hub-dit":
         def generate(indices, seeds):

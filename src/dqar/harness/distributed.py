@@ -208,12 +208,17 @@ def write_json(path: str | Path, data) -> Path:
 
 
 def read_json_files(paths: Iterable[str | Path]) -> list[dict]:
+    """JSON objects from files; a file that is not JSON, or holds anything but an object, is a ValueError naming it."""
     out = []
     for p in paths:
         try:
-            out.append(json.loads(Path(p).read_text()))
-        except json.JSONDecodeError as exc:
+            data = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{p} is not valid JSON ({exc}); delete it to regenerate that batch") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} holds a JSON {type(data).__name__}, not an object of batch stats; delete it to "
+                             "regenerate that batch")
+        out.append(data)
     return out
 
 

@@ -10,7 +10,9 @@ classes is the balanced FID-50K set).
 Folder layout:
     run.json               the settings; a re-run with different settings into the same folder is refused
     images/000000.png ...  one PNG per sample, named by global index
-    stats/batch_000000.json  the controller summary of each global batch (under DQAR)
+    stats/batch_000000.json  the controller summary of each global batch (under DQAR), written atomically after
+                           the batch's PNGs: it is the batch's completion record, so a batch killed between its
+                           PNGs and its stats is computed again on resume
     samples.npz            `arr_0`: uint8 (N, H, W, C) in index order, the ADM evaluator's input
     reuse_stats.json       the per-batch summaries merged (event counts summed)
 
@@ -32,6 +34,8 @@ from .distributed import (DistInfo, barrier, global_batches, merge_summaries, pn
                           sample_seeds, save_png, shard, sum_int, write_json, write_npz)
 
 KINDS = ("dit", "hub-dit", "pixart")
+# torch.Generator.manual_seed's range; sample k's seed is seed + k, so every one of them must fit.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 NPZ_NAME = "samples.npz"
 STATS_NAME = "reuse_stats.json"
 RUN_NAME = "run.json"
@@ -63,6 +67,11 @@ class SampleJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not allowed: must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is not allowed: must be an integer")
+        if self.seed < SEED_MIN or self.seed + self.num_samples - 1 > SEED_MAX:
+            raise ValueError(f"seed={self.seed} is not allowed: samples use seeds {self.seed}.."
+                             f"{self.seed + self.num_samples - 1}, and torch takes seeds in [-2**63, 2**64 - 1]")
         if self.kind == "pixart" and not self.prompts:
             raise ValueError("a PixArt model needs at least one prompt (--prompt or --prompts-file)")
         if self.kind != "pixart" and not self.labels:
@@ -112,14 +121,39 @@ class RunResult:
     seconds: float
 
 
+def _check_layout(out_dir: Path, with_stats: bool) -> None:
+    """Refuse, before any work, a folder whose fixed names are taken by the wrong kind of entry."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {str(out_dir)!r} is an existing file, not a folder")
+    ancestor = out_dir
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"output folder {str(out_dir)!r} cannot be created: {str(ancestor)!r} is a file")
+    folders = ["images"] + (["stats"] if with_stats else [])
+    for name in folders:
+        path = out_dir / name
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{str(path)!r} is a file, but this run keeps its {name} there as a folder; move it")
+    for name in (RUN_NAME, NPZ_NAME, STATS_NAME):
+        path = out_dir / name
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, but this run writes its {name} file there; move it")
+
+
 def _check_run_file(out_dir: Path, job: SampleJob) -> None:
     run_file = out_dir / RUN_NAME
     if not run_file.exists():
         return
     try:
-        previous = json.loads(run_file.read_text()).get("identity", {})
-    except json.JSONDecodeError:
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{run_file} is not valid JSON; delete it (or the folder) to start again") from None
+    previous = record.get("identity") if isinstance(record, dict) else None
+    if not isinstance(previous, dict):
+        found = type(record).__name__ if not isinstance(record, dict) else f"'identity' {type(previous).__name__}"
+        raise ValueError(f"{run_file} holds a JSON {found}, not a run record written by `dqar sample` (an object "
+                         "with an 'identity' object); delete it (or pass another --out) to start again")
     current = json.loads(json.dumps(job.identity()))
     diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
     if diff:
@@ -141,34 +175,9 @@ def _take_summary(controller) -> dict:
 Generate = Callable[[Sequence[int], Sequence[int]], Any]
 
 
-def run_job(job: SampleJob, generate: Generate, out_dir: str | Path, info: DistInfo = DistInfo(), *,
-            controller=None, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> RunResult:
-    """Generate the job's samples into `out_dir` on this rank's share of the global batches.
-
-    `generate(indices, seeds)` returns uint8 (N, H, W, C) for those global indices (the caller binds the model,
-    labels or prompts). Every rank must call this with the same job; rank 0 writes the npz and merged stats.
-    """
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    images_dir, stats_dir = out_dir / "images", out_dir / "stats"
-    _check_run_file(out_dir, job)
-    if info.is_main:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        if controller is not None:
-            stats_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / RUN_NAME, {"identity": job.identity(), "num_samples": job.num_samples,
-                                        "world_size": info.world_size})
-    batches = global_batches(job.num_samples, job.batch_size)
-    # Every rank scans before any rank writes, so all ranks agree on the to-do list.
-    barrier(info)
-    todo = [b for b, idx in enumerate(batches) if any(not png_path(images_dir, i).exists() for i in idx)]
-    missing_at_start = sum(1 for idx in batches for i in idx if not png_path(images_dir, i).exists())
-    barrier(info)
-    mine = shard(todo, info.rank, info.world_size)
-    if info.is_main:
-        log(f"{job.num_samples} samples in {len(batches)} batches of {job.batch_size}: "
-            f"{len(todo)} batches to do on {info.world_size} process(es), "
-            f"{job.num_samples - missing_at_start} samples already done -> {out_dir}")
+def _run_batches(job: SampleJob, generate: Generate, mine: Sequence[int], batches: Sequence[range], images_dir: Path,
+                 stats_dir: Path, controller, bar) -> int:
+    """Compute this rank's batches; returns the PNGs written. Each batch ends with its completion record."""
     written = 0
     for b in mine:
         indices = list(batches[b])
@@ -184,18 +193,81 @@ def run_job(job: SampleJob, generate: Generate, out_dir: str | Path, info: DistI
         if controller is not None:
             summary = _take_summary(controller)
             summary["images"] = len(indices)
-            write_json(stats_dir / f"batch_{b:06d}.json", summary)
+            # Last write of the batch, atomic (temp file + rename): until it lands the batch is not done.
+            write_json(batch_record(stats_dir, b), summary)
+        if bar is not None:
+            bar.update(1)
+    return written
+
+
+def batch_record(stats_dir: Path, batch: int) -> Path:
+    return stats_dir / f"batch_{batch:06d}.json"
+
+
+def _batch_done(images_dir: Path, stats_dir: Path, batch: int, indices: range, with_stats: bool) -> bool:
+    """A batch is done when all its PNGs exist and, under DQAR, its stats record (written last, atomically)."""
+    if any(not png_path(images_dir, i).exists() for i in indices):
+        return False
+    return not with_stats or batch_record(stats_dir, batch).is_file()
+
+
+def run_job(job: SampleJob, generate: Generate, out_dir: str | Path, info: DistInfo = DistInfo(), *,
+            controller=None, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+            progress: bool = False) -> RunResult:
+    """Generate the job's samples into `out_dir` on this rank's share of the global batches.
+
+    `generate(indices, seeds)` returns uint8 (N, H, W, C) for those global indices (the caller binds the model,
+    labels or prompts). Every rank must call this with the same job; rank 0 writes the npz and merged stats.
+    A batch counts as done only when its last write landed: its PNGs, then (under DQAR) its stats record, so a
+    run killed anywhere inside a batch computes that batch again on resume. `progress` shows a bar over this
+    rank's batches, with an ETA, on rank 0.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    images_dir, stats_dir = out_dir / "images", out_dir / "stats"
+    with_stats = controller is not None
+    _check_layout(out_dir, with_stats)
+    _check_run_file(out_dir, job)
+    if info.is_main:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        if controller is not None:
+            stats_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / RUN_NAME, {"identity": job.identity(), "num_samples": job.num_samples,
+                                        "world_size": info.world_size})
+    batches = global_batches(job.num_samples, job.batch_size)
+    # Every rank scans before any rank writes, so all ranks agree on the to-do list.
+    barrier(info)
+    todo = [b for b, idx in enumerate(batches) if not _batch_done(images_dir, stats_dir, b, idx, with_stats)]
+    missing_at_start = sum(1 for idx in batches for i in idx if not png_path(images_dir, i).exists())
+    barrier(info)
+    mine = shard(todo, info.rank, info.world_size)
+    if info.is_main:
+        log(f"{job.num_samples} samples in {len(batches)} batches of {job.batch_size}: "
+            f"{len(todo)} batches to do on {info.world_size} process(es), "
+            f"{job.num_samples - missing_at_start} samples already done -> {out_dir}")
+    bar = None
+    if progress and info.is_main and mine:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="sample" if info.world_size == 1 else "sample (rank 0)", unit="batch",
+                   file=sys.stderr)
+    try:
+        written = _run_batches(job, generate, mine, batches, images_dir, stats_dir, controller, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     total_written = sum_int(info, written)
     barrier(info)
     npz_shape = stats = None
     if info.is_main:
         npz_shape = write_npz(images_dir, job.num_samples, out_dir / NPZ_NAME)
         if controller is not None:
-            files = [stats_dir / f"batch_{b:06d}.json" for b in range(len(batches))]
+            files = [batch_record(stats_dir, b) for b in range(len(batches))]
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                log(f"warning: {len(missing)} batches have no reuse stats (first: {missing[0]}): they were "
-                    "generated by a run without DQAR; delete their PNGs to regenerate them")
+                # Every rank computes a batch until its record lands, so only a rank that failed leaves a gap.
+                log(f"warning: {len(missing)} batches have no reuse stats (first: {missing[0]}): a process "
+                    "stopped before finishing them; run the same command again to compute them")
             stats = merge_summaries(read_json_files([f for f in files if f.exists()]))
             stats["batches"] = len(files) - len(missing)
             write_json(out_dir / STATS_NAME, stats)
