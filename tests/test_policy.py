@@ -223,16 +223,59 @@ def test_wrong_feature_count_order_or_format_raise_naming_the_file(tmp_path):
     assert issubclass(PolicyFileError, ValueError)
 
 
+def _with_metadata(src, dst, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.update(changes)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"info": "[1, 2]"}, "has 'info' metadata that is a JSON list, not an object"),
+    ({"info": '"text"'}, "has 'info' metadata that is a JSON str, not an object"),
+    ({"threshold": "nan"}, "has threshold 'nan' in its metadata; a policy's threshold must be a number in [0, 1]"),
+    ({"threshold": "1.5"}, "has threshold '1.5' in its metadata"),
+    ({"threshold": "-inf"}, "has threshold '-inf' in its metadata"),
+])
+def test_bad_metadata_raises_naming_the_file(tmp_path, changes, message):
+    good, _ = save_policy(ReusePolicy(), tmp_path / "good.safetensors")
+    bad = _with_metadata(good, tmp_path / "badmeta.safetensors", **changes)
+    with pytest.raises(PolicyFileError) as exc:
+        load_policy(bad)
+    assert str(bad) in str(exc.value) and message in str(exc.value)
+
+
+@pytest.mark.parametrize("tensor, value, message", [
+    ("net.0.weight", float("nan"), "tensor 'net.0.weight' has 1 NaN or inf values"),
+    ("feature_mean", float("inf"), "tensor 'feature_mean' has 1 NaN or inf values"),
+    ("feature_std", -2.0, "tensor 'feature_std' has a negative entry -2"),
+])
+def test_nonfinite_or_negative_std_tensors_raise_naming_the_file(tmp_path, tensor, value, message):
+    good, _ = save_policy(ReusePolicy(), tmp_path / "good.safetensors")
+
+    def damage(t):
+        t = dict(t)
+        t[tensor] = t[tensor].clone()
+        t[tensor].view(-1)[0] = value
+        return t
+
+    bad = _rewrite(good, tmp_path / "damaged.safetensors", tensors_fn=damage)
+    with pytest.raises(PolicyFileError) as exc:
+        load_policy(bad)
+    assert str(bad) in str(exc.value) and message in str(exc.value)
+
+
 # ------------------------------------------------------------------------------------------------ in use
 
 def test_shipped_policy_fires_on_the_embedded_model_deterministically():
-    from dqar.digits.embedded import EmbeddedAssetError, load_embedded_model
+    from dqar.digits.embedded import load_embedded_model
 
     assert shipped_policy_path().is_file()
-    try:
-        model = load_embedded_model()
-    except EmbeddedAssetError as exc:
-        pytest.skip(f"the embedded digits DiT is not shipped in this checkout yet: {exc}")
+    model = load_embedded_model()          # shipped with the package: failing to load it is a failure
     runs = []
     for _ in range(2):
         ctl = apply_dqar(model, DQARConfig(schedule="policy"))
@@ -305,15 +348,103 @@ def test_schedule_policy_from_the_command_line_uses_the_given_file(trained_polic
     assert events == 5 * 4 * 2
 
 
-@pytest.mark.parametrize("damage", ["missing", "not-safetensors"])
+@pytest.mark.parametrize("damage", ["missing", "not-safetensors", "info-list", "threshold-nan"])
 def test_a_bad_policy_file_on_the_command_line_exits_2_naming_it(tmp_path, capsys, damage):
     from dqar.cli import main
 
     path = tmp_path / "p.safetensors"
     if damage == "not-safetensors":
         path.write_bytes(b"not a safetensors file")
+    elif damage != "missing":
+        good, _ = save_policy(ReusePolicy(), tmp_path / "good.safetensors")
+        _with_metadata(good, path, **({"info": "[]"} if damage == "info-list" else {"threshold": "nan"}))
     rc = main(["generate", "--model", "DiT-Tiny", "--steps", "3", "--schedule", "policy", "--policy", str(path),
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+TRAIN_ARGS = ["--model", "DiT-Tiny", "--n-seeds", "4", "--steps", "6", "--calib-positions", "4", "--calib-seeds", "2",
+              "--epochs", "30", "--cfg-scale", "1.5"]
+
+
+def _damaged_from_dir(src, dst, name, damage):
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / name
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1] = damage(rows[1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("traces.jsonl", lambda r: {k: v for k, v in r.items() if k != "seed"}, "record 2 lacks the field(s) seed"),
+    ("traces.jsonl", lambda r: {k: v for k, v in r.items() if k not in ("step", "entropy")},
+     "record 2 lacks the field(s) step, entropy"),
+    ("traces.jsonl", lambda r: [1, 2], "record 2 is a JSON list, not an object"),
+    ("traces.jsonl", lambda r: {**r, "rel_change": "big"}, "record 2: rel_change='big' is not a finite number >= 0"),
+    ("traces.jsonl", lambda r: {**r, "log_snr": float("nan")}, "record 2: log_snr=nan is not a finite number"),
+    ("calibration.jsonl", lambda r: {k: v for k, v in r.items() if k != "mse"}, "record 2 lacks the field(s) mse"),
+    ("calibration.jsonl", lambda r: {**r, "seed": "10000"}, "record 2: seed='10000' is not an integer"),
+])
+def test_train_policy_from_rows_missing_fields_exits_2_naming_file_and_field(trained_policy_dir, tmp_path, capsys,
+                                                                             name, damage, message):
+    from dqar.cli import main
+
+    path = _damaged_from_dir(trained_policy_dir, tmp_path / "src", name, damage)
+    rc = main(["train-policy", *TRAIN_ARGS, "--out", str(tmp_path / "o"), "--from", str(tmp_path / "src")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(path) in err and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_policy_from_a_good_folder_trains_and_shows_progress(trained_policy_dir, tmp_path, capsys):
+    from dqar.cli import main
+
+    rc = main(["train-policy", *TRAIN_ARGS, "--out", str(tmp_path / "o"), "--from", str(trained_policy_dir)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "reference images" in err and "2/2" in err and "<" in err          # a bar with elapsed<remaining
+    load_policy(tmp_path / "o" / "policy_digits.safetensors")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--seed", str(2**64)], f"--seed={2**64} is not allowed"),
+    (["--first-seed", str(2**64 - 2)], "the run uses seeds 18446744073709551614..18446744073709551617"),
+    (["--lr", "nan"], "--lr=nan is not allowed: must be a finite number > 0"),
+    (["--l2", "-1"], "--l2=-1.0 is not allowed"),
+    (["--quality-psnr", "inf"], "--quality-psnr=inf is not allowed"),
+    (["--from", "NOFILE"], "--from='NOFILE' does not exist"),
+])
+def test_train_policy_bad_values_exit_2_before_any_work(tmp_path, capsys, bad, message):
+    from dqar.cli import main
+
+    rc = main(["train-policy", *TRAIN_ARGS, "--out", str(tmp_path / "o"), *bad])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_policy_out_that_is_a_file_is_refused_before_tracing(tmp_path, capsys):
+    from dqar.cli import main
+
+    existing = tmp_path / "report"
+    existing.write_text("keep")
+    rc = main(["train-policy", *TRAIN_ARGS, "--out", str(existing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is an existing file, not a folder" in err and "random weights" not in err
+    assert existing.read_text() == "keep"
+
+
+def test_train_policy_from_traces_of_other_seeds_is_refused_before_the_model_is_built(trained_policy_dir, tmp_path,
+                                                                                        capsys):
+    from dqar.cli import main
+
+    rc = main(["train-policy", *TRAIN_ARGS, "--first-seed", "7", "--out", str(tmp_path / "o"),
+               "--from", str(trained_policy_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds traces of seeds [10000]..[10003]" in err and "random weights" not in err
     assert not (tmp_path / "o").exists()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+import math
+
 from . import UsageError
-from .common import add_model_options
+from .common import add_cfg_scale_option, add_model_options, check_out_dir, check_seed
 
 DEFAULT_OUT = "out/policy"
 
@@ -20,11 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-seeds", type=int, default=32, help="traced generations, one seed each (default 32)")
     parser.add_argument("--first-seed", type=int, default=10_000,
                         help="trace seeds are first-seed + k, class k %% num_classes; kept apart from the "
-                             "benchmark's seeds 0.. so the policy is measured on images it never saw (10000)")
+                             "benchmark's seeds 0.. so the policy is measured on images it never saw "
+                             "(default 10000)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--sampler", default="ddim", help="ddim | dpm (default ddim)")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="guidance scale (default: the embedded model card's, else 1.5)")
+    add_cfg_scale_option(parser)
     parser.add_argument("--calib-positions", type=int, default=40,
                         help="(step, layer, branch) positions measured by single-position reuse (default 40)")
     parser.add_argument("--calib-seeds", type=int, default=4,
@@ -36,16 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is split over that many positions (default 0.25)")
     parser.add_argument("--from", dest="from_dir", default=None,
                         help="reuse traces.jsonl and calibration.jsonl from an earlier --out folder (same model and "
-                             "sampling settings) instead of generating them again")
-    parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold stored in the file (0.5)")
+                             "sampling settings) instead of generating them again (default: trace anew)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="decision threshold stored in the file (default 0.5)")
     parser.add_argument("--epochs", type=int, default=800, help="full-batch Adam epochs (default 800)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights (default 1e-4, seed 002)")
-    parser.add_argument("--val-fraction", type=float, default=0.25, help="seeds held out for validation (0.25)")
+    parser.add_argument("--val-fraction", type=float, default=0.25,
+                        help="seeds held out for validation (default 0.25)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and positions (default 0)")
     parser.add_argument("--install", action="store_true",
                         help="copy the policy files over the package's shipped policy (dqar/digits/assets/)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object on stdout (no progress bars)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def reproduce_command(args: argparse.Namespace, cfg_scale: float) -> str:
@@ -77,6 +83,93 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--threshold={args.threshold} is not allowed: must be in [0, 1]")
     if not 0.0 < args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction={args.val_fraction} is not allowed: must be in (0, 1)")
+    for name in ("quality_psnr", "lr", "l2"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            bound = "> 0" if name == "lr" else ">= 0"
+            raise UsageError(f"--{name.replace('_', '-')}={value} is not allowed: must be a finite number {bound}")
+    check_seed(args.seed)
+    check_seed(args.first_seed, "--first-seed", count=args.n_seeds)
+    check_out_dir(args.out)
+    if args.from_dir is not None:
+        check_from_dir(args.from_dir)
+
+
+def check_from_dir(from_dir: str) -> None:
+    from pathlib import Path
+
+    src = Path(from_dir)
+    if not src.is_dir():
+        what = "is a file, not a folder" if src.exists() else "does not exist"
+        raise UsageError(f"--from={from_dir!r} {what}; pass the --out folder of an earlier run")
+    for name in ("traces.jsonl", "calibration.jsonl"):
+        if not (src / name).is_file():
+            raise UsageError(f"--from={from_dir!r}: {str(src / name)!r} does not exist")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _trace_fields() -> dict:
+    from dqar.method.stats import POLICY_FEATURE_NAMES
+
+    fields = {"seed": ("an integer", _is_int), "step": ("an integer", _is_int), "layer": ("an integer", _is_int),
+              "branch": ("a string", lambda v: isinstance(v, str)), "total_steps": ("an integer", _is_int),
+              "rel_change": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0)}
+    fields.update({name: ("a finite number", _is_finite) for name in POLICY_FEATURE_NAMES})
+    return fields
+
+
+CALIBRATION_FIELDS = {
+    "seed": ("an integer", _is_int), "step": ("an integer", _is_int), "layer": ("an integer", _is_int),
+    "branch": ("a string", lambda v: isinstance(v, str)),
+    "rel_change": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
+    "mse": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
+}
+
+
+def check_rows(rows: list, path, fields: dict) -> None:
+    """Every record of a --from file is an object with the fields the training reads, of the right kind."""
+    if not rows:
+        raise UsageError(f"--from: {str(path)!r} holds no records")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UsageError(f"--from: {str(path)!r} record {n} is a JSON {type(row).__name__}, not an object")
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise UsageError(f"--from: {str(path)!r} record {n} lacks the field(s) {', '.join(missing)}; each record "
+                             f"needs {', '.join(fields)} (written by `dqar train-policy`)")
+        for name, (kind, ok) in fields.items():
+            if not ok(row[name]):
+                raise UsageError(f"--from: {str(path)!r} record {n}: {name}={row[name]!r} is not {kind}")
+
+
+class _Progress:
+    """A progress(k, total) callback drawing a tqdm bar with an ETA (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, desc: str, unit: str):
+        self.enabled, self.desc, self.unit, self.bar = enabled, desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dqar.sampling import validate_sampling_args
 
-    from .common import resolve_model, setup_torch
-    from .generate import default_cfg_scale
+    from .common import default_cfg_scale, resolve_model, setup_torch
 
     _check(args)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg_scale(args.model)
@@ -102,40 +194,59 @@ def run(args: argparse.Namespace) -> int:
     from dqar.harness import policy_training as pt
     from dqar.method.policy import save_policy
 
+    if args.from_dir:
+        # Read and check the earlier run's files before the model is built or --out is created.
+        src = Path(args.from_dir)
+        rows, records = pt.read_jsonl(src / "traces.jsonl"), pt.read_jsonl(src / "calibration.jsonl")
+        check_rows(rows, src / "traces.jsonl", _trace_fields())
+        check_rows(records, src / "calibration.jsonl", CALIBRATION_FIELDS)
+        traced = sorted({r["seed"] for r in rows})
+        wanted = [args.first_seed + k for k in range(args.n_seeds)]
+        if traced != wanted or {r["total_steps"] for r in rows} != {args.steps}:
+            raise UsageError(f"--from={args.from_dir!r} holds traces of seeds {traced[:1]}..{traced[-1:]} at "
+                             f"{sorted({r['total_steps'] for r in rows})} steps, not the requested --n-seeds/"
+                             "--first-seed/--steps")
     model, described = resolve_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    show = not (args.json or args.no_progress)
     start = time.perf_counter()
 
     nc = model.config.num_classes
     seeds = [args.first_seed + k for k in range(args.n_seeds)]
     labels = [k % nc for k in range(args.n_seeds)]
     if args.from_dir:
-        src = Path(args.from_dir)
-        for name in ("traces.jsonl", "calibration.jsonl"):
-            if not (src / name).is_file():
-                raise UsageError(f"--from={args.from_dir!r}: {str(src / name)!r} does not exist")
-        rows, records = pt.read_jsonl(src / "traces.jsonl"), pt.read_jsonl(src / "calibration.jsonl")
-        traced = sorted({r["seed"] for r in rows})
-        if traced != seeds or {r["total_steps"] for r in rows} != {args.steps}:
-            raise UsageError(f"--from={args.from_dir!r} holds traces of seeds {traced[:1]}..{traced[-1:]} at "
-                             f"{sorted({r['total_steps'] for r in rows})} steps, not the requested --n-seeds/"
-                             "--first-seed/--steps")
         calib_seeds = seeds[:args.calib_seeds]
         say(f"reusing traces and calibration from {src}; regenerating {len(calib_seeds)} reference images")
-        reference = {s: pt.sample(model, [labels[k]], [s], steps=args.steps, sampler=args.sampler,
-                                  cfg_scale=cfg_scale) for k, s in enumerate(seeds[:args.calib_seeds])}
+        bar = _Progress(show, "reference images", "image")
+        reference = {}
+        try:
+            for k, s in enumerate(calib_seeds):
+                reference[s] = pt.sample(model, [labels[k]], [s], steps=args.steps, sampler=args.sampler,
+                                         cfg_scale=cfg_scale)
+                bar(k + 1, len(calib_seeds))
+        finally:
+            bar.close()
     else:
         say(f"tracing {len(seeds)} uncached generations ({args.steps} {args.sampler} steps, cfg {cfg_scale:g})")
-        rows, images = pt.collect_traces(model, labels, seeds, steps=args.steps, sampler=args.sampler,
-                                         cfg_scale=cfg_scale)
+        bar = _Progress(show, "tracing", "generation")
+        try:
+            rows, images = pt.collect_traces(model, labels, seeds, steps=args.steps, sampler=args.sampler,
+                                             cfg_scale=cfg_scale, progress=bar)
+        finally:
+            bar.close()
         positions = pt.sample_positions(rows, args.calib_positions, args.seed)
         calib_seeds = seeds[:args.calib_seeds]
         say(f"calibrating: {len(positions)} single-position reuse runs x {len(calib_seeds)} seeds")
         reference = {s: images[k:k + 1] for k, s in enumerate(seeds)}
-        records = pt.calibrate(model, rows, reference, dict(zip(seeds, labels)), positions=positions,
-                               seeds=calib_seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale)
+        bar = _Progress(show, "calibrating", "position")
+        try:
+            records = pt.calibrate(model, rows, reference, dict(zip(seeds, labels)), positions=positions,
+                                   seeds=calib_seeds, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale,
+                                   progress=bar)
+        finally:
+            bar.close()
     t_trace = time.perf_counter() - start
     pt.write_jsonl(out / "calibration.jsonl", records)
     calibration = pt.fit_calibration(records)
