@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
+from scipy import linalg
 
-from dqar import DQARConfig
-from dqar.harness.bench import SCHEMA, bench
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.harness.bench import SCHEMA, bench, format_table, speedup_spread
 from dqar.harness.timing import Contender, interleaved_timing
 from dqar.method.hooks import get_controller
 from dqar.models.dit import build_dit
@@ -97,6 +100,21 @@ def _schema_keys(record):
     return {k: (sorted(v) if isinstance(v, dict) and k != "config" else None) for k, v in record.items()}
 
 
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two (N, D) feature sets, written out independently."""
+    a, b = a.detach().double().numpy(), b.detach().double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * root))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2), from the mean squared error over the batch."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return 10.0 * np.log10(4.0 / mse)
+
+
 def test_bench_record_has_exact_schema_and_null_quality_without_evaluator(tiny):
 
     cfg = DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0)
@@ -107,6 +125,9 @@ def test_bench_record_has_exact_schema_and_null_quality_without_evaluator(tiny):
     assert rec["dqar"]["reuse_events"] > 0 and 0 < rec["dqar"]["reuse_fraction"] < 1
     assert rec["baseline"]["ms_per_step"] == pytest.approx(rec["baseline"]["seconds"] * 1000 / STEPS, rel=1e-12)
     assert rec["speedup"] == pytest.approx(rec["baseline"]["seconds"] / rec["dqar"]["seconds"], rel=1e-12)
+    # Every timed run is kept (repeats=1 here: one each, equal to the median).
+    assert rec["baseline"]["runs"] == [rec["baseline"]["seconds"]] and rec["dqar"]["runs"] == [rec["dqar"]["seconds"]]
+    assert speedup_spread(rec) is None
     json.dumps(rec, allow_nan=False)
 
 
@@ -123,21 +144,26 @@ def test_bench_leaves_model_unhooked_and_reference_is_uncached(tiny):
 def test_bench_quality_with_fake_evaluator(tiny):
 
     ev = FakeEvaluator()
+    real = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
     # schedule "none": the candidate is the baseline, so paired metrics hit their ideal values.
-    same = _run(tiny, DQARConfig(schedule="none"), evaluator=ev, real_features=torch.randn(
-        20, 3, generator=torch.Generator().manual_seed(0)))
+    same = _run(tiny, DQARConfig(schedule="none"), evaluator=ev, real_features=real)
     q = same.record["quality"]
     assert q["psnr"] is None and q["ssim"] == pytest.approx(1.0, abs=1e-12)   # infinite PSNR is null in JSON
     assert abs(q["fid_vs_baseline"]) < 1e-6
-    assert q["fid_vs_data"] > 0
+    # Against the data: the Frechet distance of the evaluator's features, computed here independently.
+    assert q["fid_vs_data"] == pytest.approx(_frechet(ev.features(same.images), real), rel=1e-6)
     expected_acc = float((ev.predict(same.images) == torch.tensor(LABELS)).double().mean())
     assert q["accuracy"] == expected_acc
     assert same.record["dqar"]["reuse_events"] == 0
 
     cached = _run(tiny, DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0), evaluator=ev)
     q = cached.record["quality"]
-    assert q["psnr"] is not None and q["psnr"] > 0 and q["ssim"] < 1.0
-    assert q["fid_vs_baseline"] > 0 and q["fid_vs_data"] is None
+    assert q["psnr"] == pytest.approx(_psnr(cached.images, cached.reference_images), rel=1e-4)
+    assert q["fid_vs_baseline"] == pytest.approx(
+        _frechet(ev.features(cached.images), ev.features(cached.reference_images)), rel=1e-6, abs=1e-9)
+    assert not torch.equal(cached.images, cached.reference_images) and 0.0 < q["ssim"] < 1.0   # the cache fired
+    assert q["fid_vs_data"] is None                                       # no real features given
+    assert q["accuracy"] == float((ev.predict(cached.images) == torch.tensor(LABELS)).double().mean())
 
 
 def test_bench_uses_precomputed_baseline_images(tiny):
@@ -188,7 +214,8 @@ def test_cli_bench_json_on_tiny_preset(tmp_path, capsys):
     for block in ("baseline", "dqar"):
         assert rec[block]["seconds"] > 0 and rec[block]["ms_per_step"] > 0
     assert isinstance(rec["dqar"]["reuse_events"], int)
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup: FLOP bound" in out and "from a single round (no spread: use --repeats 3)" in out
 
 
 def test_cli_bench_usage_errors(capsys):
@@ -198,6 +225,44 @@ def test_cli_bench_usage_errors(capsys):
     assert "--n=0 is not allowed" in capsys.readouterr().err
     assert main(["bench", "--model", "DiT-Tiny", "--json", "/nonexistent/dir/x.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_bench_json_folder_is_refused_before_any_work(tmp_path, capsys):
+    from dqar.cli import main
+
+    # A model that does not exist: the --json error must come first, before any model is resolved or run.
+    assert main(["bench", "--model", "no-such-model", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dqar bench: error: --json={str(tmp_path)!r} is a folder; give a file such as "
+                   f"{str(tmp_path / 'bench.json')!r}, or '-' for stdout")
+
+
+def test_cli_bench_shows_a_progress_bar_with_an_eta(capsys):
+    from dqar.cli import main
+
+    assert main(["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "2", "--repeats", "2", "--warmup-runs", "1",
+                 "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    # 2 contenders x (1 warm-up + 2 timed) generations.
+    assert re.search(r"dqar bench: .*6/6 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert main(["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "2", "--repeats", "1", "--warmup-runs", "0",
+                 "--threads", "1", "--no-progress"]) == 0
+    assert "dqar bench:" not in capsys.readouterr().err
+
+
+def test_format_table_leads_with_the_bound_and_shows_the_spread():
+    from dqar.harness.bench import empty_record
+
+    rec = empty_record()
+    rec["baseline"].update(ms_per_step=10.0, seconds=1.0, runs=[1.0, 1.2, 0.9])
+    rec["dqar"].update(ms_per_step=8.0, seconds=0.8, runs=[0.8, 0.8, 1.0], reuse_events=3, reuse_fraction=0.1)
+    rec["speedup"], rec["ideal_speedup"] = 1.25, 1.2
+    assert speedup_spread(rec) == pytest.approx((0.9, 1.5), rel=1e-12)       # per-round ratios 1.25, 1.5, 0.9
+    text = format_table(rec)
+    assert ("speedup: FLOP bound 1.200x, measured 1.250x (rounds 0.900-1.500x), above the FLOP bound: timing "
+            "noise; 3 reuse events") in text
+    rec["ideal_speedup"] = 1.3
+    assert "measured 1.250x (rounds 0.900-1.500x); 3 reuse events" in format_table(rec)
 
 
 def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch):
@@ -220,4 +285,17 @@ def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch
     rec = json.loads(out.read_text())
     assert rec["dqar"]["reuse_events"] == 8          # the second of 2 steps reuses all 8 layers
     assert all(isinstance(v, float) for v in rec["quality"].values()), rec["quality"]
-    assert rec["quality"]["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # The same generations redone here, then every paired number recomputed independently.
+    model, ev = build_dit("DiT-Digits").randomize_(0).eval(), fake_evaluator()
+    labels, seeds = [0, 1, 2, 3], [0, 1, 2, 3]
+    ref = sample(model, labels, seeds, steps=2, cfg_scale=1.0)
+    apply_dqar(model, DQARConfig(schedule="static", warmup=0.0, layer_fraction=1.0))
+    try:
+        images = sample(model, labels, seeds, steps=2, cfg_scale=1.0)
+    finally:
+        remove_dqar(model)
+    q = rec["quality"]
+    assert q["accuracy"] == float((ev.predict(images) == torch.tensor(labels)).double().mean())
+    assert q["psnr"] == pytest.approx(_psnr(images, ref), rel=1e-4)
+    # (4 images in a wider feature space: the FIDs are degenerate here, exact ones are checked above.)
+    assert q["fid_vs_data"] > q["fid_vs_baseline"] >= 0.0   # random weights: far from real digits, near their own run

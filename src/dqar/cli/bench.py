@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "against the uncached full-precision samples")
     parser.add_argument("--json", default=None, metavar="PATH|-",
                         help="write the result record as JSON to PATH, or to stdout with '-' (the table then "
-                             "goes to stderr)")
+                             "goes to stderr; default: no JSON)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar on stderr counting generations, with an ETA)")
     opts = _dqar_options()
     if opts is not None:
         opts.add_dqar_options(parser)
@@ -63,6 +65,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.cfg_scale >= 0:
         raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
     if args.json not in (None, "-"):
+        # Checked before any work: a bad path must not cost the whole run (issue: IsADirectoryError at the end).
+        if Path(args.json).is_dir():
+            raise UsageError(f"--json={args.json!r} is a folder; give a file such as "
+                             f"{str(Path(args.json) / 'bench.json')!r}, or '-' for stdout")
         parent = Path(args.json).parent
         if not parent.is_dir():
             raise UsageError(f"--json={args.json!r}: folder {str(parent)!r} does not exist")
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     record = run_bench(model, config, labels=labels, seeds=seeds, steps=args.steps, sampler=args.sampler,
                        cfg_scale=args.cfg_scale, repeats=args.repeats, warmup_runs=args.warmup_runs,
                        evaluator=evaluator, extractor=extractor, real_features=real_stats,
-                       baseline_model=baseline_model, device=device)
+                       baseline_model=baseline_model, device=device, progress=not args.no_progress)
 
     title = (f"dqar bench: {description}, {args.n} images x {args.steps} {args.sampler} steps, "
              f"cfg {args.cfg_scale}, baseline {args.baseline}, {args.repeats} repeats on {device}")

@@ -1,20 +1,22 @@
 """One DQAR configuration against a baseline on the same seeds: speed, memory and quality in one record.
 
 `run_bench` returns the `dqar bench --json` record (schema below, every key always present, null where
-not measurable); `dqar sweep` calls it once per grid point and passes the uncached reference images and
-feature statistics it computed once, so only the timing baseline is re-run (it must be: interleaving
-baseline and candidate runs is what makes their ratio trustworthy on a drifting machine).
+not measurable). Baseline and candidate runs are interleaved after warm-up, which is what makes their
+ratio trustworthy on a drifting machine. `dqar sweep` writes the same record per point (`empty_record`,
+`quality_metrics`) but times each point against one shared reference run (see `dqar.harness.sweep`).
 
     {"config": DQARConfig.to_dict(),
-     "baseline": {"ms_per_step", "seconds", "peak_mem_mb"},
-     "dqar": {"ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction"},
+     "baseline": {"ms_per_step", "seconds", "peak_mem_mb", "runs"},
+     "dqar": {"ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction", "runs"},
      "speedup", "ideal_speedup",
      "quality": {"fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"}}
 
-- seconds: median wall time of one generation (all N images in one batch); ms_per_step = seconds/steps.
+- seconds: median wall time of one generation (all N images in one batch); ms_per_step = seconds/steps;
+  runs: the seconds of every timed generation, in order (round r of baseline and dqar ran back to back).
 - peak_mem_mb: per-generation peak, MiB; CUDA max allocated, or on CPU the peak RSS growth over the
   call (see `dqar.harness.timing`). cache_mb: the controller's peak cache size, MiB.
-- speedup: baseline seconds / dqar seconds (medians). ideal_speedup: the controller's FLOP-count bound.
+- speedup: baseline seconds / dqar seconds (medians); `speedup_spread(record)` gives the range of the
+  per-round ratios. ideal_speedup: the controller's FLOP-count bound.
 - quality: only with an evaluator (the embedded digits model); the reference for fid_vs_baseline, psnr
   and ssim is always the uncached full-precision model on the same seeds, whatever the timing baseline.
   psnr is null when the images are identical (infinite PSNR has no JSON spelling); fid needs N >= 2.
@@ -22,10 +24,12 @@ baseline and candidate runs is what makes their ratio trustworthy on a drifting 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.hooks import get_controller
@@ -38,8 +42,8 @@ from .timing import Contender, TimingResult, interleaved_timing
 MIB = 2 ** 20
 SCHEMA = {
     "config": None,
-    "baseline": ("ms_per_step", "seconds", "peak_mem_mb"),
-    "dqar": ("ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction"),
+    "baseline": ("ms_per_step", "seconds", "peak_mem_mb", "runs"),
+    "dqar": ("ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction", "runs"),
     "speedup": None,
     "ideal_speedup": None,
     "quality": ("fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"),
@@ -113,11 +117,13 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
           steps: int, sampler: str = "ddim", cfg_scale: float = 1.5, repeats: int = 3, warmup_runs: int = 1,
           device: torch.device | str = "cpu", evaluator=None, extractor: FeatureExtractor | None = None,
           real_features=None, baseline_images: torch.Tensor | None = None, baseline_features=None,
-          baseline_model: torch.nn.Module | None = None, measure_memory: bool = True) -> BenchResult:
+          baseline_model: torch.nn.Module | None = None, measure_memory: bool = True,
+          progress: bool = False) -> BenchResult:
     """Time `model` under `config` against `baseline_model` (default: `model` uncached), then score quality.
 
     DQAR is applied to `model` only around each candidate run and removed after it, so `model` is the
-    exact uncached model for the baseline runs and is returned to the caller unhooked.
+    exact uncached model for the baseline runs and is returned to the caller unhooked. With `progress`,
+    a bar on stderr counts the generations (warm-up and timed, both contenders) with an ETA.
     """
     if not isinstance(config, DQARConfig):
         raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
@@ -132,9 +138,14 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
         raise ValueError(f"baseline_images has {baseline_images.shape[0]} images for {len(seeds)} seeds: "
                          "they must be the same seeds and labels")
     labels, seeds = list(labels), list(seeds)
+    extra_reference = baseline_images is None and baseline_model is not None
+    bar = tqdm(total=2 * (warmup_runs + repeats) + int(extra_reference), desc="dqar bench", unit="generation",
+               disable=not progress, file=sys.stderr)
 
     def generate(m: torch.nn.Module) -> torch.Tensor:
-        return sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+        images = sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+        bar.update(1)
+        return images
 
     state: dict[str, Any] = {}
 
@@ -152,18 +163,18 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
     try:
         timings = interleaved_timing(contenders, rounds=repeats, warmup_runs=warmup_runs, device=device,
                                      measure_memory=measure_memory)
+        images = timings["dqar"].last_output
+        summary = state["summary"]
+        if baseline_images is not None:
+            reference = baseline_images
+        elif baseline_model is None:
+            reference = timings["baseline"].last_output      # the uncached model, same seeds: the reference
+        else:
+            reference = generate(model)                      # timed baseline is not the full-precision model
     finally:
+        bar.close()
         if get_controller(model) is not None:   # an exception inside a candidate run
             remove_dqar(model)
-    images = timings["dqar"].last_output
-    summary = state["summary"]
-
-    if baseline_images is not None:
-        reference = baseline_images
-    elif baseline_model is None:
-        reference = timings["baseline"].last_output      # the uncached model, same seeds: the reference
-    else:
-        reference = generate(model)                      # timed baseline is not the full-precision model
     if reference.shape != images.shape:
         raise ValueError(f"baseline_images has shape {tuple(reference.shape)}, the samples "
                          f"{tuple(images.shape)}: they must be the same seeds and labels")
@@ -171,11 +182,11 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
     record = empty_record(config)
     b, d = timings["baseline"], timings["dqar"]
     record["baseline"] = {"ms_per_step": b.median * 1000.0 / steps, "seconds": b.median,
-                          "peak_mem_mb": _mib(b.peak_mem_bytes)}
+                          "peak_mem_mb": _mib(b.peak_mem_bytes), "runs": list(b.samples)}
     record["dqar"] = {"ms_per_step": d.median * 1000.0 / steps, "seconds": d.median,
                       "peak_mem_mb": _mib(d.peak_mem_bytes), "cache_mb": _mib(summary.get("peak_cache_bytes")),
                       "reuse_events": int(summary["reuse_events"]),
-                      "reuse_fraction": float(summary["reuse_fraction"])}
+                      "reuse_fraction": float(summary["reuse_fraction"]), "runs": list(d.samples)}
     record["speedup"] = b.median / d.median if d.median > 0 else None
     ideal = summary.get("ideal_speedup")
     record["ideal_speedup"] = float(ideal) if ideal is not None else None
@@ -196,13 +207,29 @@ def run_bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[in
                  baseline_images=baseline_images, **kwargs).record
 
 
+def speedup_spread(record: dict) -> tuple[float, float] | None:
+    """(lowest, highest) baseline/dqar ratio over the timed rounds, or None with fewer than two rounds."""
+    b, d = record["baseline"].get("runs") or [], record["dqar"].get("runs") or []
+    ratios = [x / y for x, y in zip(b, d) if y > 0]
+    return (min(ratios), max(ratios)) if len(ratios) >= 2 else None
+
+
 def format_table(record: dict, *, title: str = "") -> str:
-    """A small fixed-width summary of a bench record for people."""
+    """A small fixed-width summary of a bench record for people: the FLOP bound first, then the measured
+    speedup with its per-round spread (a single round is labelled as such, and a measurement above the
+    bound is called noise)."""
 
     def fmt(v, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     b, d, q = record["baseline"], record["dqar"], record["quality"]
+    spread, ideal, measured = speedup_spread(record), record["ideal_speedup"], record["speedup"]
+    if spread is not None:
+        speed = f"measured {fmt(measured, '.3f')}x (rounds {spread[0]:.3f}-{spread[1]:.3f}x)"
+    else:
+        speed = f"measured {fmt(measured, '.3f')}x from a single round (no spread: use --repeats 3)"
+    if measured is not None and ideal is not None and measured > ideal:
+        speed += ", above the FLOP bound: timing noise"
     lines = [title] if title else []
     lines += [
         f"{'':10} {'ms/step':>10} {'seconds':>10} {'peak MiB':>10} {'cache MiB':>10} {'reuse':>8}",
@@ -210,8 +237,7 @@ def format_table(record: dict, *, title: str = "") -> str:
         f"{fmt(b['peak_mem_mb'], '.1f'):>10} {'-':>10} {'-':>8}",
         f"{'dqar':10} {fmt(d['ms_per_step'], '.2f'):>10} {fmt(d['seconds'], '.3f'):>10} "
         f"{fmt(d['peak_mem_mb'], '.1f'):>10} {fmt(d['cache_mb'], '.2f'):>10} {fmt(d['reuse_fraction'], '.1%'):>8}",
-        f"speedup {fmt(record['speedup'], '.3f')}x (ideal {fmt(record['ideal_speedup'], '.3f')}x), "
-        f"{d['reuse_events']} reuse events",
+        f"speedup: FLOP bound {fmt(ideal, '.3f')}x, {speed}; {d['reuse_events']} reuse events",
         f"quality: fid_vs_baseline {fmt(q['fid_vs_baseline'], '.3f')}  fid_vs_data {fmt(q['fid_vs_data'], '.3f')}  "
         f"psnr {'inf' if q['psnr'] is None and q['ssim'] is not None else fmt(q['psnr'], '.2f')} dB  "
         f"ssim {fmt(q['ssim'], '.4f')}  accuracy {fmt(q['accuracy'], '.1%')}",
