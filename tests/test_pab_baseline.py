@@ -88,15 +88,43 @@ def test_pab_rejects_a_bad_skip_range(tiny):
 
 def test_sweep_measures_pab_as_a_named_baseline(tmp_path):
     from dqar.cli import main
-    from dqar.harness.sweep import read_rows
+    from dqar.harness.baselines import PAB_BLOCK_SKIP_RANGE, PAB_TIMESTEP_RANGE
+    from dqar.harness.results_file import read_rows
 
     out = tmp_path / "rows.jsonl"
     args = ["sweep", "--model", "DiT-Tiny", "--n", "2", "--steps", str(STEPS), "--threads", "1", "--no-progress",
             "--baselines", "none,pab", "--out", str(out)]
     assert main(args) == 0
-    rows = {r["name"]: r for r in read_rows(out)}
+    rows = {r.name: r for r in read_rows(out)}
     pab = rows["pab"]
-    assert pab["variant"] == "pab" and pab["config"]["schedule"] == "none"
-    assert pab["dqar"]["reuse_events"] == _expected_reuse_events(4)
-    assert pab["dqar"]["reuse_fraction"] == pytest.approx(_expected_reuse_events(4) / (4 * STEPS))
-    assert pab["dqar"]["cache_mb"] > 0 and pab["speedup"] > 0
+    assert pab.variant == "pab" and pab.config["schedule"] == "none"
+    assert pab.dqar.reuse_events == _expected_reuse_events(4)
+    assert pab.dqar.reuse_fraction == pytest.approx(_expected_reuse_events(4) / (4 * STEPS))
+    assert pab.dqar.cache_mb > 0 and pab.speedup > 0
+    # The settings PAB ran with travel in its row, and the report names them as our choices.
+    assert (PAB_BLOCK_SKIP_RANGE, PAB_TIMESTEP_RANGE) == (2, (100, 800))
+    assert pab.variant_settings == {"block_skip_range": 2, "timestep_range": [100, 800]}
+    assert rows["none"].variant_settings is None
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert ("PAB settings: block_skip_range=2, timestep_range=[100, 800]. They are our choices, not diffusers' "
+            "defaults: diffusers' PyramidAttentionBroadcastConfig leaves the spatial attention skip range at None") in md
+    # No schedule setting applies to the pab row: dashes, not the unused defaults.
+    assert "| pab (pab) | none | – | – | – | – | – | – |" in md
+
+
+def test_pab_settings_are_named_for_rows_written_before_they_were_recorded(tmp_path):
+    import json
+    from pathlib import Path
+
+    from dqar.harness.report import build_report
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "fixtures" / "results_small.jsonl").read_text()
+            .splitlines()]
+    pab = json.loads(json.dumps(next(r for r in rows if r["name"] == "ptq-int8")))
+    pab.update(name="pab", key="kpab", variant="pab")
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [pab]))
+    md = build_report(path, tmp_path / "rep").read_text()
+    assert ("PAB settings: block_skip_range=2, timestep_range=[100, 800] (not recorded in the row: the values dqar "
+            "has always used).") in md

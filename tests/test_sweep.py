@@ -1,13 +1,18 @@
-"""`dqar sweep`: grid parsing, clear errors before anything runs, and resume without loss or duplicates."""
+"""`dqar sweep`: grid parsing, clear errors before anything runs, resume without loss or duplicates, one
+sweep per results file, every timed run kept, and a progress bar with an ETA."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from dqar.cli import UsageError, main
 from dqar.cli.sweep import parse_grid_token, parse_grids
-from dqar.harness.sweep import read_rows
+from dqar.harness.results_file import read_rows
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 
 TINY = ["--model", "DiT-Tiny", "--n", "4", "--steps", "3", "--threads", "1", "--no-progress", "--save-samples", "4"]
 GRID = ["--baselines", "none,static", "--grid", "warmup=0.2,0.4", "layers=1.0"]
@@ -116,7 +121,7 @@ def test_partial_last_line_is_cut_and_recomputed(tmp_path):
     out.write_bytes(lines[0] + lines[1][:40])
     assert main(["sweep", *TINY, "--baselines", "none,static", "--out", str(out)]) == 0
     rows = read_rows(out)
-    assert [r["name"] for r in rows] == ["none", "static"]
+    assert [r.name for r in rows] == ["none", "static"]
     assert out.read_bytes().startswith(lines[0])
     assert out.read_bytes().endswith(b"\n")
 
@@ -131,15 +136,16 @@ def test_other_weights_are_not_resumed_from(tmp_path):
     a = weights_digest(build_dit("DiT-Tiny").randomize_(0))
     assert a == weights_digest(build_dit("DiT-Tiny").randomize_(0))
     assert a != weights_digest(build_dit("DiT-Tiny").randomize_(1))
-    assert read_rows(out)[0]["settings"]["weights_sha256"] == a
+    assert read_rows(out)[0].settings["weights_sha256"] == a
 
 
 def test_damaged_middle_line_is_an_error_not_silently_dropped(tmp_path):
+    good = FIXTURE.read_text().splitlines(keepends=True)[0]
     out = tmp_path / "r.jsonl"
-    out.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    out.write_text(good + "not json\n" + good)
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         read_rows(out)
-    out.write_text('{"key": "a"}\n[1, 2]\n')
+    out.write_text(good + "[1, 2]\n")
     with pytest.raises(ValueError, match="line 2 is not a sweep row"):
         read_rows(out)
 
@@ -147,27 +153,31 @@ def test_damaged_middle_line_is_an_error_not_silently_dropped(tmp_path):
 def test_rows_carry_the_bench_schema_and_per_step_profile(tmp_path):
     out = tmp_path / "r.jsonl"
     assert main(["sweep", *TINY, "--baselines", "none,static,kv", "--out", str(out)]) == 0
-    rows = {r["name"]: r for r in read_rows(out)}
+    rows = {r.name: r for r in read_rows(out)}
     for row in rows.values():
-        assert set(row) >= {"config", "baseline", "dqar", "speedup", "ideal_speedup", "quality", "profile",
-                            "settings", "key", "samples"}
+        assert set(row.to_dict()) >= {"config", "baseline", "dqar", "speedup", "ideal_speedup", "quality", "profile",
+                                      "settings", "key", "samples"}
         # Entropy is measured on the reference row's profile pass only, never on timed points.
-        assert row["config"]["record_entropy"] is (row["name"] == "none")
-        settings = dict(row["settings"])
+        assert row.config["record_entropy"] is (row.name == "none")
+        settings = dict(row.settings)
         assert len(settings.pop("weights_sha256")) == 16
         assert settings == {"model": "DiT-Tiny", "n": 4, "classes": list(range(10)), "steps": 3,
                             "sampler": "ddim", "cfg_scale": 1.5, "seed": 0}
-        prof = row["profile"]
-        assert len(prof["entropy_per_step"]) == len(prof["snr_per_step"]) == len(prof["events_per_step"]) == 3
-        assert (tmp_path / "r.samples" / row["samples"]).exists()
+        prof = row.profile
+        assert len(prof.entropy_per_step) == len(prof.snr_per_step) == len(prof.events_per_step) == 3
+        assert (tmp_path / "r.samples" / row.samples).exists()
+        # Every timed run is kept (--repeats 1 here), the reference's in every row.
+        assert len(row.baseline.runs) == 1 and row.baseline.runs[0] == row.baseline.seconds
+        assert len(row.dqar.runs) == 1 and row.dqar.runs[0] == row.dqar.seconds
+        assert row.measured_range() is None              # one run: no spread, never shown as a speedup
     # The reference row compares the reference with itself.
     ref = rows["none"]
-    assert ref["speedup"] == 1.0 and ref["dqar"]["reuse_events"] == 0 and ref["quality"]["ssim"] == 1.0
-    assert ref["profile"]["profile_n"] == 4
+    assert ref.speedup == 1.0 and ref.dqar.reuse_events == 0 and ref.quality.ssim == 1.0
+    assert ref.profile.profile_n == 4
     # static: warmup 0.4 of 3 steps -> only the last step (progress 1.0) reuses floor(0.33*4)=1 layer, 2 branches.
-    assert rows["static"]["dqar"]["reuse_events"] == 2
-    assert rows["static"]["profile"]["events_per_step"] == [0, 0, 2]
-    assert rows["kv"]["config"]["mode"] == "kv" and rows["kv"]["dqar"]["reuse_events"] == 2
+    assert rows["static"].dqar.reuse_events == 2
+    assert rows["static"].profile.events_per_step == [0, 0, 2]
+    assert rows["kv"].config["mode"] == "kv" and rows["kv"].dqar.reuse_events == 2
 
 
 def test_reuse_options_for_the_grid_leave_the_no_reuse_baselines_valid(tmp_path):
@@ -175,6 +185,96 @@ def test_reuse_options_for_the_grid_leave_the_no_reuse_baselines_valid(tmp_path)
     out = tmp_path / "r.jsonl"
     assert main(["sweep", *TINY, "--cfg-sharing", "true", "--baselines", "none,ptq-int8",
                  "--grid", "warmup=0.2", "--out", str(out)]) == 0
-    rows = {r["name"]: r for r in read_rows(out)}
-    assert rows["none"]["config"]["cfg_sharing"] is False and rows["ptq-int8"]["config"]["cfg_sharing"] is False
-    assert rows["warmup=0.2"]["config"]["cfg_sharing"] is True
+    rows = {r.name: r for r in read_rows(out)}
+    assert rows["none"].config["cfg_sharing"] is False and rows["ptq-int8"].config["cfg_sharing"] is False
+    assert rows["warmup=0.2"].config["cfg_sharing"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# output paths, the lock, timing runs, progress
+# ------------------------------------------------------------------------------------------------
+
+def test_out_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    # A model that does not exist: the --out error must come first, before any model is resolved.
+    rc = main(["sweep", "--model", "no-such-model", "--grid", "warmup=0.2", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dqar sweep: error: --out={str(tmp_path)!r} is a folder; give a results file such as "
+                   f"{str(tmp_path / 'results.jsonl')!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_samples_folder_name_taken_by_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "r.samples").write_text("not a folder")
+    rc = main(["sweep", "--model", "no-such-model", "--grid", "warmup=0.2", "--out", str(tmp_path / "r.jsonl")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "r.samples'" in err and "is not a folder" in err and "Traceback" not in err
+
+
+def test_library_refuses_a_folder_as_results_file(tmp_path):
+    from dqar.harness.sweep import check_results_path
+
+    with pytest.raises(ValueError, match="is a folder; give a file"):
+        check_results_path(tmp_path)
+
+
+def test_second_sweep_into_a_held_results_file_is_refused(tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(FIXTURE.read_bytes())
+    before = out.read_bytes()
+    with open(out, "a") as running:          # what a running sweep holds
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc = main(["sweep", *TINY, "--baselines", "none", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{str(out)!r} is being written by another dqar sweep" in err and "Traceback" not in err
+    assert out.read_bytes() == before
+    assert not (tmp_path / "r.samples").exists()          # refused before the reference run
+
+
+def test_library_sweep_holds_the_lock_while_it_runs(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    from dqar.harness.sweep import SweepSettings, baseline_point, run_sweep
+    from dqar.models.dit import build_dit
+
+    out = tmp_path / "r.jsonl"
+    held = []
+
+    def probe(_row):
+        with open(out, "a") as other:
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+
+    settings = SweepSettings(model="DiT-Tiny", n=2, classes=(0, 1), steps=2, sampler="ddim", cfg_scale=1.0, seed=0)
+    run_sweep(build_dit("DiT-Tiny").randomize_(0), [baseline_point("static")], settings, out, on_row=probe)
+    assert held == [True]
+
+
+def test_repeats_keep_every_run_and_give_a_spread(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", *TINY, "--repeats", "2", "--baselines", "none,static", "--out", str(out)]) == 0
+    rows = {r.name: r for r in read_rows(out)}
+    ref, static = rows["none"], rows["static"]
+    assert len(ref.baseline.runs) == 2 and static.baseline.runs == ref.baseline.runs
+    assert len(static.dqar.runs) == 2
+    assert static.dqar.seconds == pytest.approx(sum(static.dqar.runs) / 2, rel=1e-12)     # median of two
+    lo, hi = static.measured_range()
+    assert lo == pytest.approx(min(ref.baseline.runs) / max(static.dqar.runs), rel=1e-12)
+    assert hi == pytest.approx(max(ref.baseline.runs) / min(static.dqar.runs), rel=1e-12)
+    assert lo <= static.speedup <= hi
+
+
+def test_progress_bar_counts_generations_with_an_eta(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    args = [a for a in TINY if a != "--no-progress"]
+    # reference: 1 warm-up + 2 timed; "none" is the reference itself (0); static: 1 + 2.
+    assert main(["sweep", *args, "--repeats", "2", "--warmup-runs", "1", "--baselines", "none,static",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"dqar sweep: .*6/6 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert "generation" in err

@@ -12,7 +12,8 @@ DQARConfig's defaults. Entropy per step is recorded on the `none` row (a short h
 timed reference) and wherever the schedule needs it (gate, policy); other points are timed without it.
 
 Re-running the same command resumes: points whose key (config + settings) is already in `--out` are
-skipped. Sample images of each point are kept in `<out stem>.samples/` for `dqar report`.
+skipped. Sample images of each point are kept in `<out stem>.samples/` for `dqar report`. A second sweep
+into a results file that a running sweep holds is refused at once (exit 2), never run beside it.
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k uses seed + k (default 0)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="timed generations per point and of the shared reference; the median counts (default 1)")
+                        help="timed generations per point and of the shared reference; the median counts "
+                             "(default 1: the report then shows the FLOP bound only, since one run has no spread; "
+                             "give >= 2, better 3 with --warmup-runs 1, for measured speedups)")
     parser.add_argument("--warmup-runs", type=int, default=0,
                         help="untimed generations before each point's timing (default 0: a generation is long "
                              "next to one-time costs; raise it for tiny runs)")
@@ -60,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per point kept for the report's image grid (default 32)")
     parser.add_argument("--max-points", type=int, default=None,
                         help="stop after measuring this many new points (the rest on the next run)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar on stderr counting generations, with an ETA)")
     parser.add_argument("--evaluator", default=None, metavar="PATH",
                         help="digits evaluator weights for FID/accuracy with a --model weights file (e.g. a "
                              "training checkpoint); --model embedded uses the shipped evaluator")
@@ -177,15 +181,31 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
     if args.evaluator is not None and not Path(args.evaluator).is_file():
         raise UsageError(f"--evaluator={args.evaluator!r} is not a file")
-    parent = Path(args.out).parent
-    if not parent.is_dir():
-        raise UsageError(f"--out={args.out!r}: folder {str(parent)!r} does not exist")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out={args.out!r} is a folder; give a results file such as {str(out / 'results.jsonl')!r}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out={args.out!r}: folder {str(out.parent)!r} does not exist")
+    side = out.with_name(out.stem + ".samples")
+    if side.exists() and not side.is_dir():
+        raise UsageError(f"--out={args.out!r}: {str(side)!r}, where its samples go, is not a folder; move it away")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     points = build_points(args)       # all grid/baseline errors surface here, before any model loads
 
+    from dqar.harness.results_file import ResultsFileBusy, results_lock
+
+    try:
+        # Taken before the model loads, so a second sweep into the same file is refused at once.
+        with results_lock(args.out):
+            return _run(args, points)
+    except ResultsFileBusy as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace, points) -> int:
     from dqar.harness.sweep import SweepSettings, run_sweep, weights_digest
 
     from .common import parse_classes, quality_tools, resolve_model, setup_torch

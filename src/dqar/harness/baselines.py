@@ -7,8 +7,12 @@ answers "is caching better than just quantizing the weights?" for the same seeds
 "pab" is diffusers' own pyramid attention broadcast (Zhao et al. 2024) on a diffusers `DiTTransformer2DModel`
 carrying the same weights (`dqar.models.diffusers_port`): every attention module recomputes on every
 `block_skip_range`-th call and reuses its last output in between, while the timestep lies inside
-`timestep_range`; diffusers' defaults (2, (100, 800)) are used. It answers "is DQAR better than the cache
-diffusers already ships?".
+`timestep_range`. It answers "is DQAR better than the cache diffusers already ships?". Both settings are
+our choices: diffusers' `PyramidAttentionBroadcastConfig` defaults `spatial_attention_block_skip_range` to
+None, which skips no spatial attention at all, so there is no "default PAB" to compare with. We use skip
+range 2 (every other call reuses) and keep the timestep range at (100, 800) (the value diffusers' config
+carries for when a skip range is set). The sweep records both in each pab row (`variant_settings`) and the
+report names them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from torch import nn
 BASELINES = ("none", "ptq-int8", "pab")
 PAB_BLOCK_SKIP_RANGE = 2
 PAB_TIMESTEP_RANGE = (100, 800)
+# What each variant ran with, written into its sweep rows so a report can name the settings.
+BASELINE_SETTINGS = {"pab": {"block_skip_range": PAB_BLOCK_SKIP_RANGE, "timestep_range": list(PAB_TIMESTEP_RANGE)}}
 
 
 class BaselineUnavailable(RuntimeError):

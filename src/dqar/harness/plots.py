@@ -1,6 +1,8 @@
 """PNG figures for `dqar report` (matplotlib, Agg backend: no display needed).
 
-Each function takes plain numbers/arrays (no sweep rows), writes one PNG and returns its path.
+Each function takes plain numbers/arrays (no sweep rows). The `*_plot` / `fid_heatmap` functions write one
+PNG, grown to fit every title and label (nothing cropped), and return its path; `pareto_figure` and
+`paired_image_grid` return the figure itself, so what it shows can be checked without reading pixels.
 """
 from __future__ import annotations
 
@@ -46,42 +48,77 @@ def fid_heatmap(warmups: Sequence[float], layers: Sequence[float], values: dict,
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
-def pareto_plot(points: Sequence[dict], front: Sequence[str], path: str | Path, *,
-                ylabel: str = "FID vs uncached samples (lower is better)") -> Path:
-    """points: {"name", "speedup", "quality", "group"}; `front` names the non-dominated ones (joined by a line)."""
+def pareto_figure(points: Sequence[dict], *, ideal_front: Sequence[str] = (), measured_front: Sequence[str] = (),
+                  ylabel: str = "FID vs uncached samples (lower is better)"):
+    """Quality against speed, every point labelled with its name; returns the matplotlib figure.
+
+    points: {"name", "group", "quality", "ideal", "measured", "low", "high"}; "ideal" is the FLOP-count
+    bound (None for a point without one), "measured" the median measured speedup with its run range
+    ["low", "high"] (all None where it was not timed at least twice). The left panel leads with the FLOP
+    bound; the right one, drawn only when some point has a measured speedup, shows those with their range
+    as error bars, and flags in red every measured speedup above its own FLOP bound (the bound marked x,
+    joined to the measurement): that excess can only be timing noise. The `*_front` names are joined by a line.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    measured = [p for p in points if p.get("measured") is not None]
+    panels = [("ideal", "FLOP-bound (ideal) speedup over the uncached model (x)", ideal_front)]
+    if measured:
+        panels.append(("measured", "measured speedup, median and min-max of the timed runs (x)", measured_front))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False, sharey=True)
     groups = sorted({p["group"] for p in points})
     markers = dict(zip(groups, "osD^v<>ph*"))
-    for g in groups:
-        ps = [p for p in points if p["group"] == g]
-        ax.scatter([p["speedup"] for p in ps], [p["quality"] for p in ps], label=g, marker=markers[g], s=40)
-        if g == "baseline":
-            for p in ps:
-                ax.annotate(p["name"], (p["speedup"], p["quality"]), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
-    fr = sorted((p for p in points if p["name"] in set(front)), key=lambda p: p["speedup"])
-    if fr:
-        ax.plot([p["speedup"] for p in fr], [p["quality"] for p in fr], "k--", lw=1, label="Pareto front")
-    ax.axvline(1.0, color="grey", lw=0.5)
     qs = [p["quality"] for p in points if p["quality"] is not None and np.isfinite(p["quality"])]
-    if qs and max(qs) > 100 * max(min(q for q in qs if q >= 0), 0.1):
-        # FIDs from 0.01 to 300 on one plot: linear would flatten every good point onto zero.
-        ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_ylim(bottom=0, top=max(qs) * 2)
-        ylabel += ", symlog scale"
-    ax.set_xlabel("measured speedup over the uncached model (x)")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    nonneg = [q for q in qs if q >= 0]
+    symlog = bool(nonneg) and max(qs) > 100 * max(min(nonneg), 0.1)
+    for ax, (key, xlabel, front) in zip(axes[0], panels):
+        shown = [p for p in points if p.get(key) is not None]
+        for g in groups:
+            ps = [p for p in shown if p["group"] == g]
+            if ps:
+                ax.scatter([p[key] for p in ps], [p["quality"] for p in ps], label=g, marker=markers[g], s=40)
+        for p in shown:
+            above = key == "measured" and p.get("ideal") is not None and p["measured"] > p["ideal"]
+            if key == "measured":
+                ax.errorbar([p["measured"]], [p["quality"]], xerr=[[p["measured"] - p["low"]], [p["high"] - p["measured"]]],
+                            fmt="none", ecolor="red" if above else "grey", lw=1, capsize=2)
+            if above:
+                ax.plot([p["ideal"], p["measured"]], [p["quality"]] * 2, "r:", lw=1)
+                ax.scatter([p["ideal"]], [p["quality"]], marker="x", color="red", s=30)
+            ax.annotate(p["name"] + (f"  ! above its FLOP bound {p['ideal']:.3f}x" if above else ""),
+                        (p[key], p["quality"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points",
+                        color="red" if above else "black")
+        fr = sorted((p for p in shown if p["name"] in set(front)), key=lambda p: p[key])
+        if fr:
+            ax.plot([p[key] for p in fr], [p["quality"] for p in fr], "k--", lw=1, label="Pareto front")
+        ax.axvline(1.0, color="grey", lw=0.5)
+        if symlog:
+            # FIDs from 0.01 to 300 on one plot: linear would flatten every good point onto zero.
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_ylim(bottom=0, top=max(qs) * 2)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(ylabel + (", symlog scale" if symlog else ""))
+    axes[0, 0].set_title("by FLOP bound (no timing noise)" if measured else
+                         "by FLOP bound; measured speedups not shown: no point was timed twice", fontsize=9)
+    if measured:
+        axes[0, 1].set_title("measured; red: above its own FLOP bound (x), i.e. timing noise", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def pareto_plot(points: Sequence[dict], path: str | Path, **kwargs) -> Path:
+    """`pareto_figure(points, **kwargs)` written to `path`."""
+    return _save(pareto_figure(points, **kwargs), path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    # bbox_inches="tight" grows the canvas to every artist, so no title or label is ever cropped.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
+    _pyplot().close(fig)
     return Path(path)
 
 
@@ -111,30 +148,38 @@ def entropy_snr_plot(entropy: Sequence, snr: Sequence, path: str | Path, *, x0_s
         axe.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
-def image_grid(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, *, title: str = "") -> Path:
-    """rows: (label, uint8 (K, H, W, C) images); one row of K images per entry."""
+def paired_image_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], *, names: tuple[str, str] = ("uncached", "DQAR"),
+                      title: str = ""):
+    """One row per entry (label, uint8 (K, H, W, C) images A, images B): A's images left, B's right under
+    their `names`; returns the figure (constrained layout, so the titles take their own space)."""
     plt = _pyplot()
-    k = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), k, figsize=(1.1 * k + 1.6, 1.2 * len(rows) + 0.4), squeeze=False)
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(k):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(imgs):
-                img = imgs[c]
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.axis("off")
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    k = max(max(len(a), len(b)) for _, a, b in rows)
+    fig = plt.figure(figsize=(2 * (0.9 * k + 0.3) + 0.8, 0.95 * len(rows) + 0.9), layout="constrained")
+    halves = fig.subfigures(1, 2, wspace=0.04)
+    for side, (sub, name) in enumerate(zip(halves, names)):
+        axes = sub.subplots(len(rows), k, squeeze=False)
+        sub.suptitle(name, fontsize=9)
+        for r, entry in enumerate(rows):
+            imgs = entry[1 + side]
+            for c in range(k):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c < len(imgs):
+                    img = imgs[c]
+                    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.axis("off")
+            if side == 0:
+                axes[r, 0].set_ylabel(entry[0], rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def image_grid_plot(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | Path, **kwargs) -> Path:
+    """`paired_image_grid(rows, **kwargs)` written to `path`."""
+    return _save(paired_image_grid(rows, **kwargs), path)

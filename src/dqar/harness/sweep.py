@@ -1,34 +1,27 @@
 """A resumable sweep: many DQAR configurations (and named baselines) against one shared reference run.
 
-Each finished point is appended to a JSON-lines file as one row: the `dqar bench` record (see
-`dqar.harness.bench`) plus the point's identity and the controller's per-step profile:
-
-    {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8" | "pab", "grid": {field: value},
-     "settings": {model, n, classes, steps, sampler, cfg_scale, seed},
-     <bench record: config, baseline, dqar, speedup, ideal_speedup, quality>,
-     "profile": {entropy_per_step, snr_per_step, x0_snr_per_step, events_per_step, events_per_layer,
-                 num_layers, compute_events, profile_n},
-     "samples": "<file name under the sidecar folder>" | null, "wall_s"}
+Each finished point is appended to a JSON-lines results file as one `dqar.harness.rows.SweepRow`: the
+`dqar bench` record plus the point's identity, settings and the controller's per-step profile (the file
+layout, its repair and its lock are in `dqar.harness.rows`).
 
 Why the reference is shared instead of re-timed per point (as `dqar bench` does): on a CPU one
 generation of 200 digits x 50 steps takes minutes, so interleaving a baseline run with every point
 would double the sweep. The uncached model runs `repeats` times once; its images are the reference
 for every point's fid_vs_baseline / PSNR / SSIM, its median time the denominator of every speedup.
 Both are cached in the sidecar folder (`RESULTS.samples/` beside `RESULTS.jsonl`), so a resumed
-sweep reuses them rather than re-measuring. The price: machine drift over a long sweep lands on
-the speedups; the report therefore also shows the FLOP-count `ideal_speedup`, which has no noise.
+sweep reuses them rather than re-measuring. The price: machine drift over a long sweep lands on the
+speedups. Every timed run is therefore kept in the row (`runs`), and the report leads with the
+FLOP-count `ideal_speedup` (no noise) and shows a measured speedup only with the spread of its runs,
+never from a single run.
 
 Resume: a row's `key` hashes its variant, config and settings (not its name or timing repeats);
-rows already in the file are skipped. A last line without its newline (the process was killed while
-writing) is cut off and that point recomputed; any other unreadable line is an error, since
-silently dropping it would lose a measurement.
+rows already in the file are skipped. Two sweeps never write one file at once (`results_lock`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +29,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.sampling import sample, to_uint8
 
+from dqar.method.hooks import get_controller
+
+from .baselines import BASELINE_SETTINGS, make_baseline
 from .bench import MIB, empty_record, quality_metrics
 from .metrics import EvaluatorFeatures, feature_stats
+from .results_file import append_row, json_safe, read_rows, results_lock, sidecar_dir
+from .rows import SweepRow
 from .timing import Contender, interleaved_timing
 
 # Named comparison points. Each is (variant, config overrides); a variant swaps the model for the one
@@ -150,73 +149,6 @@ def point_key(point: SweepPoint, settings: SweepSettings) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# the results file
-# ------------------------------------------------------------------------------------------------
-
-def read_rows(path: str | Path, repair: bool = False) -> list[dict]:
-    """Rows of a results file; a partial last line is dropped (and cut from the file when `repair`)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    # Every row is written as one "json\n"; a write cut short can only lose the tail, newline included,
-    # so whatever follows the last newline is the only place a partial row can be.
-    *complete, tail = data.split(b"\n")
-    rows = []
-    for i, line in enumerate(complete):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON; fix or remove it (only a partial "
-                             "last line is repaired automatically)") from None
-        if not isinstance(row, dict) or "key" not in row:
-            raise ValueError(f"{path}: line {i + 1} is not a sweep row (a JSON object with a 'key')")
-        rows.append(row)
-    if tail.strip():
-        try:
-            row = json.loads(tail)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and "key" in row:
-            rows.append(row)
-            if repair:
-                with open(path, "ab") as fh:
-                    fh.write(b"\n")
-        elif repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(len(data) - len(tail))
-    return rows
-
-
-def append_row(path: str | Path, row: dict) -> None:
-    """One line, flushed and synced, so a kill leaves at most a partial last line."""
-    line = json.dumps(_json_safe(row), allow_nan=False, sort_keys=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
-
-
-def sidecar_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".samples")
-
-
-# ------------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------------
 
@@ -255,34 +187,47 @@ def _mib(n) -> float | None:
     return None if n is None else n / MIB
 
 
-def load_samples(results_path: str | Path, row: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(uint8 (K, H, W, C) images, (K,) labels) saved for a row, or None when there are none."""
-    name = row.get("samples")
-    if not name:
-        return None
-    path = sidecar_dir(results_path) / name
-    if not path.exists():
-        return None
-    with np.load(path) as z:
-        return z["images"], z["labels"]
+def check_results_path(out: str | Path) -> Path:
+    """`out` as a results file with a usable sidecar folder; a one-line error naming the path otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"results file {str(out)!r} is a folder; give a file, e.g. {str(out / 'results.jsonl')!r}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(out.parent)!r} of the results file does not exist")
+    side = sidecar_dir(out)
+    if side.exists() and not side.is_dir():
+        raise ValueError(f"{str(side)!r} (where the results file keeps its samples) is not a folder; move it "
+                         "away or give another results file")
+    return out
 
 
 def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: SweepSettings, out: str | Path, *,
               repeats: int = 1, warmup_runs: int = 0, device: torch.device | str = "cpu", evaluator=None,
               extractor=None, real_features=None, save_samples: int = SAVED_SAMPLES,
               max_points: int | None = None,
-              progress: bool = False, on_row: Callable[[dict], None] | None = None,
+              progress: bool = False, on_row: Callable[[SweepRow], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
-    """Measure every point not already in `out`; returns {"computed": n, "skipped": n, "rows": [...]}."""
+    """Measure every point not already in `out`; returns {"computed": n, "skipped": n, "rows": [SweepRow]}.
+
+    Holds `out`'s lock throughout (`ResultsFileBusy` when another sweep has it). With `progress`, a bar
+    counts the full-size generations still to run (the reference's and every point's timed and warm-up
+    runs), with an ETA.
+    """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} is not allowed: must be an integer >= 1")
     if max_points is not None and max_points < 0:
         raise ValueError(f"max_points={max_points!r} is not allowed: must be >= 0")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(out.parent)!r} of the results file does not exist")
-    log = log or (lambda _msg: None)
-    existing = {row["key"] for row in read_rows(out, repair=True)}
+    out = check_results_path(out)
+    with results_lock(out):
+        return _run_locked(model, points, settings, out, repeats=repeats, warmup_runs=warmup_runs, device=device,
+                           evaluator=evaluator, extractor=extractor, real_features=real_features,
+                           save_samples=save_samples, max_points=max_points, progress=progress, on_row=on_row,
+                           log=log or (lambda _msg: None))
+
+
+def _run_locked(model, points, settings: SweepSettings, out: Path, *, repeats, warmup_runs, device, evaluator,
+                extractor, real_features, save_samples, max_points, progress, on_row, log) -> dict:
+    existing = {row.key for row in read_rows(out, repair=True)}
     todo, seen = [], set(existing)
     for p in points:
         key = point_key(p, settings)
@@ -299,59 +244,69 @@ def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: Sw
     model = model.to(device).eval()
     labels, seeds = settings.labels, settings.seeds
     folder = sidecar_dir(out)
+    per_point = warmup_runs + repeats
+    total = (0 if all(p.exists() for p in _reference_files(settings, folder)) else per_point)
+    total += sum(0 if p.is_reference else per_point for _, p in todo)
+    bar = tqdm(total=total, desc="dqar sweep", unit="generation", disable=not progress, file=sys.stderr)
+    caller_log = log
+
+    def log(msg: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):     # a line above the bar, not through it
+            caller_log(msg)
 
     def generate(m: torch.nn.Module, lab=labels, sds=seeds) -> torch.Tensor:
-        return sample(m, lab, sds, steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
-                      device=device)
+        images = sample(m, lab, sds, steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
+                        device=device)
+        if lab is labels:         # only full-size generations count; short profile/warm-up passes do not
+            bar.update(1)
+        return images
 
-    ref = _reference(model, settings, folder, generate, repeats, warmup_runs, device, log)
-    if extractor is None and evaluator is not None:
-        extractor = EvaluatorFeatures(evaluator)
-    if extractor is not None and settings.n >= 2:
-        ref.features = feature_stats(extractor(ref.images), "reference features")
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="sweep", unit="point")
     variants: dict[str, torch.nn.Module] = {}
     try:
+        bar.set_postfix_str("reference")
+        ref = _reference(model, settings, folder, generate, repeats, warmup_runs, device, log)
+        if extractor is None and evaluator is not None:
+            extractor = EvaluatorFeatures(evaluator)
+        if extractor is not None and settings.n >= 2:
+            ref.features = feature_stats(extractor(ref.images), "reference features")
         for key, point in todo:
             t0 = time.perf_counter()
-            if bar is not None:
-                bar.set_postfix_str(point.name[:40])
+            bar.set_postfix_str(point.name[:40])
             log(f"point {point.name}")
             record, summary, images, profile_n = _measure(model, point, ref, generate, variants, repeats,
                                                           warmup_runs, device, settings)
             record["quality"] = quality_metrics(images, ref.images, labels, evaluator=evaluator,
                                                 extractor=extractor, real_features=real_features,
                                                 baseline_features=ref.features)
-            row = {"key": key, "name": point.name, "kind": point.kind, "variant": point.variant,
-                   "grid": dict(point.grid), "settings": settings.to_dict(), **record,
-                   "profile": _profile(summary, profile_n),
-                   "samples": _save_samples(folder, f"{key}.npz", images, labels, save_samples),
-                   "wall_s": time.perf_counter() - t0}
+            extra = {"variant_settings": BASELINE_SETTINGS[point.variant]} if point.variant in BASELINE_SETTINGS else {}
+            row = SweepRow.from_dict(json_safe({
+                "key": key, "name": point.name, "kind": point.kind, "variant": point.variant,
+                "grid": dict(point.grid), "settings": settings.to_dict(), **record,
+                "profile": _profile(summary, profile_n),
+                "samples": _save_samples(folder, f"{key}.npz", images, labels, save_samples),
+                "wall_s": time.perf_counter() - t0, **extra}))
             append_row(out, row)
             result["computed"] += 1
             result["rows"].append(row)
-            if bar is not None:
-                bar.update(1)
             if on_row is not None:
                 on_row(row)
     except SweepStopped:
         pass
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return result
+
+
+def _reference_files(settings: SweepSettings, folder: Path) -> tuple[Path, Path]:
+    """(images, metadata) of the cached reference run for these settings."""
+    blob = json.dumps(settings.to_dict(), sort_keys=True).encode()
+    stem = f"reference-{hashlib.sha256(blob).hexdigest()[:16]}"
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
 def _reference(model, settings: SweepSettings, folder: Path, generate, repeats, warmup_runs, device, log) -> Reference:
     """The uncached run: loaded from the sidecar when an earlier (interrupted) sweep measured it."""
-    blob = json.dumps(settings.to_dict(), sort_keys=True).encode()
-    stem = f"reference-{hashlib.sha256(blob).hexdigest()[:16]}"
-    path, meta_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    path, meta_path = _reference_files(settings, folder)
     if path.exists() and meta_path.exists():
         from safetensors.torch import load_file
 
@@ -390,12 +345,12 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
     record = empty_record(point.config)
     steps = settings.steps
     record["baseline"] = {"ms_per_step": ref.seconds * 1000.0 / steps, "seconds": ref.seconds,
-                          "peak_mem_mb": ref.peak_mem_mb}
+                          "peak_mem_mb": ref.peak_mem_mb, "runs": list(ref.samples)}
     summary, profile_n = None, None
     if point.is_reference:
         # The reference run itself; its per-step entropy comes from a short hooked run on a few images
         # (hooks would slow the timed reference).
-        images, seconds, peak = ref.images, ref.seconds, ref.peak_mem_mb
+        images, seconds, peak, runs = ref.images, ref.seconds, ref.peak_mem_mb, list(ref.samples)
         if point.config.needs_entropy:
             profile_n = min(PROFILE_IMAGES, settings.n)
             ctl = apply_dqar(model, point.config)
@@ -407,15 +362,13 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
         cache_mb, events, fraction = 0.0, 0, 0.0
     elif point.variant is not None:
         if point.variant not in variants:
-            from .baselines import make_baseline
-
             variants[point.variant] = make_baseline(point.variant, model, device)
             # Its first call initialises the quantized kernels: keep that out of its timing.
             generate(variants[point.variant], settings.labels[:2], settings.seeds[:2])
         vmodel = variants[point.variant]
         t = interleaved_timing({"variant": lambda: generate(vmodel)}, rounds=repeats, warmup_runs=warmup_runs,
                                device=device)["variant"]
-        images, seconds, peak = t.last_output, t.median, _mib(t.peak_mem_bytes)
+        images, seconds, peak, runs = t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples)
         cache_mb, events, fraction = 0.0, 0, 0.0
         if hasattr(vmodel, "reuse_stats"):    # a variant that caches by itself (pab)
             stats = vmodel.reuse_stats()
@@ -435,17 +388,15 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
         try:
             t = interleaved_timing({"dqar": c}, rounds=repeats, warmup_runs=warmup_runs, device=device)["dqar"]
         finally:
-            from dqar.method.hooks import get_controller
-
             if get_controller(model) is not None:
                 remove_dqar(model)
         summary = state["summary"]
-        images, seconds, peak = t.last_output, t.median, _mib(t.peak_mem_bytes)
+        images, seconds, peak, runs = t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples)
         cache_mb = _mib(summary.get("peak_cache_bytes"))
         events, fraction = int(summary["reuse_events"]), float(summary["reuse_fraction"])
         profile_n = settings.n
     record["dqar"] = {"ms_per_step": seconds * 1000.0 / steps, "seconds": seconds, "peak_mem_mb": peak,
-                      "cache_mb": cache_mb, "reuse_events": events, "reuse_fraction": fraction}
+                      "cache_mb": cache_mb, "reuse_events": events, "reuse_fraction": fraction, "runs": runs}
     record["speedup"] = ref.seconds / seconds if seconds > 0 else None
     ideal = summary.get("ideal_speedup") if summary is not None and not point.is_reference else None
     record["ideal_speedup"] = float(ideal) if ideal is not None else (1.0 if point.variant is None else None)
