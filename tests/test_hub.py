@@ -1,7 +1,6 @@
 """diffusers models through dqar.models.hub: tiny DiT and PixArt pipelines saved to disk and loaded like a hub id."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -13,8 +12,6 @@ from dqar.sampling import to_uint8
 from dqar.cli import main
 from hub_fixtures import build_tiny_dit_pipeline, build_tiny_pixart_pipeline
 
-HAS_HOOKS = importlib.util.find_spec("dqar.method.hooks") is not None
-needs_core = pytest.mark.skipif(not HAS_HOOKS, reason="the DQAR core (dqar.method.hooks) has not landed yet")
 PROMPTS = ["a photo of a cat", "red dog"]  # 5 + EOS and 2 + EOS tokens
 
 
@@ -105,7 +102,6 @@ def _reuse_everything():
     return DQARConfig(schedule="static", warmup=0.0, layer_fraction=1.0)
 
 
-@needs_core
 @pytest.mark.parametrize("kind", ["dit", "pixart"])
 def test_dqar_under_diffusers_reuses_and_removal_restores(kind, dit_pipe, pixart_pipe):
     from dqar import apply_dqar, remove_dqar
@@ -144,7 +140,6 @@ def test_cli_samples_a_diffusers_dit_folder(dit_folder, dit_pipe, tmp_path, caps
     assert json.loads((out / "run.json").read_text())["identity"]["kind"] == "hub-dit"
 
 
-@needs_core
 def test_cli_samples_pixart_under_dqar(pixart_folder, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a photo of a cat\n\nred dog\n")
@@ -158,3 +153,33 @@ def test_cli_samples_pixart_under_dqar(pixart_folder, tmp_path, capsys):
     stats = json.loads((out / "reuse_stats.json").read_text())
     assert stats["reuse_events"] > 0 and stats["images"] == 2 and stats["batches"] == 1
     assert json.loads((out / "run.json").read_text())["identity"]["prompts"] == PROMPTS
+
+
+def test_a_pipeline_with_nan_weights_is_refused_at_load_naming_component_and_tensor(dit_folder, tmp_path, capsys):
+    import shutil
+
+    from diffusers import DiTPipeline
+
+    folder = tmp_path / "nan-dit"
+    shutil.copytree(dit_folder, folder)
+    pipe = DiTPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        pipe.transformer.proj_out_2.weight[0, :4] = float("nan")
+    pipe.save_pretrained(folder)
+    with pytest.raises(hub.HubModelError, match=r"nan-dit.*transformer tensor 'proj_out_2\.weight' has 4 NaN or inf"):
+        hub.load_pipeline(str(folder))
+    rc = main(["sample", "--model", str(folder), "--classes", "3", "--steps", "2", "--out", str(tmp_path / "o"),
+               "--schedule", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "proj_out_2.weight" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_images_from_a_pipeline_are_refused_not_written_black(dit_folder):
+    pipe = hub.load_pipeline(str(dit_folder), sampler="ddim")
+    with torch.no_grad():
+        # Finite weights whose activations overflow: the weight check passes, the images are NaN.
+        pipe.transformer.proj_out_2.weight.fill_(3e38)
+        pipe.transformer.proj_out_2.bias.fill_(3e38)
+    with pytest.raises(hub.HubModelError, match=r"produced NaN or inf values \(seeds 5\.\.6\)"):
+        hub.generate(pipe, [5, 6], class_labels=[3, 4], steps=2, cfg_scale=1.5)

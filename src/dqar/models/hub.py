@@ -78,7 +78,22 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
         set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     # Cast after loading: the loader's dtype keyword changed name across diffusers releases.
-    return pipe.to(device=device, dtype=DTYPES[dtype])
+    pipe = pipe.to(device=device, dtype=DTYPES[dtype])
+    check_finite_weights(pipe, spec)
+    return pipe
+
+
+def check_finite_weights(pipe, spec: str) -> None:
+    """Refuse a pipeline whose weights hold NaN or inf: it would run and give flat images without a word."""
+    for component, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if (tensor.is_floating_point() and tensor.numel()
+                    and not bool(torch.isfinite(tensor).all())):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise HubModelError(f"model {spec!r}: {component} tensor {name!r} has {bad} NaN or inf values of "
+                                    f"{tensor.numel()}; the weights are damaged")
 
 
 def set_sampler(pipe, sampler: str) -> None:
@@ -153,7 +168,7 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
                 raise HubModelError(f"class label {label} is outside [0, {limit}) for this model")
         out = pipe(class_labels=[int(c) for c in class_labels], guidance_scale=cfg_scale,
                    generator=generators(seeds), num_inference_steps=steps, output_type="pt").images
-        return to_uint8(out, (0.0, 1.0))
+        return to_uint8(_check_finite_images(out, seeds), (0.0, 1.0))
     if prompts is None or class_labels is not None:
         raise HubModelError("a PixArt pipeline is text-conditional: pass prompts (--prompt / --prompts-file)")
     if len(prompts) != n:
@@ -168,4 +183,12 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
                generator=generators(seeds), num_inference_steps=steps, height=height, width=width,
                output_type="pt", clean_caption=False, use_resolution_binning=False,
                max_sequence_length=max_sequence_length).images
-    return to_uint8(out, (0.0, 1.0))
+    return to_uint8(_check_finite_images(out, seeds), (0.0, 1.0))
+
+
+def _check_finite_images(images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """NaN would become black pixels in uint8: refuse it, naming the usual cause in half precision."""
+    if not bool(torch.isfinite(images).all()):
+        raise HubModelError(f"the pipeline produced NaN or inf values (seeds {seeds[0]}..{seeds[-1]}); in float16 the "
+                            "VAE or attention can overflow: try --dtype bfloat16 or float32")
+    return images
