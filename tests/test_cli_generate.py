@@ -353,3 +353,35 @@ def test_weights_that_give_nonfinite_values_exit_2_and_write_no_flat_images(caps
                            "--out", str(out), "--schedule", "none")
     assert code == 2 and message in err and name in err and "Traceback" not in err, err
     assert not out.exists() or not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("taken", ["grid.png", "00001_class2_seed1.png", "traces.jsonl"])
+def test_an_output_file_name_taken_by_a_folder_is_refused_before_any_work(capsys, tmp_path, taken):
+    (tmp_path / taken).mkdir()
+    code, _, err = run_cli(capsys, *FAST, "--classes", "1,2", "--out", str(tmp_path), "--trace", "true")
+    assert code == 2 and f"{taken}' is a folder" in err and "Traceback" not in err
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == []          # no image written before the refusal
+
+
+def test_a_write_the_machine_refuses_is_one_line_with_exit_1(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full_disk(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code, _, err = run_cli(capsys, *FAST, "--classes", "1", "--out", str(tmp_path), "--schedule", "none")
+    assert code == 1 and "No space left on device" in err and str(tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [("meta", "holds no data"), ("xpu", "is not usable on this machine")])
+def test_a_device_torch_names_but_cannot_use_is_refused(capsys, tmp_path, device, message):
+    import torch as _torch
+
+    if device == "xpu" and getattr(_torch, "xpu", None) is not None and _torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    code, _, err = run_cli(capsys, *FAST, "--device", device, "--out", str(tmp_path / "o"))
+    assert code == 2 and f"--device='{device}' {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -448,3 +448,16 @@ def test_train_policy_from_traces_of_other_seeds_is_refused_before_the_model_is_
     err = capsys.readouterr().err
     assert rc == 2 and "holds traces of seeds [10000]..[10003]" in err and "random weights" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_policy_install_into_a_read_only_package_is_refused_before_tracing(tmp_path, capsys, monkeypatch):
+    import os
+
+    from dqar.cli import main
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).endswith("assets") else real(p, mode))
+    rc = main(["train-policy", *TRAIN_ARGS, "--out", str(tmp_path / "o"), "--install"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--install" in err and "is not writable" in err and "random weights" not in err
+    assert not (tmp_path / "o").exists()

@@ -2,7 +2,8 @@
 
 Each subcommand module defines `add_arguments(parser)` (argparse only, no heavy imports, so
 `dqar --help` stays fast) and `run(args) -> int`. Bad input raises `UsageError` (or a ValueError
-from a config boundary) and becomes exit code 2 with a one-line message, never a traceback.
+from a config boundary) and becomes exit code 2 with a one-line message, never a traceback; an OSError the
+machine raises while writing (a full disk, a permission) is one line too, with exit code 1.
 """
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, WeightsError, ValueError, FileNotFoundError) as exc:
         print(f"dqar {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine refused (a full disk, a permission, a path taken by a folder): one line naming the path,
+        # exit 1, since the command line itself was fine.
+        print(f"dqar {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dqar {args.command}: interrupted", file=sys.stderr)
         return 130

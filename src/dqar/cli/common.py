@@ -133,6 +133,16 @@ def setup_torch(args: argparse.Namespace):
         raise UsageError(f"--device={args.device!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device={args.device!r} asked for CUDA but this torch build sees no GPU")
+    if device.type == "meta":
+        raise UsageError(f"--device={args.device!r} holds no data (shapes only); use cpu or a GPU")
+    try:
+        # A device torch knows by name may still be absent here (cuda:7 on a 1-GPU machine, mps off a Mac):
+        # found now, not as a traceback when the model moves.
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+        raise UsageError(f"--device={args.device!r} is not usable on this machine ({first})") from None
     return device
 
 

@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     labels = [c for c in labels_once for _ in range(args.n)]
     check_seed(args.seed, count=len(labels))
     seeds = [args.seed + k for k in range(len(labels))]
+    planned = [png_name(k, label, seed) for k, (label, seed) in enumerate(zip(labels, seeds))] + [GRID_NAME]
+    if config.trace:
+        planned.append(TRACES_NAME)
+    for name in planned:
+        if (out / name).is_dir():
+            raise UsageError(f"--out={args.out!r}: {str(out / name)!r} is a folder, but this run writes a file "
+                             "there; move it or pass another --out")
     if note and not args.json:
         print(note, file=sys.stderr)
 
@@ -170,7 +177,15 @@ def write_traces(rows, out: Path) -> Path:
     from dqar.method.stats import POLICY_FEATURE_NAMES
 
     named = ({**r, "features": dict(zip(POLICY_FEATURE_NAMES, r["features"]))} for r in rows)
-    return write_jsonl(out / "traces.jsonl", named)
+    return write_jsonl(out / TRACES_NAME, named)
+
+
+GRID_NAME = "grid.png"
+TRACES_NAME = "traces.jsonl"
+
+
+def png_name(index: int, label: int, seed: int) -> str:
+    return f"{index:05d}_class{label}_seed{seed}.png"
 
 
 def write_pngs(arr, labels, seeds, out: Path, first: int = 0) -> list[Path]:
@@ -180,7 +195,7 @@ def write_pngs(arr, labels, seeds, out: Path, first: int = 0) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, (img, label, seed) in enumerate(zip(arr, labels, seeds), start=first):
-        p = out / f"{k:05d}_class{label}_seed{seed}.png"
+        p = out / png_name(k, label, seed)
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(p)
         paths.append(p)
     return paths
@@ -190,7 +205,7 @@ def write_grid(arr, labels, out: Path) -> Path:
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    grid_path = out / "grid.png"
+    grid_path = out / GRID_NAME
     Image.fromarray(make_grid(arr, labels)).save(grid_path)
     return grid_path
 

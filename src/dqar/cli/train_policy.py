@@ -93,6 +93,8 @@ def _check(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
     if args.from_dir is not None:
         check_from_dir(args.from_dir)
+    if args.install:
+        install_destination()       # refused now, not after the whole training
 
 
 def check_from_dir(from_dir: str) -> None:
@@ -321,18 +323,29 @@ def _file_sha256(spec: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def install_policy(st_path, json_path) -> list:
-    """Copy the policy files over the package's shipped ones (an editable install or source checkout)."""
-    import shutil
+def install_destination():
+    """The package's assets folder, or a UsageError when the policy cannot be installed there."""
+    import os
     from importlib import resources
     from pathlib import Path
-
-    from dqar.method.policy import SHIPPED_NAME
 
     dest = Path(str(resources.files("dqar.digits").joinpath("assets")))
     if not dest.is_dir():
         raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not a folder (installed from a "
                          "wheel?); copy the two files by hand instead")
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise UsageError(f"--install: the package's assets folder {str(dest)!r} is not writable; copy the two files "
+                         "by hand with the needed rights instead")
+    return dest
+
+
+def install_policy(st_path, json_path) -> list:
+    """Copy the policy files over the package's shipped ones (an editable install or source checkout)."""
+    import shutil
+
+    from dqar.method.policy import SHIPPED_NAME
+
+    dest = install_destination()
     targets = [dest / f"{SHIPPED_NAME}.safetensors", dest / f"{SHIPPED_NAME}.json"]
     for src, dst in zip((st_path, json_path), targets):
         shutil.copyfile(src, dst)
