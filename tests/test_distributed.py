@@ -378,3 +378,17 @@ def test_sample_job_refuses_seeds_torch_cannot_take():
                                          r"18446744073709551615\.\.18446744073709551616"):
         SampleJob(model="DiT-Tiny", kind="dit", num_samples=2, seed=2**64 - 1, labels=(1,))
     SampleJob(model="DiT-Tiny", kind="dit", num_samples=1, seed=2**64 - 1, labels=(1,))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--cfg-scale", "inf"], "--cfg-scale=inf is not allowed: must be a finite number >= 0"),
+    (["--steps", "1001"], "steps=1001 is not allowed"),
+])
+def test_sampling_settings_are_checked_before_the_run_record_is_written(tmp_path, capsys, bad, message):
+    argv = list(ARGS)
+    for option in ("--cfg-scale", "--steps"):
+        if option in bad:
+            del argv[argv.index(option):argv.index(option) + 2]
+    rc, _, err = run_cli([*argv, "--out", str(tmp_path / "x"), *bad], capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()

@@ -461,3 +461,15 @@ def test_train_policy_install_into_a_read_only_package_is_refused_before_tracing
     err = capsys.readouterr().err
     assert rc == 2 and "--install" in err and "is not writable" in err and "random weights" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_policy_more_calibration_positions_than_a_trace_has_is_refused_before_tracing(tmp_path, capsys):
+    from dqar.cli import main
+
+    args = list(TRAIN_ARGS)
+    args[args.index("--calib-positions") + 1] = "33"
+    rc = main(["train-policy", *args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    # DiT-Tiny: 4 layers; 6 steps trace steps 2..5; CFG gives 2 branches: 4 * 4 * 2 = 32 positions.
+    assert rc == 2 and "--calib-positions=33 exceeds the 32 (step, layer, branch) positions" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()

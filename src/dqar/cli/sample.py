@@ -86,8 +86,8 @@ def _counts(args, items: int) -> tuple[int, int]:
 
 def _cfg_scale(args, kind: str) -> float:
     if args.cfg_scale is not None:
-        if not args.cfg_scale >= 0:
-            raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
+        if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+            raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be a finite number >= 0")
         return args.cfg_scale
     if kind == "pixart":
         return 4.5  # PixArtAlphaPipeline's default
@@ -158,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
                         prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                         dtype=args.dtype if kind != "dit" else "float32",
                         dqar=_dqar_identity(dqar_cfg))
+        if kind == "dit":
+            from dqar.sampling import validate_sampling_args
+
+            # Our sampler's limits (e.g. steps <= the 1000 training timesteps), before run.json is written.
+            validate_sampling_args(job.sampler, job.steps, job.cfg_scale)
         out_dir = Path(args.out) if args.out else check_out_dir(Path(args.sample_dir) / folder_name(job), "--out")
 
         if dqar_cfg is not None:

@@ -209,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
                              f"{sorted({r['total_steps'] for r in rows})} steps, not the requested --n-seeds/"
                              "--first-seed/--steps")
     model, described = resolve_model(args.model)
+    # Traced positions per generation: steps 2.. (step 0 has no cached output, step 1's rows lack the previous
+    # entropy), every layer, both CFG branches.
+    positions_available = (args.steps - 2) * model.config.depth * (2 if cfg_scale != 1.0 else 1)
+    if not args.from_dir and args.calib_positions > positions_available:
+        raise UsageError(f"--calib-positions={args.calib_positions} exceeds the {positions_available} (step, layer, "
+                         f"branch) positions a {args.steps}-step trace of this {model.config.depth}-layer model has")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
