@@ -13,6 +13,10 @@ None, which skips no spatial attention at all, so there is no "default PAB" to c
 range 2 (every other call reuses) and keep the timestep range at (100, 800) (the value diffusers' config
 carries for when a skip range is set). The sweep records both in each pab row (`variant_settings`) and the
 report names them.
+
+"taylorseer", "seacache", "fastercache", "fbc" and "magcache" are diffusers' other caches on the same port,
+configured to work on a DiT (`dqar.harness.peers` says how); every baseline but "none" and "ptq-int8" takes
+an `options` mapping over its settings.
 """
 from __future__ import annotations
 
@@ -22,11 +26,14 @@ import warnings
 import torch
 from torch import nn
 
-BASELINES = ("none", "ptq-int8", "pab")
+from .peers import PEERS, default_settings, make_peer, validate_options
+
+BASELINES = ("none", "ptq-int8", "pab", *PEERS)
 PAB_BLOCK_SKIP_RANGE = 2
 PAB_TIMESTEP_RANGE = (100, 800)
 # What each variant ran with, written into its sweep rows so a report can name the settings.
-BASELINE_SETTINGS = {"pab": {"block_skip_range": PAB_BLOCK_SKIP_RANGE, "timestep_range": list(PAB_TIMESTEP_RANGE)}}
+BASELINE_SETTINGS = {"pab": {"block_skip_range": PAB_BLOCK_SKIP_RANGE, "timestep_range": list(PAB_TIMESTEP_RANGE)},
+                     **{name: default_settings(name) for name in PEERS}}
 
 
 class BaselineUnavailable(RuntimeError):
@@ -140,12 +147,21 @@ class PyramidAttentionBroadcastDiT(nn.Module):
                 "reuse_fraction": events / self._attention_calls if self._attention_calls else 0.0}
 
 
-def make_baseline(kind: str, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module | None:
-    """The baseline model for `kind`: None for 'none' (the uncached model itself), a new model otherwise."""
+def make_baseline(kind: str, model: nn.Module, device: torch.device | str = "cpu", options=None) -> nn.Module | None:
+    """The baseline model for `kind`: None for 'none' (the uncached model itself), a new model otherwise.
+
+    `options` overrides settings by name (values may be strings, as `key=value` gives them); an unknown name
+    or a bad value raises ValueError. A peer (`dqar.harness.peers.PEERS`) must be sampled with
+    `observers=dqar.harness.peers.sampling_observers(model)`.
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"baseline={kind!r} is not known; allowed: {', '.join(BASELINES)}")
+    opts = validate_options(kind, options)
     if kind == "none":
         return None
     if kind == "ptq-int8":
         return quantize_int8(model, device)
     if kind == "pab":
-        return PyramidAttentionBroadcastDiT(model).to(device)
-    raise ValueError(f"baseline={kind!r} is not known; allowed: {', '.join(BASELINES)}")
+        return PyramidAttentionBroadcastDiT(model, **{k: tuple(v) if k == "timestep_range" else v
+                                                     for k, v in opts.items()}).to(device)
+    return make_peer(kind, model, device, opts)
