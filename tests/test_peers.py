@@ -157,10 +157,25 @@ def test_count_module_calls_on_the_project_dit_and_under_dqar(tiny):
     finally:
         remove_dqar(tiny)
     assert calls["attn"] < 1.0 and calls["mlp"] == 1.0 and calls["block"] == 1.0
+    apply_dqar(tiny, DQARConfig(schedule="static", warmup=0.5, layer_fraction=0.5, targets=("block",)))
+    try:
+        with count_module_calls(tiny) as blocks:
+            sample(tiny, LABELS, SEEDS, steps=STEPS, cfg_scale=1.5)
+    finally:
+        remove_dqar(tiny)
+    assert blocks["block"] == blocks["attn"] == blocks["mlp"] < 1.0      # a reused block runs nothing
     assert all(not m._forward_pre_hooks for m in tiny.modules())
     with count_module_calls(tiny) as idle:
         pass
     assert dict(idle) == {"attn": None, "mlp": None, "block": None}
+
+
+def test_count_module_calls_agrees_with_pabs_own_count(tiny):
+    pab = make_baseline("pab", tiny)
+    with count_module_calls(pab) as calls:
+        sample(pab, LABELS, SEEDS, steps=STEPS, cfg_scale=1.5)
+    assert calls["attn"] == pytest.approx(1 - pab.reuse_stats()["reuse_fraction"]) and calls["attn"] < 1.0
+    assert calls["mlp"] == calls["block"] == 1.0
 
 
 def test_count_module_calls_needs_dit_blocks():
@@ -206,6 +221,11 @@ def test_bad_options_are_refused_naming_the_option_the_value_and_what_is_allowed
     with pytest.raises(ValueError) as err:
         make_baseline(name, tiny, options=options)
     assert message in str(err.value)
+
+
+def test_options_must_be_a_mapping(tiny):
+    with pytest.raises(TypeError, match="must be a mapping of option name to value"):
+        make_baseline("fbc", tiny, options=["threshold=0.1"])
 
 
 def test_an_unknown_baseline_is_refused(tiny):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 
@@ -117,8 +118,9 @@ _SPECS = {
 def validate_options(name: str, options=None) -> dict:
     """The options given for baseline `name`, parsed (values may be strings, as `key=value` on a command
     line gives them); an unknown name or a bad value raises ValueError naming it and what is allowed."""
-    options = dict(options or {})
-    spec = _SPECS.get(name)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options={options!r}: must be a mapping of option name to value")
+    options, spec = dict(options or {}), _SPECS.get(name)
     if spec is None:
         if options:
             raise ValueError(f"baseline {name!r} takes no options; got {', '.join(map(str, options))}")
