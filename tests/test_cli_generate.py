@@ -141,9 +141,9 @@ def test_weights_file_generates(capsys, tmp_path, weight_files):
 BAD_HARDENING = [
     # seeds outside torch's range: a one-line error naming the value, before any sampling
     (["--seed", str(2**64)], f"--seed={2**64} is not allowed"),
-    (["--seed", str(-(2**63) - 1)], f"--seed={-(2**63) - 1} is not allowed"),
+    (["--seed", "-1"], "--seed=-1 is not allowed: seeds are integers in [0, 2**63 - 1]"),
     # the last image's seed (seed + 1) is out of range
-    (["--seed", str(2**64 - 1), "--classes", "1,2"], "the run uses seeds 18446744073709551615..18446744073709551616"),
+    (["--seed", str(2**63 - 1), "--classes", "1,2"], "the run uses seeds 9223372036854775807..9223372036854775808"),
     (["--order-seed", str(2**64), "--order", "random"], f"--order-seed='{2**64}' could not be parsed: expected an "
                                                          "integer seed"),
     # a parse error names the accepted values, not an internal parser
@@ -194,7 +194,7 @@ def test_bad_or_inapplicable_options_exit_2_naming_the_value(capsys, tmp_path, a
     ["--schedule", "gate", "--gate-with", "depth", "--depth-phases", "0.5:0.5,1.0:1.0"],
     ["--record-entropy", "true", "--entropy-rows", "4", "--entropy-seed", "2"],            # entropy is measured
     ["--cfg-sharing", "true", "--cfg-sharing-eps", "0.1"],
-    ["--order", "random", "--order-seed", str(2**64 - 1)],                                 # torch's largest seed
+    ["--order", "random", "--order-seed", str(2**63 - 1)],                                 # the largest seed
     ["--cache-bits", "8", "--quant-granularity", "token", "--csb-topk", "1"],
     ["--mode", "kv", "--kv-bits", "16,8"],
     ["--schedule", "none", "--trace", "true"],
@@ -385,3 +385,11 @@ def test_a_device_torch_names_but_cannot_use_is_refused(capsys, tmp_path, device
     code, _, err = run_cli(capsys, *FAST, "--device", device, "--out", str(tmp_path / "o"))
     assert code == 2 and f"--device='{device}' {message}" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cli_seed_range_is_the_samplers():
+    import dqar.sampling
+    from dqar.cli.common import SEED_MAX, SEED_MIN
+    from dqar.harness import sharded_sampling
+
+    assert (SEED_MIN, SEED_MAX) == (0, dqar.sampling.MAX_SEED) == (sharded_sampling.SEED_MIN, sharded_sampling.SEED_MAX)

@@ -311,7 +311,7 @@ def test_output_paths_are_checked_before_any_sampling(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("bad, message", [
     (["--seed", str(2**64)], f"--seed={2**64} is not allowed"),
-    (["--seed", str(2**64 - 3)], "the run uses seeds 18446744073709551613..18446744073709551618"),
+    (["--seed", str(2**63 - 3)], "the run uses seeds 9223372036854775805..9223372036854775810"),
     (["--per-class", "0"], "--per-class=0 is not allowed"),
     (["--interval", "3"], "--interval='3' does not apply to --schedule none"),
     (["--cfg-sharing", "maybe"], "expected true or false"),
@@ -374,10 +374,12 @@ def test_sample_shows_a_progress_bar_over_batches(tmp_path, capsys):
 
 
 def test_sample_job_refuses_seeds_torch_cannot_take():
-    with pytest.raises(ValueError, match=r"seed=18446744073709551615 is not allowed: samples use seeds "
-                                         r"18446744073709551615\.\.18446744073709551616"):
-        SampleJob(model="DiT-Tiny", kind="dit", num_samples=2, seed=2**64 - 1, labels=(1,))
-    SampleJob(model="DiT-Tiny", kind="dit", num_samples=1, seed=2**64 - 1, labels=(1,))
+    with pytest.raises(ValueError, match=r"seed=9223372036854775807 is not allowed: samples use seeds "
+                                         r"9223372036854775807\.\.9223372036854775808"):
+        SampleJob(model="DiT-Tiny", kind="dit", num_samples=2, seed=2**63 - 1, labels=(1,))
+    with pytest.raises(ValueError, match=r"seed=-1 is not allowed"):
+        SampleJob(model="DiT-Tiny", kind="dit", num_samples=1, seed=-1, labels=(1,))
+    SampleJob(model="DiT-Tiny", kind="dit", num_samples=1, seed=2**63 - 1, labels=(1,))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -413,7 +413,7 @@ def test_train_policy_from_a_good_folder_trains_and_shows_progress(trained_polic
 
 @pytest.mark.parametrize("bad, message", [
     (["--seed", str(2**64)], f"--seed={2**64} is not allowed"),
-    (["--first-seed", str(2**64 - 2)], "the run uses seeds 18446744073709551614..18446744073709551617"),
+    (["--first-seed", str(2**63 - 2)], "the run uses seeds 9223372036854775806..9223372036854775809"),
     (["--lr", "nan"], "--lr=nan is not allowed: must be a finite number > 0"),
     (["--l2", "-1"], "--l2=-1.0 is not allowed"),
     (["--quality-psnr", "inf"], "--quality-psnr=inf is not allowed"),

@@ -79,10 +79,11 @@ def default_cfg_scale(model_spec: str) -> float:
 
 # ----------------------------------------------------------------------------- seeds
 
-# torch.Generator.manual_seed takes any integer in [-2**63, 2**64 - 1]; outside it torch raises
-# "Overflow when unpacking long long" in the middle of sampling.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-SEED_RANGE_TEXT = "[-2**63, 2**64 - 1]"
+# The seeds dqar.sampling.sample accepts (its MAX_SEED; a test keeps the two equal): non-negative and within
+# torch.Generator.manual_seed's range, outside which torch raises "Overflow when unpacking long long" in the
+# middle of sampling. Kept here as numbers so building the parser never imports torch.
+SEED_MIN, SEED_MAX = 0, 2**63 - 1
+SEED_RANGE_TEXT = "[0, 2**63 - 1]"
 
 
 def check_seed(value: int, option: str = "--seed", count: int = 1) -> int:
@@ -92,7 +93,7 @@ def check_seed(value: int, option: str = "--seed", count: int = 1) -> int:
     last = value + max(count, 1) - 1
     if value < SEED_MIN or last > SEED_MAX:
         used = f" (the run uses seeds {value}..{last})" if count > 1 and value >= SEED_MIN else ""
-        raise UsageError(f"{option}={value} is not allowed{used}: seeds must lie in torch's range {SEED_RANGE_TEXT}")
+        raise UsageError(f"{option}={value} is not allowed{used}: seeds are integers in {SEED_RANGE_TEXT}")
     return value
 
 

@@ -34,8 +34,9 @@ from .distributed import (DistInfo, barrier, global_batches, merge_summaries, pn
                           sample_seeds, save_png, shard, sum_int, write_json, write_npz)
 
 KINDS = ("dit", "hub-dit", "pixart")
-# torch.Generator.manual_seed's range; sample k's seed is seed + k, so every one of them must fit.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# dqar.sampling.sample's seed range (within torch.Generator.manual_seed's); sample k's seed is seed + k, so
+# every one of them must fit, or the run would stop at the first batch past the limit.
+SEED_MIN, SEED_MAX = 0, 2**63 - 1
 NPZ_NAME = "samples.npz"
 STATS_NAME = "reuse_stats.json"
 RUN_NAME = "run.json"
@@ -71,7 +72,7 @@ class SampleJob:
             raise ValueError(f"seed={self.seed!r} is not allowed: must be an integer")
         if self.seed < SEED_MIN or self.seed + self.num_samples - 1 > SEED_MAX:
             raise ValueError(f"seed={self.seed} is not allowed: samples use seeds {self.seed}.."
-                             f"{self.seed + self.num_samples - 1}, and torch takes seeds in [-2**63, 2**64 - 1]")
+                             f"{self.seed + self.num_samples - 1}, and seeds are integers in [0, 2**63 - 1]")
         if self.kind == "pixart" and not self.prompts:
             raise ValueError("a PixArt model needs at least one prompt (--prompt or --prompts-file)")
         if self.kind != "pixart" and not self.labels:
