@@ -90,55 +90,24 @@ def run(args: argparse.Namespace) -> int:
     if note and not args.json:
         print(note, file=sys.stderr)
 
-    import torch
+    import numpy as np
 
     from dqar.harness.distributed import merge_summaries
     from dqar.method.hooks import apply_dqar, remove_dqar
-    from dqar.sampling import make_scheduler, sample, to_uint8
+    from dqar.sampling import make_scheduler
 
     model = model.to(device)
     make_scheduler(args.sampler)   # imports diffusers now, so its seconds of import stay out of ms/step
     # schedule "none" is the plain model, unless statistics were asked for (traces, entropy curves).
     hooked = config.schedule != "none" or config.trace or config.record_entropy
-    batches = [range(s, min(s + args.batch_size, len(labels))) for s in range(0, len(labels), args.batch_size)]
-    progress = not (args.json or args.no_progress)
     ctl = apply_dqar(model, config) if hooked else None
-    arrays, paths, summaries, trace_rows = [], [], [], []
-    seconds = 0.0
-    bar = None
     try:
-        if progress and len(batches) > 1:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(batches), desc="generate", unit="batch", file=sys.stderr)
-        for b, idx in enumerate(batches):
-            start = time.perf_counter()
-            images = sample(model, [labels[i] for i in idx], [seeds[i] for i in idx], steps=args.steps,
-                            sampler=args.sampler, cfg_scale=cfg_scale, device=device, progress=progress)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - start
-            if not bool(torch.isfinite(images).all()):
-                raise UsageError(f"--model {described}: sampling produced NaN or inf values (batch {b}, images "
-                                 f"{idx.start}..{idx.stop - 1}); the weights or the settings make the model "
-                                 "diverge, and its images would be flat; nothing more was written")
-            if ctl is not None:
-                s = dict(ctl.summary())
-                s["images"] = len(idx)
-                summaries.append(s)
-                trace_rows.extend({**r, "batch": b} for r in ctl.trace_rows)
-            arr = to_uint8(images).numpy()
-            paths += write_pngs(arr, [labels[i] for i in idx], [seeds[i] for i in idx], out, first=idx.start)
-            arrays.append(arr)
-            if bar is not None:
-                bar.update(1)
+        arrays, paths, summaries, trace_rows, seconds = _generate_batches(
+            model, ctl, labels, seeds, out, args=args, cfg_scale=cfg_scale, device=device, described=described)
     finally:
-        if bar is not None:
-            bar.close()
         if ctl is not None:
             remove_dqar(model)
-    import numpy as np
-
+    batches = len(arrays)
     grid = write_grid(np.concatenate(arrays), labels, out)
     summary = _summary_for_json(merge_summaries(summaries)) if ctl is not None else None
     traces = write_traces(trace_rows, out) if config.trace else None
@@ -146,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "model": described, "images": [str(p) for p in paths], "grid": str(grid), "seconds": seconds,
         "ms_per_step": 1000.0 * seconds / args.steps, "steps": args.steps, "sampler": args.sampler,
         "cfg_scale": cfg_scale, "classes": labels, "seeds": seeds, "batch_size": args.batch_size,
-        "batches": len(batches), "config": config.to_dict(), "dqar": summary,
+        "batches": batches, "config": config.to_dict(), "dqar": summary,
         "traces": str(traces) if traces else None,
     }
     if args.json:
@@ -161,6 +130,54 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(paths)} images to {args.out} and the grid {grid}; "
               f"{result['ms_per_step']:.1f} ms/step{reuse}", file=sys.stderr)
     return 0
+
+
+def _generate_batches(model, ctl, labels, seeds, out: Path, *, args, cfg_scale, device, described):
+    """Sample in batches of --batch-size, writing each batch's PNGs as it is done.
+
+    Returns (uint8 arrays per batch, PNG paths, per-batch controller summaries, trace rows tagged with their
+    batch, seconds spent sampling). A batch with NaN/inf values stops the run before its PNGs are written.
+    """
+    import torch
+
+    from dqar.cli import UsageError
+    from dqar.sampling import sample, to_uint8
+
+    size = args.batch_size
+    batches = [range(s, min(s + size, len(labels))) for s in range(0, len(labels), size)]
+    progress = not (args.json or args.no_progress)
+    arrays, paths, summaries, trace_rows = [], [], [], []
+    seconds = 0.0
+    bar = None
+    if progress and len(batches) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc="generate", unit="batch", file=sys.stderr)
+    try:
+        for b, idx in enumerate(batches):
+            batch_labels, batch_seeds = [labels[i] for i in idx], [seeds[i] for i in idx]
+            start = time.perf_counter()
+            images = sample(model, batch_labels, batch_seeds, steps=args.steps, sampler=args.sampler,
+                            cfg_scale=cfg_scale, device=device, progress=progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            if not bool(torch.isfinite(images).all()):
+                raise UsageError(f"--model {described}: sampling produced NaN or inf values (batch {b}, images "
+                                 f"{idx.start}..{idx.stop - 1}); the weights or the settings make the model "
+                                 "diverge, and its images would be flat; nothing more was written")
+            if ctl is not None:
+                summaries.append({**ctl.summary(), "images": len(idx)})
+                trace_rows.extend({**r, "batch": b} for r in ctl.trace_rows)
+            arr = to_uint8(images).numpy()
+            paths += write_pngs(arr, batch_labels, batch_seeds, out, first=idx.start)
+            arrays.append(arr)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return arrays, paths, summaries, trace_rows, seconds
 
 
 def _summary_for_json(summary: dict) -> dict:
