@@ -79,5 +79,6 @@ def test_weights_with_nan_or_inf_are_refused_naming_file_and_tensor(tmp_path, va
     with torch.no_grad():
         model.blocks[1].attn.qkv.bias[:2] = value
     path = save_dit(model, tmp_path / "diverged.safetensors")
-    with pytest.raises(WeightsError, match=rf"diverged\.safetensors.*'blocks\.1\.attn\.qkv\.bias' has {re.escape(counts)}"):
+    pattern = rf"diverged\.safetensors.*'blocks\.1\.attn\.qkv\.bias' has {re.escape(counts)}"
+    with pytest.raises(WeightsError, match=pattern):
         load_dit(path)

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="images per class (or per prompt), as --n in `dqar generate` (default 1); "
                             "--per-class 50 over ImageNet's 1000 classes is FID-50K; works under torchrun")
     count.add_argument("--n", type=int, default=None,
-                       help="the same as --per-class (default 1), for the one-process command only: torchrun refuses --n "
-                            "as an ambiguous prefix of its own --nnodes/--nproc-per-node, so under torchrun "
-                            "write --per-class (or --num-samples)")
+                       help="the same as --per-class (default 1), for the one-process command only: torchrun "
+                            "refuses --n as an ambiguous prefix of its own --nnodes/--nproc-per-node, so under "
+                            "torchrun write --per-class (or --num-samples)")
     count.add_argument("--num-samples", type=int, default=None,
                        help="total samples instead of --per-class: the first N of the class-major list with "
                             "ceil(N / classes) per class (default: --per-class times the classes); works "
@@ -72,7 +72,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def _counts(args, items: int) -> tuple[int, int]:
-    """(num_samples, per_item) from --n (per class / prompt) or --num-samples (total)."""
+    """(num_samples, per_item) from --per-class or --n (per class / prompt) or --num-samples (total)."""
     if args.num_samples is not None:
         if args.num_samples < 1:
             raise UsageError(f"--num-samples={args.num_samples} is not allowed: must be >= 1")

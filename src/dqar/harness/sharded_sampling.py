@@ -2,9 +2,10 @@
 
 Run it as `dqar sample ...` (one process) or `torchrun --nproc_per_node N -m dqar.harness.sharded_sampling ...` (N processes,
 same options). Sample k uses seed `seed + k` and is computed in global batch k // batch_size whichever
-rank gets that batch, so the set is identical for any N. A re-run computes only batches with a missing
-PNG and writes only the missing ones (resume). As in `dqar generate`, the label list is class-major:
-`per_item` samples of the first class, then of the second, and so on (`--n 50` over ImageNet's 1000
+rank gets that batch, so the set is identical for any N. A re-run computes only batches that are not done (a
+PNG missing or, under DQAR, the stats record missing) and writes only the missing PNGs (resume). As in
+`dqar generate`, the label list is class-major:
+`per_item` samples of the first class, then of the second, and so on (`--per-class 50` over ImageNet's 1000
 classes is the balanced FID-50K set).
 
 Folder layout:
