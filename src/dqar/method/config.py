@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 MODES = ("output", "kv")
-SCHEDULES = ("none", "static", "depth", "gate", "policy", "interval")
+SCHEDULES = ("none", "static", "depth", "gate", "policy", "interval", "adaptive")
 ORDERS = ("shallow", "deep", "random")
 SNR_FORMS = ("schedule", "x0")
 GATE_WITH = (None, "static", "depth")
@@ -47,7 +47,9 @@ class DQARConfig:
     schedule   which rule decides reuse: "none" (never), "static" (seed 000's warmup + layer
                fraction), "depth" (seed 002's depth phases), "gate" (entropy below tau(p_len) and
                SNR inside `snr_range`), "policy" (learned MLP), "interval" (FORA: compute every
-               `interval`-th step after warmup, reuse in between).
+               `interval`-th step after warmup, reuse in between), "adaptive" (error control: each
+               layer, target and branch refreshes when the predicted effect of its forecast on the block
+               would exceed `tolerance`, and at the latest after `max_age` steps).
     warmup     progress before which nothing is reused, for every schedule.
     mode       "output" caches the module output before the adaLN gate; "kv" caches K and V and
                recomputes Q and attention (the seeds' failure mode, kept to show it).
@@ -94,6 +96,8 @@ class DQARConfig:
     csb_topk: float = 0
     csb_calibration_steps: int = 0
     forecast_order: int = 0
+    tolerance: float = 0.02
+    max_age: int = 4
     trace: bool = False
 
     def __post_init__(self):
@@ -149,6 +153,14 @@ class DQARConfig:
         if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
             _fail("forecast_order", self.forecast_order, "must be 0 (reuse the last output), 1 or 2 (extrapolate "
                                                          "from the last 2 or 3 computed outputs)")
+        if not _is_finite(self.tolerance) or self.tolerance <= 0:
+            _fail("tolerance", self.tolerance, "must be a finite number > 0 (the largest predicted effect of a "
+                                               "forecast on its block, relative to the block input)")
+        if not _is_int(self.max_age) or self.max_age < 1:
+            _fail("max_age", self.max_age, "must be an integer >= 1 (most steps a cached output may serve)")
+        if self.schedule == "adaptive" and self.mode == "kv":
+            _fail("schedule", self.schedule, "the adaptive schedule controls forecast errors of module outputs; "
+                                             "mode='kv' caches keys/values, so use mode='output'")
         if self.forecast_order and self.mode == "kv":
             _fail("forecast_order", self.forecast_order, "forecasting extrapolates module outputs; mode='kv' caches "
                                                          "keys/values, so use forecast_order=0 with it")

@@ -14,6 +14,7 @@ import torch
 
 from .cache import CacheEntry, ReuseCache
 from .config import DQARConfig
+from .error_control import ErrorControl
 from .forecast import advance, extrapolate, points
 from .quant import SalienceTracker, store
 from .schedules import StepState, build_schedule
@@ -44,6 +45,7 @@ class DQARController:
         self.flops_profile = None
         self.cache = ReuseCache()
         self.salience = SalienceTracker(config.csb_topk, config.csb_calibration_steps)
+        self.error_control = ErrorControl(config) if config.schedule == "adaptive" else None
         self.trace_rows: list[dict] = []
         self.reset()
 
@@ -62,6 +64,8 @@ class DQARController:
         self._entropy: dict[str, dict[int, float]] = {}
         self._last_x0_snr: float | None = None
         self.salience.reset()
+        if self.error_control is not None:
+            self.error_control.reset()
         self.reuse_events = 0
         self.compute_events = 0
         self.share_events = 0
@@ -119,6 +123,9 @@ class DQARController:
         if self.config.forecast_order and points(entry) <= self.config.forecast_order:
             self.short_history += 1         # too few computed outputs yet for a forecast of this order
             return _COMPUTE
+        if self.error_control is not None and not self.error_control.may_forecast(
+                (layer_id, branch, target), self.step.step_index):
+            return _COMPUTE
         return Decision(True, entry)
 
     def should_share(self, layer_id: int) -> bool:
@@ -149,8 +156,11 @@ class DQARController:
 
     def commit(self, layer_id: int, branch: str, output: torch.Tensor | None = None,
                entropy: float | None = None, keys: torch.Tensor | None = None,
-               values: torch.Tensor | None = None, target: str = "attn") -> CacheEntry:
-        """Store what (layer, branch, target) just computed, quantized as configured."""
+               values: torch.Tensor | None = None, target: str = "attn", effect=None) -> CacheEntry:
+        """Store what (layer, branch, target) just computed, quantized as configured.
+
+        `effect` = (gate (n, D) or None, block input norm (n,)) lets the adaptive schedule weigh the
+        forecast error by what it does to the block (dqar.method.probes)."""
         cfg = self.config
         step_index = self.step.step_index if self.step else 0
         if entropy is not None:
@@ -172,6 +182,8 @@ class DQARController:
                              salient(layer_id, name, t, cfg.cache_bits, step_index))
 
             previous = self.cache.get(layer_id, branch, target)
+            if self.error_control is not None:
+                self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect)
             entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
                                                                     cfg.forecast_order, keep)
         if keys is not None:
@@ -231,6 +243,7 @@ class DQARController:
             "snr_per_step": list(self.snr_per_step),
             "x0_snr_per_step": list(self.x0_snr_per_step),
             "short_history": self.short_history,
+            "forecast_error": self.error_control.summary() if self.error_control is not None else None,
             "entropy_unavailable": self.entropy_unavailable,
             "unmatched_timesteps": self.unmatched_timesteps,
             "num_layers": self.num_layers,

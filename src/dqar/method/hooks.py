@@ -21,6 +21,7 @@ from .config import DQARConfig
 from .controller import DQARController
 from .flops import FlopProfiler
 from .layouts import BlockLayout, find_layout
+from .probes import BlockProbe
 from .stats import attention_entropy, sample_query_rows
 from .step import HOOK_ATTR, StepDriver, StepInfo
 
@@ -41,8 +42,9 @@ class _TargetHook:
     """The wrapper around one attention/MLP module; decides per branch, computes only what it must."""
 
     def __init__(self, ctl: DQARController, flops: FlopProfiler, layer: int, target: str, module: nn.Module,
-                 layout: BlockLayout):
+                 layout: BlockLayout, probe: BlockProbe | None = None):
         self.ctl, self.flops, self.layer, self.target, self.module, self.layout = ctl, flops, layer, target, module, layout
+        self.probe = probe                         # block input norm and gates, for the adaptive schedule
         self.original = module.forward
         self.is_attn = target == "attn"
         self.is_block = target == "block"          # caches the block's residual (output - input)
@@ -79,11 +81,11 @@ class _TargetHook:
                 c = branches.index("cond")
                 args, kwargs = _slice_call(args, kwargs, n, c * (n // 2), (c + 1) * (n // 2))
                 out, ents = self._compute(*args, **kwargs)
-                self._commit_chunks(("cond",), out, ents)
+                self._commit_chunks(("cond",), out, ents, c * (n // 2))
                 ctl.count_share(self.layer, self.target)
                 return torch.cat([out, out])
             out, ents = self._compute(*args, **kwargs)
-            self._commit_chunks(branches, self._cached_form(out, x), ents)
+            self._commit_chunks(branches, self._cached_form(out, x), ents, 0)
             return out
         b = n // len(branches)
         parts = []
@@ -94,7 +96,8 @@ class _TargetHook:
             else:
                 sub_args, sub_kwargs = _slice_call(args, kwargs, n, i * b, (i + 1) * b)
                 out, ents = self._compute(*sub_args, **sub_kwargs)
-                self._commit_chunks((branch,), self._cached_form(out, _hidden_states(sub_args, sub_kwargs)), ents)
+                self._commit_chunks((branch,), self._cached_form(out, _hidden_states(sub_args, sub_kwargs)), ents,
+                                    i * b)
                 parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -137,15 +140,19 @@ class _TargetHook:
                           "entropy cannot be measured; schedules that read entropy never reuse it "
                           "(counted in summary()['entropy_unavailable'])", RuntimeWarning, stacklevel=3)
 
-    def _commit_chunks(self, branches, out, ents):
+    def _commit_chunks(self, branches, out, ents, first_row):
+        """Commit each branch's share of `out`, which starts at batch row `first_row` of the block's input."""
         chunks = out.chunk(len(branches)) if len(branches) > 1 else (out,)
         if ents is None:
             ent_chunks = (None,) * len(branches)
         else:
             ent_chunks = ents.chunk(len(branches)) if len(branches) > 1 else (ents,)
+        start = first_row
         for branch, o, e in zip(branches, chunks, ent_chunks):
+            effect = self.probe.effect(self.target, start, start + o.shape[0]) if self.probe is not None else None
             self.ctl.commit(self.layer, branch, output=o, target=self.target,
-                            entropy=float(e.mean()) if e is not None else None)
+                            entropy=float(e.mean()) if e is not None else None, effect=effect)
+            start += o.shape[0]
 
     def _kv(self, x, n, branches, args, kwargs):
         """K/V mode: Q is always fresh; K and V come from the cache on reuse (mixes noise levels)."""
@@ -301,13 +308,15 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     _check_csb_topk(config, layout, blocks)
     ctl = DQARController(config, num_layers=len(blocks))
     driver, flops = StepDriver(ctl), FlopProfiler()
-    wrapped = []
+    wrapped, restore = [], []
     for layer, block in enumerate(blocks):
+        probe = BlockProbe(block, layout) if config.schedule == "adaptive" else None
+        if probe is not None:
+            restore.append(probe.remove)
         for target in config.targets:
             module = block if target == "block" else getattr(block, layout.target_attrs[target])
-            wrapped.append(_replace_forward(module, _TargetHook(ctl, flops, layer, target, module, layout)))
+            wrapped.append(_replace_forward(module, _TargetHook(ctl, flops, layer, target, module, layout, probe)))
     wrapped.append(_replace_forward(model, _RootHook(driver, flops, model, layout, scheduler, pipe)))
-    restore = []
     if pipe is not None and hasattr(pipe, "encode_prompt") and layout.name == "diffusers-pixart":
         restore.append(_watch_pixart_prompt(pipe, driver))
     model.__dict__[HOOK_ATTR] = _Hooked(ctl, driver, wrapped, restore)

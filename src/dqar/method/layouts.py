@@ -89,6 +89,9 @@ class BlockLayout:
     ops: type
     drives_itself: bool                    # True: step found from the timestep input (diffusers)
     detect_branches: Callable | None = None
+    # (block) -> (submodule, fn(its output) -> {"attn": gate (N, D), "mlp": gate (N, D)}): where the block's
+    # adaLN gates can be read, for error control that weighs a module's error by its effect on the block.
+    gate_source: Callable | None = None
 
 
 def _is_class(name: str) -> Callable[[nn.Module], bool]:
@@ -104,10 +107,27 @@ def _dit_pipeline_branches(model, kwargs, n):
     return ("cond",)
 
 
+def _dit_gates(block):
+    """Our DiTBlock: adaLN_modulation(c) chunks into shift/scale/gate for attention, then for the MLP."""
+    def read(out):
+        chunks = out.chunk(6, dim=1)
+        return {"attn": chunks[2], "mlp": chunks[5]}
+    return block.adaLN_modulation, read
+
+
+def _ada_norm_zero_gates(block):
+    """diffusers BasicTransformerBlock with ada_norm_zero: norm1 returns (x, gate_msa, shift, scale, gate_mlp)."""
+    if getattr(block, "norm_type", None) != "ada_norm_zero":
+        return None
+    return block.norm1, lambda out: {"attn": out[1], "mlp": out[4]}
+
+
 LAYOUTS: list[BlockLayout] = [
-    BlockLayout("dqar-dit", _is_class("DiT"), "blocks", {"attn": "attn", "mlp": "mlp"}, DiTAttentionOps, False),
+    BlockLayout("dqar-dit", _is_class("DiT"), "blocks", {"attn": "attn", "mlp": "mlp"}, DiTAttentionOps, False,
+                gate_source=_dit_gates),
     BlockLayout("diffusers-dit", _is_class("DiTTransformer2DModel"), "transformer_blocks",
-                {"attn": "attn1", "mlp": "ff"}, DiffusersAttentionOps, True, _dit_pipeline_branches),
+                {"attn": "attn1", "mlp": "ff"}, DiffusersAttentionOps, True, _dit_pipeline_branches,
+                gate_source=_ada_norm_zero_gates),
     # PixArt's branch order ([uncond | cond]) is learnt from the pipeline's encode_prompt call.
     BlockLayout("diffusers-pixart", _is_class("PixArtTransformer2DModel"), "transformer_blocks",
                 {"attn": "attn1", "mlp": "ff"}, DiffusersAttentionOps, True, None),

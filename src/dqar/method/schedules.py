@@ -192,9 +192,22 @@ class PolicySchedule(Schedule):
         return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
 
 
+class AdaptiveSchedule(Schedule):
+    """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
+    branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
+
+    reads = ("warmup", "tolerance", "max_age")
+
+    def plan(self, step, branch, entropies):
+        return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
+
+    def reusable_ever(self, num_layers):
+        return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
+
+
 SCHEDULE_CLASSES: dict[str, type[Schedule]] = {
     "none": NoReuse, "static": StaticSchedule, "depth": DepthSchedule, "gate": GateSchedule,
-    "interval": IntervalSchedule, "policy": PolicySchedule,
+    "interval": IntervalSchedule, "policy": PolicySchedule, "adaptive": AdaptiveSchedule,
 }
 _SCHEDULE_FIELDS = frozenset(f for cls in SCHEDULE_CLASSES.values() for f in cls.reads)
 # What reuse does with what it keeps: dead for the uncached baseline.
@@ -241,6 +254,8 @@ def build_schedule(config: DQARConfig) -> Schedule:
         return DepthSchedule(config)
     if config.schedule == "interval":
         return IntervalSchedule(config)
+    if config.schedule == "adaptive":
+        return AdaptiveSchedule(config)
     if config.schedule == "gate":
         base = {"static": StaticSchedule, "depth": DepthSchedule}.get(config.gate_with)
         return GateSchedule(config, base(config) if base else None)

@@ -1,0 +1,42 @@
+"""What error control needs to know about a block in the current forward: its input's size and its gates.
+
+A module's forecast error matters by its effect on the block it sits in: the error of the attention or
+MLP output times the adaLN gate that scales it, relative to the block input it is added to. A
+`BlockProbe` records both with ordinary forward hooks (installed only for the adaptive schedule and
+removed with DQAR): the per-sample norm of the block input, and the gates where the layout says where
+to read them (gate 1 where it does not).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layouts import BlockLayout
+
+
+class BlockProbe:
+    def __init__(self, block: nn.Module, layout: BlockLayout):
+        self.input_norm: torch.Tensor | None = None     # (N,) per-sample ||x|| of the block input
+        self.gates: dict[str, torch.Tensor] = {}          # target -> (N, D) adaLN gate
+        self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True)]
+        source = layout.gate_source(block) if layout.gate_source is not None else None
+        if source is not None:
+            module, read = source
+            self._handles.append(module.register_forward_hook(
+                lambda _module, _args, out: self.gates.update(read(out))))
+
+    def _record_input(self, _module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        self.input_norm = x.detach().float().flatten(1).norm(dim=1)
+        self.gates = {}
+
+    def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""
+        gate = self.gates.get(target)
+        norm = self.input_norm
+        return (gate[start:stop] if gate is not None else None,
+                norm[start:stop] if norm is not None else None)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
