@@ -1,0 +1,185 @@
+"""Quality vs work for every contender on the same weights and seeds: DQAR's fixed schedules at forecast orders
+0-2 (attention+MLP and whole-block targets), the adaptive schedule, the seeds' schedules, and diffusers' caches.
+
+Each contender samples the same images (n per class, DDIM, CFG) as the uncached run; its place is the share
+of attention / MLP / block calls it actually executed (counted by `count_module_calls`, not taken from its
+config) against PSNR and FID vs the uncached images (the embedded evaluator's features). Rows go to a JSONL
+file as they finish (a rerun skips finished contenders), then a Markdown table and a plot are written.
+
+    python benchmarks/forecast_pareto.py --out docs/forecast            # about 1-2 min per contender on 1 core
+    python benchmarks/forecast_pareto.py --out docs/forecast --only quant   # the history-quantization rows
+
+Quality only: no timing here (see `dqar bench` for interleaved speed), so it may share the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.digits.embedded import load_embedded_model, load_evaluator, model_card
+from dqar.harness.baselines import make_baseline
+from dqar.harness.metrics import EvaluatorFeatures, fid_vs_baseline, psnr
+from dqar.harness.peers import count_module_calls, sampling_observers
+from dqar.sampling import sample
+
+
+def dqar_contenders(group: str) -> list[tuple[str, dict]]:
+    out = []
+    if group in ("all", "fixed"):
+        for targets in (("attn", "mlp"), ("block",)):
+            for order in (0, 1, 2):
+                for interval in (2, 3, 4, 5, 6):
+                    name = f"interval{interval}-{'+'.join(targets)}-o{order}"
+                    out.append((name, dict(schedule="interval", interval=interval, warmup=0.1, targets=targets,
+                                           forecast_order=order)))
+        out.append(("static-seed", dict(schedule="static", warmup=0.4, layer_fraction=0.33)))
+        out.append(("depth-seed", dict(schedule="depth", warmup=0.4)))
+    if group in ("all", "adaptive"):
+        for targets in (("attn", "mlp"), ("block",)):
+            for order in (1, 2):
+                for tol in (0.005, 0.01, 0.02, 0.04):
+                    out.append((f"adaptive{tol:g}-{'+'.join(targets)}-o{order}",
+                                dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.1, targets=targets,
+                                     forecast_order=order)))
+    if group in ("all", "quant"):
+        for targets in (("attn", "mlp"), ("block",)):
+            for bits in (16, 8, 4):
+                out.append((f"interval3-{'+'.join(targets)}-o2-{bits}bit",
+                            dict(schedule="interval", interval=3, warmup=0.1, targets=targets, forecast_order=2,
+                                 cache_bits=bits, quant_granularity="channel")))
+    return out
+
+
+PEER_CONTENDERS = ["pab", "taylorseer", "seacache", "fastercache", "fbc", "magcache"]
+
+
+def share_of_work(calls: dict, targets) -> float:
+    """One number per contender: the executed share of attention+MLP calls (a skipped block skips both)."""
+    return (calls["attn"] + calls["mlp"]) / 2
+
+
+def run_one(model, labels, seeds, steps, cfg, reference, features, kind, spec, device):
+    row = {"name": spec[0] if kind == "dqar" else spec, "kind": kind}
+    start = time.perf_counter()
+    if kind == "dqar":
+        config = DQARConfig(**spec[1])
+        ctl = apply_dqar(model, config)
+        try:
+            with count_module_calls(model) as calls:
+                images = sample(model, labels, seeds, steps=steps, cfg_scale=cfg, device=device)
+            summary = ctl.summary()
+        finally:
+            remove_dqar(model)
+        row.update(config=config.to_dict(), ideal_speedup=summary["ideal_speedup"],
+                   peak_cache_bytes=summary["peak_cache_bytes"], short_history=summary["short_history"])
+    else:
+        peer = make_baseline(spec, model, device, {"calibration_steps": steps} if spec == "magcache" else None)
+        with count_module_calls(peer) as calls:
+            images = sample(peer, labels, seeds, steps=steps, cfg_scale=cfg, device=device,
+                            observers=sampling_observers(peer))
+        stats = peer.reuse_stats() if hasattr(peer, "reuse_stats") else {}
+        row.update(settings={k: v for k, v in getattr(peer, "settings", {}).items() if k != "mag_ratios"},
+                   peak_cache_bytes=stats.get("cache_bytes"))
+    row["calls"] = dict(calls)
+    row["work"] = share_of_work(calls, None)
+    row["psnr_db"] = psnr(images.clamp(-1, 1), reference.clamp(-1, 1))
+    row["fid_vs_uncached"] = fid_vs_baseline(images, reference, features)
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (lower work, higher PSNR)."""
+    front, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: (r["work"], -r["psnr_db"])):
+        if r["psnr_db"] > best:
+            front.append(r)
+            best = r["psnr_db"]
+    return front
+
+
+def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+    front = {r["name"] for r in pareto(rows)}
+    lines = [f"# Quality vs work on the same weights ({meta['images']} images, DDIM {meta['steps']}, "
+             f"CFG {meta['cfg_scale']}, measured {meta['date']})", "",
+             "work = share of attention+MLP calls executed (counted); PSNR and FID vs the uncached images of "
+             "the same seeds; * = on the Pareto front (lower work, higher PSNR).", "",
+             "| contender | kind | work (attn, mlp, block) | PSNR dB | FID vs uncached | FLOP bound | cache MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["work"]):
+        c = r["calls"]
+        cache = r.get("peak_cache_bytes")
+        lines.append(f"| {r['name']}{' *' if r['name'] in front else ''} | {r['kind']} | {r['work']:.3f} "
+                     f"({c['attn']:.2f}, {c['mlp']:.2f}, {c['block']:.2f}) | {r['psnr_db']:.2f} | "
+                     f"{r['fid_vs_uncached']:.3f} | {r.get('ideal_speedup') or float('nan'):.2f} | "
+                     f"{cache / 2**20 if cache else float('nan'):.1f} |")
+    (out / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for kind, marker in (("dqar", "o"), ("peer", "s")):
+        pts = [r for r in rows if r["kind"] == kind and math.isfinite(r["psnr_db"])]
+        ax.scatter([r["work"] for r in pts], [r["psnr_db"] for r in pts], marker=marker, label=kind, alpha=0.7)
+        for r in pts:
+            if r["kind"] == "peer" or r["name"] in front:
+                ax.annotate(r["name"], (r["work"], r["psnr_db"]), fontsize=6)
+    ax.set_xlabel("work: executed share of attention+MLP calls")
+    ax.set_ylabel("PSNR vs uncached (dB)")
+    ax.set_title(f"{meta['images']} images, DDIM {meta['steps']}, CFG {meta['cfg_scale']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(out / "pareto.png", dpi=130, bbox_inches="tight")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("docs/forecast"), help="output folder (default docs/forecast)")
+    p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
+    p.add_argument("--only", choices=("all", "fixed", "adaptive", "quant", "peers"), default="all")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = load_embedded_model()
+    cfg = args.cfg_scale if args.cfg_scale is not None else model_card()["recommended_cfg_scale"]
+    labels = [c for c in range(10) for _ in range(args.per_class)]
+    seeds = list(range(len(labels)))
+    features = EvaluatorFeatures(load_evaluator())
+    rows_path = args.out / "rows.jsonl"
+    done = {}
+    if rows_path.exists():
+        for line in rows_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[row["name"]] = row
+    reference = sample(model, labels, seeds, steps=args.steps, cfg_scale=cfg)
+    todo = [("dqar", c) for c in dqar_contenders("all" if args.only in ("all",) else args.only)
+            if args.only != "peers"]
+    if args.only in ("all", "peers"):
+        todo += [("peer", name) for name in PEER_CONTENDERS]
+    for kind, spec in todo:
+        name = spec[0] if kind == "dqar" else spec
+        if name in done:
+            continue
+        row = run_one(model, labels, seeds, args.steps, cfg, reference, features, kind, spec, "cpu")
+        done[name] = row
+        with rows_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name}: work {row['work']:.3f} PSNR {row['psnr_db']:.2f} dB FID {row['fid_vs_uncached']:.3f} "
+              f"({row['wall_s']:.0f} s)", flush=True)
+    meta = {"images": len(labels), "steps": args.steps, "cfg_scale": cfg, "date": time.strftime("%Y-%m-%d")}
+    write_report(list(done.values()), args.out, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
