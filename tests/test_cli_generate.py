@@ -393,3 +393,18 @@ def test_the_cli_seed_range_is_the_samplers():
     from dqar.harness import sharded_sampling
 
     assert (SEED_MIN, SEED_MAX) == (0, dqar.sampling.MAX_SEED) == (sharded_sampling.SEED_MIN, sharded_sampling.SEED_MAX)
+
+
+def test_the_grid_is_readable_and_the_pngs_keep_their_native_size():
+    import numpy as np
+
+    from dqar.cli.generate import make_grid
+
+    one_each = np.full((3, 16, 16, 1), 200, dtype=np.uint8)
+    grid = make_grid(one_each, [4, 5, 6])
+    # 16 px upscaled 6x to 96 px, 8 px padding, an 18 px caption band above: one row of three cells.
+    assert grid.shape == (8 + 18 + 96 + 8, 8 + 3 * (96 + 8))
+    assert (grid[26:26 + 96, 8:8 + 96] == 200).all()                  # the first digit, nearest-upscaled
+    assert (grid[8:8 + 18] < 255).any()                               # a caption was drawn above it
+    several = make_grid(np.zeros((4, 16, 16, 1), dtype=np.uint8), [1, 1, 2, 2])
+    assert several.shape == (8 + 2 * (96 + 8), 8 + 4 * 18 + 2 * (96 + 8))   # a row per class, captions left

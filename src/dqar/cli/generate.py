@@ -227,22 +227,38 @@ def write_grid(arr, labels, out: Path) -> Path:
     return grid_path
 
 
-def make_grid(arr, labels, pad: int = 2):
-    """(N, H, W, C) uint8 -> one image, a row per distinct class in first-seen order."""
+def make_grid(arr, labels, pad: int = 8, min_cell: int = 96, caption_height: int = 18):
+    """(N, H, W, C) uint8 -> one readable image: each sample upscaled (nearest, by a whole factor) to at least
+    `min_cell` pixels, on a white page with padding, a row per distinct class in first-seen order and the
+    class written above each column (one sample per class) or left of each row (several per class)."""
     import numpy as np
+    from PIL import Image, ImageDraw
 
     rows: dict[int, list] = {}
     for img, label in zip(arr, labels):
-        rows.setdefault(label, []).append(img)
+        rows.setdefault(int(label), []).append(img)
     h, w, c = arr.shape[1:]
-    ncols = max(len(v) for v in rows.values())
-    grid = np.zeros((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
-    for r, imgs in enumerate(rows.values()):
-        for col, img in enumerate(imgs):
-            y, x = pad + r * (h + pad), pad + col * (w + pad)
-            grid[y:y + h, x:x + w] = img
-    if ncols == 1 and len(rows) > 1:
-        # One image per class reads better as a single row.
-        grid = np.concatenate([grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad:pad + w]
-                               for r in range(len(rows))], axis=1)
-    return grid[..., 0] if c == 1 else grid
+    scale = max(1, -(-min_cell // max(h, w)))
+    cell_h, cell_w = h * scale, w * scale
+    one_per_class = max(len(v) for v in rows.values()) == 1
+    if one_per_class:                      # one row, a caption above each column
+        layout = [[(label, imgs[0]) for label, imgs in rows.items()]]
+        left, top = pad, pad + caption_height
+    else:                                  # a row per class, its caption on the left
+        layout = [[(label, img) for img in imgs] for label, imgs in rows.items()]
+        left, top = pad + 4 * caption_height, pad
+    ncols = max(len(r) for r in layout)
+    page = Image.new("L" if c == 1 else "RGB", (left + ncols * (cell_w + pad), top + len(layout) * (cell_h + pad)),
+                     color=255)
+    draw = ImageDraw.Draw(page)
+    for r, row in enumerate(layout):
+        y = top + r * (cell_h + pad)
+        if not one_per_class:
+            draw.text((pad, y + cell_h // 2 - 6), f"class {row[0][0]}", fill=0)
+        for col, (label, img) in enumerate(row):
+            x = left + col * (cell_w + pad)
+            big = np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8))
+            page.paste(Image.fromarray(big[..., 0] if c == 1 else big), (x, y))
+            if one_per_class:
+                draw.text((x + cell_w // 2 - 12, pad), f"class {label}", fill=0)
+    return np.asarray(page)
