@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dqar.digits.data import load_split
@@ -62,15 +63,51 @@ def generate(model, per_class: int, steps: int, cfg_scale: float, batch: int) ->
     return torch.cat(chunks), labels
 
 
-def score(model, evaluator, real_test_feats, per_class, steps, cfg_scale, batch) -> dict:
+def to_8x8(images: torch.Tensor) -> np.ndarray:
+    """(N, 1, 16, 16) in [-1, 1] back to load_digits' own form: 8x8 grey levels 0..16, flattened (N, 64)."""
+    x = torch.nn.functional.avg_pool2d(images.clamp(-1, 1), 2)                 # undoes the 2x upsampling
+    return ((x + 1) * 8.0).flatten(1).double().numpy()
+
+
+def independent_classifier():
+    """A classifier that never saw the shipped evaluator or a generated image: an RBF SVM (scikit-learn's
+    digits example) on the 1,437 real training scans at their native 8x8."""
+    from sklearn.svm import SVC
+
+    train = load_split("train")
+    return SVC(gamma=0.001).fit(to_8x8(train.images), train.labels.numpy())
+
+
+def floor_at(train_feats: torch.Tensor, test_feats: torch.Tensor, n: int, draws: int = 5) -> float:
+    """Real-vs-real FID at the generated sample count: n real training digits (seeded draws without
+    replacement, averaged) vs the held-out test digits. FID is biased upward at small n, so a generated
+    set of n images is compared with this, not with the full-train floor."""
+    g = torch.Generator().manual_seed(0)
+    n = min(n, len(train_feats))
+    vals = [frechet_distance(train_feats[torch.randperm(len(train_feats), generator=g)[:n]], test_feats)
+            for _ in range(draws)]
+    return float(sum(vals) / len(vals))
+
+
+def score(model, evaluator, real_test_feats, per_class, steps, cfg_scale, batch, check=None,
+          train_feats=None) -> dict:
     start = time.perf_counter()
     images, labels = generate(model, per_class, steps, cfg_scale, batch)
     wall = time.perf_counter() - start
     acc = float((evaluator.predict(images) == labels).double().mean())
     per_class_acc = [float((evaluator.predict(images[labels == c]) == c).double().mean()) for c in range(10)]
     fid = frechet_distance(features(evaluator, images).double(), real_test_feats)
-    return {"cfg_scale": cfg_scale, "samples": len(labels), "steps": steps, "sampler": "ddim",
-            "accuracy": acc, "per_class_accuracy": per_class_acc, "fid_vs_test": fid, "sampling_wall_s": wall}
+    row = {"cfg_scale": cfg_scale, "samples": len(labels), "steps": steps, "sampler": "ddim",
+           "accuracy": acc, "per_class_accuracy": per_class_acc, "fid_vs_test": fid, "sampling_wall_s": wall}
+    if train_feats is not None:
+        row["fid_floor_same_n"] = floor_at(train_feats, real_test_feats, len(labels))
+        row["fid_over_floor"] = fid / row["fid_floor_same_n"]
+    if check is not None:
+        pred = torch.as_tensor(check.predict(to_8x8(images)))
+        row["independent_accuracy"] = float((pred == labels).double().mean())
+        row["independent_per_class_accuracy"] = [float((pred[labels == c] == c).double().mean()) for c in range(10)]
+        row["independent_classifier"] = "sklearn SVC(gamma=0.001) on the real 8x8 training scans"
+    return row
 
 
 @torch.no_grad()
@@ -118,8 +155,12 @@ def main(argv=None) -> int:
     evaluator = load_evaluator(folder / EVALUATOR_FILE)
     train, test = load_split("train"), load_split("test")
     real_test = features(evaluator, test.images).double()
-    floor = frechet_distance(features(evaluator, train.images).double(), real_test)
+    real_train = features(evaluator, train.images).double()
+    floor = frechet_distance(real_train, real_test)
+    check = independent_classifier()
     results = {"fid_floor_train_vs_test": floor, "real_test_images": len(test), "real_train_images": len(train),
+               "independent_accuracy_real_test": float((check.predict(to_8x8(test.images)) == test.labels.numpy())
+                                                       .mean()),
                "feature_space": "evaluator penultimate layer (128-d)", "threads": torch.get_num_threads(),
                "evaluator_accuracy_real_test": float((evaluator.predict(test.images) == test.labels).double().mean())}
     print(f"FID floor (real train vs real test): {floor:.3f}", file=sys.stderr)
@@ -131,19 +172,21 @@ def main(argv=None) -> int:
 
     sweep = []
     for scale in [float(s) for s in args.sweep.split(",") if s.strip()]:
-        row = score(model, evaluator, real_test, args.sweep_per_class, args.steps, scale, args.batch)
+        row = score(model, evaluator, real_test, args.sweep_per_class, args.steps, scale, args.batch, check, real_train)
         sweep.append(row)
-        print(f"sweep cfg {scale}: accuracy {row['accuracy']:.3f}  FID {row['fid_vs_test']:.3f}  "
+        print(f"sweep cfg {scale}: accuracy {row['accuracy']:.3f} (independent {row['independent_accuracy']:.3f})  "
+              f"FID {row['fid_vs_test']:.3f} (floor at this n {row['fid_floor_same_n']:.3f})  "
               f"({row['samples']} samples, {row['sampling_wall_s']:.0f} s)", file=sys.stderr)
     if sweep:
         results["cfg_sweep"] = sweep
 
     main_run = None
     if not args.skip_main:
-        main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch)
+        main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch, check, real_train)
         results["main"] = main_run
-        print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f}  FID {main_run['fid_vs_test']:.3f} "
-              f"(floor {floor:.3f}; {main_run['samples']} samples, {main_run['sampling_wall_s']:.0f} s)",
+        print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f} (independent "
+              f"{main_run['independent_accuracy']:.4f})  FID {main_run['fid_vs_test']:.3f} (floor at this n "
+              f"{main_run['fid_floor_same_n']:.3f}; {main_run['samples']} samples, {main_run['sampling_wall_s']:.0f} s)",
               file=sys.stderr)
 
     text = json.dumps(results, indent=2)
