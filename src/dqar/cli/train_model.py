@@ -111,7 +111,10 @@ def _write_dit(out, result, args, data_card, env) -> None:
     save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema"})
     config = result.ema.config
     steps = result.config.steps
-    command = reproduce_command(argparse.Namespace(**{**vars(args), "steps": steps}))
+    if args.lr_schedule == "constant" or steps == args.steps:
+        command = reproduce_command(argparse.Namespace(**{**vars(args), "steps": steps}))
+    else:   # a cosine run decays over all its steps, so its checkpoint is not a shorter run's result
+        command = f"{reproduce_command(args)} --checkpoint-every {args.checkpoint_every} (its step-{steps} checkpoint)"
     _write_json(out / DIT_CARD, {
         "name": "dqar embedded digits DiT", "preset": result.config.preset, "config": config.to_dict(),
         "image_shape": [config.in_channels, config.input_size, config.input_size],
