@@ -3,6 +3,7 @@
 Every schedule answers `plan(step, branch, entropies) -> frozenset of layer ids` once per step and
 branch; the controller turns that into per-layer decisions. Warmup (no reuse while progress <
 warmup) is applied by every schedule, because the seeds found it to be the dominant quality knob.
+The static and depth schedules then run on the clock of the reuse window, a = (p - w) / (1 - w).
 """
 from __future__ import annotations
 
@@ -35,11 +36,28 @@ class StepState:
         return self.step_index / max(self.total_steps - 1, 1)
 
 
-def reusable_layer_count(progress: float, warmup: float, layer_fraction: float, num_layers: int) -> int:
-    """Seed 000: 0 if p < w else floor((p - w) / (1 - w) * l * L)."""
+def window_progress(progress: float, warmup: float) -> float:
+    """a = (p - w) / (1 - w): 0 at the end of warmup, 1 at the last step (seed 000's ramp)."""
+    return (progress - warmup) / (1.0 - warmup)
+
+
+def reusable_layer_count(progress: float, warmup: float, layer_fraction: float, num_layers: int,
+                         rounding: str = "slides") -> int:
+    """0 if p < w, else seed 000's floor(a * l * L) ("slides"), or floor(a * floor(l * L)) ("code").
+
+    The slides' formula floors once; the public code of the seeds floors l * L first, then a times that,
+    which reuses fewer layers before the last step (both reach floor(l * L) there). Both floors are guarded
+    against float error (0.7 - 0.4 is 0.29999999999999993).
+    """
     if progress < warmup or warmup >= 1.0:
         return 0
-    n = math.floor((progress - warmup) / (1.0 - warmup) * layer_fraction * num_layers + _FLOOR_EPS)
+    a = window_progress(progress, warmup)
+    if rounding == "code":
+        n = math.floor(a * math.floor(layer_fraction * num_layers + _FLOOR_EPS) + _FLOOR_EPS)
+    elif rounding == "slides":
+        n = math.floor(a * layer_fraction * num_layers + _FLOOR_EPS)
+    else:
+        raise ValueError(f"rounding={rounding!r} is not allowed: must be 'slides' or 'code'")
     return max(0, min(n, num_layers))
 
 
@@ -54,11 +72,19 @@ def layer_order(order: str, num_layers: int, seed: int = 0) -> list[int]:
 
 
 def depth_layer_count(progress: float, phases: tuple, num_layers: int) -> int:
-    """Seed 002's depth phases scaled to L: the first phase whose end exceeds p gives the fraction."""
+    """Seed 002's depth phases scaled to L: the first phase whose end exceeds `progress` gives the fraction.
+
+    DepthSchedule passes the reuse window's clock a = (p - w) / (1 - w) as `progress` (p itself at w = 0).
+    """
     for end, fraction in phases:
         if progress < end or end >= 1.0:
             return min(num_layers, int(round(fraction * num_layers)))
     return num_layers
+
+
+def deep_layers_start(num_layers: int) -> int:
+    """The first of the "deep" layers, the last third as the seeds' public code counts it: 2 * L // 3."""
+    return 2 * num_layers // 3
 
 
 def entropy_threshold(tau0: float, prompt_length: int) -> float:
@@ -100,26 +126,45 @@ class NoReuse(Schedule):
 
 
 class StaticSchedule(Schedule):
-    reads = ("warmup", "layer_fraction", "order", "order_seed")
+    """Seed 000: after warmup the first floor(a * l * L) layers of `order` may reuse, a = (p - w) / (1 - w).
+
+    The count ramps from 0 at the end of warmup to floor(l * L) at the last step, so a run reuses about
+    l * (1 - w) / 2 of its module calls, not l (w=0.4, l=0.33, 50 steps, 8 layers: 27 of 400 = 6.75%).
+    `layer_rounding="code"` floors l * L first, as the seeds' public code does.
+    """
+
+    reads = ("warmup", "layer_fraction", "layer_rounding", "order", "order_seed")
 
     def plan(self, step, branch, entropies):
         c = self.config
-        n = reusable_layer_count(step.progress, c.warmup, c.layer_fraction, step.num_layers)
+        n = reusable_layer_count(step.progress, c.warmup, c.layer_fraction, step.num_layers, c.layer_rounding)
         return frozenset(layer_order(c.order, step.num_layers, c.order_seed)[:n])
 
     def reusable_ever(self, num_layers):
         c = self.config
-        n = reusable_layer_count(1.0, c.warmup, c.layer_fraction, num_layers)
+        n = reusable_layer_count(1.0, c.warmup, c.layer_fraction, num_layers, c.layer_rounding)
         return frozenset(layer_order(c.order, num_layers, c.order_seed)[:n])
 
 
 class DepthSchedule(Schedule):
+    """Seed 002's depth-aware phases (shallow layers first, then the middle, then all), after warmup.
+
+    Seed 002 switches phases on the progress p (< 0.3: layers {0, 1, 2}; < 0.7: {0..12}; else all, for 28
+    layers) and has no warmup. Every schedule here keeps seed 000's warmup, and on p the first phase would
+    never run at the default warmup 0.4 (it lies inside the warmup: 0, 0, 0, 13, 28 layers at p = 0, 0.2,
+    0.35, 0.5, 0.8). So the phases run on the reuse window's clock a = (p - w) / (1 - w), as the static
+    schedule's ramp does: with w = 0.4 the shallow phase covers p in [0.4, 0.58), the middle one [0.58,
+    0.82), all layers from 0.82 (50 steps: steps 20-28, 29-40, 41-49). With warmup=0, a = p: the seed's rule.
+    """
+
     reads = ("warmup", "depth_phases")
 
     def plan(self, step, branch, entropies):
         if self.in_warmup(step):
             return frozenset()
-        return frozenset(range(depth_layer_count(step.progress, self.config.depth_phases, step.num_layers)))
+        # The guard keeps a phase edge exact: at p = 29/50, w = 0.4, a is 0.3 but computes to 0.29999999999999993.
+        a = window_progress(step.progress, self.config.warmup) + _FLOOR_EPS
+        return frozenset(range(depth_layer_count(a, self.config.depth_phases, step.num_layers)))
 
     def reusable_ever(self, num_layers):
         if self.config.warmup >= 1.0:
@@ -129,9 +174,14 @@ class DepthSchedule(Schedule):
 
 
 class GateSchedule(Schedule):
-    """Reuse where the layer's last measured entropy < tau(p_len) and the SNR is inside the window."""
+    """Reuse where the layer's last measured entropy < tau(p_len) and the SNR is inside the window.
 
-    reads = ("warmup", "tau0", "snr_range", "snr_form", "gate_with", "entropy_rows", "entropy_seed")
+    With `gate_deep_snr_floor` set, the last third of the layers (index >= 2 * L // 3) may not reuse while
+    the SNR is below it: the rule of the seeds' public code (with 1.0), not of the slides.
+    """
+
+    reads = ("warmup", "tau0", "snr_range", "snr_form", "gate_with", "gate_deep_snr_floor", "entropy_rows",
+             "entropy_seed")
 
     def __init__(self, config: DQARConfig, base: Schedule | None = None):
         super().__init__(config)
@@ -144,6 +194,10 @@ class GateSchedule(Schedule):
         if not a <= step.snr <= b:
             return frozenset()
         candidates = self.base.plan(step, branch, entropies) if self.base else range(step.num_layers)
+        floor = self.config.gate_deep_snr_floor
+        if floor is not None and step.snr < floor:
+            deep = deep_layers_start(step.num_layers)
+            candidates = [i for i in candidates if i < deep]
         tau = entropy_threshold(self.config.tau0, step.prompt_length)
         return frozenset(i for i in candidates if i in entropies and entropies[i] < tau)
 
