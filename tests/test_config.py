@@ -43,6 +43,13 @@ BAD = [
     ("csb_topk", -1, "csb_topk"),
     ("csb_calibration_steps", -2, "must be an integer >= 0"),
     ("record_entropy", "yes", "must be True or False"),
+    ("layer_rounding", "ceil", "must be one of slides, code"),
+    ("layer_rounding", None, "must be one of slides, code"),
+    ("gate_deep_snr_floor", -1.0, "must be None or a finite number >= 0"),
+    ("gate_deep_snr_floor", float("nan"), "must be None or a finite number >= 0"),
+    ("gate_deep_snr_floor", float("inf"), "must be None or a finite number >= 0"),
+    ("gate_deep_snr_floor", True, "must be None or a finite number >= 0"),
+    ("gate_deep_snr_floor", "1", "must be None or a finite number >= 0"),
 ]
 
 
@@ -73,3 +80,16 @@ def test_caller_data_is_not_mutated():
     targets = ["attn"]
     DQARConfig(targets=targets)
     assert targets == ["attn"]
+
+
+def test_deep_snr_floor_applies_to_the_gate_only():
+    assert DQARConfig(schedule="gate", gate_deep_snr_floor=1).gate_deep_snr_floor == 1
+    assert DQARConfig(schedule="gate", gate_deep_snr_floor=0.0).gate_deep_snr_floor == 0.0
+    with pytest.raises(ValueError, match=r"DQARConfig.gate_deep_snr_floor=1.0 .*applies to schedule='gate' only"):
+        DQARConfig(schedule="static", gate_deep_snr_floor=1.0)
+
+
+def test_new_fields_round_trip_and_default_to_the_slides():
+    cfg = DQARConfig(schedule="gate", gate_with="static", layer_rounding="code", gate_deep_snr_floor=1.0)
+    assert DQARConfig.from_dict(cfg.to_dict()) == cfg
+    assert DQARConfig().layer_rounding == "slides" and DQARConfig().gate_deep_snr_floor is None

@@ -19,6 +19,7 @@ TARGETS = ("attn", "mlp", "block")
 FORECAST_ORDERS = (0, 1, 2)
 CACHE_BITS = (16, 8, 4)
 GRANULARITIES = ("tensor", "channel", "token")
+LAYER_ROUNDINGS = ("slides", "code")
 # The seed's depth-aware phases for 28 layers, {0,1,2} / {0..12} / all, as fractions of depth.
 SEED_DEPTH_PHASES = ((0.3, 3 / 28), (0.7, 13 / 28), (1.0, 1.0))
 
@@ -50,7 +51,22 @@ class DQARConfig:
                `interval`-th step after warmup, reuse in between), "adaptive" (error control: each
                layer, target and branch refreshes when the predicted effect of its forecast on the block
                would exceed `tolerance`, and at the latest after `max_age` steps).
-    warmup     progress before which nothing is reused, for every schedule.
+    warmup     progress p = step / (steps - 1) before which nothing is reused, for every schedule. After it
+               the static and depth schedules run on the clock of the reuse window, a = (p - w) / (1 - w),
+               which goes from 0 at the end of warmup to 1 at the last step.
+    layer_fraction  static schedule: at most floor(l * L) layers reuse, reached at the last step; the count
+               ramps up with a (seed 000: floor(a * l * L)), so over a whole run far fewer module calls are
+               reused than l suggests (w=0.4, l=0.33, 50 steps: 6.75% of calls at L=8, 7.5% at 12, 9% at 28).
+    layer_rounding  how the static schedule floors its layer count: "slides" (default) floors once,
+               floor(a * l * L), as seed 000's ReusableLayers(p) formula; "code" floors twice,
+               floor(a * floor(l * L)), as the seeds' public code does, which reuses less (w=0.4, l=0.33,
+               8 layers, 50 steps: 16 layer-steps per branch instead of 27). Both reach floor(l * L) layers.
+    depth_phases  depth schedule (seed 002): ((a_end, fraction), ...); the first phase whose a_end exceeds
+               a gives round(fraction * L) shallow-first layers. Seed 002 has no warmup and switches phases
+               on p (p < 0.3: layers {0,1,2}, p < 0.7: {0..12}, else all, for 28 layers); here the phases run
+               on a instead, so with the default warmup 0.4 all three are reached (50 steps: steps 20-28
+               shallow, 29-40 middle, 41-49 all) rather than the first phase never running (its p < 0.3 lies
+               inside the warmup). With warmup=0 a = p and the phases are the seed's exactly.
     mode       "output" caches the module output before the adaLN gate; "kv" caches K and V and
                recomputes Q and attention (the seeds' failure mode, kept to show it).
     targets    which outputs are cached: "attn" and/or "mlp" (the module output before its adaLN gate), or
@@ -59,6 +75,10 @@ class DQARConfig:
     forecast_order  0 reuses the last computed output; 1 / 2 extrapolate from the last 2 / 3 computed
                outputs of that module and branch (Newton divided differences over their step positions,
                dqar.method.forecast); too little history yet means compute (summary()["short_history"]).
+    gate_deep_snr_floor  gate only: None (default, off) or a number; while the step's SNR (`snr_form`) is
+               below it, the last third of the layers (index >= 2 * L // 3, as the public code of the seeds
+               counts them: 18..27 of 28, 5..7 of 8) may not reuse. The seeds' code uses 1.0; the slides do
+               not have the rule.
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
@@ -73,6 +93,7 @@ class DQARConfig:
     mode: str = "output"
     warmup: float = 0.4
     layer_fraction: float = 0.33
+    layer_rounding: str = "slides"
     order: str = "shallow"
     order_seed: int = 0
     depth_phases: tuple = SEED_DEPTH_PHASES
@@ -83,6 +104,7 @@ class DQARConfig:
     entropy_seed: int = 0
     record_entropy: bool = False
     gate_with: str | None = None
+    gate_deep_snr_floor: float | None = None
     cfg_sharing: bool = False
     cfg_sharing_eps: float = 0.05
     targets: tuple = ("attn",)
@@ -115,7 +137,8 @@ class DQARConfig:
 
     def _validate(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("mode", MODES), ("order", ORDERS),
-                              ("snr_form", SNR_FORMS), ("quant_granularity", GRANULARITIES)):
+                              ("snr_form", SNR_FORMS), ("quant_granularity", GRANULARITIES),
+                              ("layer_rounding", LAYER_ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
         if self.gate_with not in GATE_WITH:
@@ -123,6 +146,13 @@ class DQARConfig:
         if self.gate_with is not None and self.schedule != "gate":
             _fail("gate_with", self.gate_with, f"applies to schedule='gate' only (schedule is {self.schedule!r}); "
                                                "leave it None")
+        floor = self.gate_deep_snr_floor
+        if floor is not None and (not _is_finite(floor) or floor < 0):
+            _fail("gate_deep_snr_floor", floor, "must be None or a finite number >= 0 (the SNR below which the last "
+                                                "third of the layers may not reuse)")
+        if floor is not None and self.schedule != "gate":
+            _fail("gate_deep_snr_floor", floor, f"applies to schedule='gate' only (schedule is {self.schedule!r}); "
+                                                "leave it None")
         if not _is_number(self.warmup) or not 0.0 <= self.warmup <= 1.0:
             _fail("warmup", self.warmup, "must be a number in [0, 1]")
         if not _is_number(self.layer_fraction) or not 0.0 < self.layer_fraction <= 1.0:
