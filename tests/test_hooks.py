@@ -6,6 +6,7 @@ from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.models import build_dit
 from dqar.sampling import sample
 from dqar.method.schedules import Schedule
+from test_flop_bound import ATTN, FORWARD, MLP_FLOPS
 
 LABELS, SEEDS, STEPS = [1, 7], [3, 4], 10
 
@@ -41,7 +42,11 @@ def test_static_schedule_fires_and_changes_output(model, baseline):
     # L=4: floor((p - 0.4) / 0.6 * 1.32) is 1 at steps 8 (p=0.89) and 9, 0 before; two branches each.
     assert s["events_per_step"] == [0] * 8 + [2, 2] and s["events_per_layer"] == [4, 0, 0, 0]
     assert s["reuse_events"] == 4 and s["compute_events"] == 80 - 4 and not torch.equal(images, baseline)
-    assert s["ideal_speedup"] > 1.0 and s["cache_bytes"] > 0
+    # 4 attention reuses of one branch (2 images) out of 10 steps x 2 branches x 2 images x FORWARD (FLOPs counted
+    # by hand in test_flop_bound); the cache holds layer 0's output of both branches: 2 x (2, 16, 32) fp32.
+    total = STEPS * 2 * 2 * FORWARD
+    assert s["ideal_speedup"] == pytest.approx(total / (total - 4 * 2 * ATTN), rel=1e-12)
+    assert s["cache_bytes"] == 2 * 2 * 16 * 32 * 4
 
 
 def test_full_layer_fraction_counts_match_formula(model):
@@ -119,7 +124,9 @@ def test_mlp_target_reuses_more(model):
     _, attn, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0))
     _, both, _ = run(model, DQARConfig(warmup=0.2, layer_fraction=1.0, targets=("attn", "mlp")))
     assert both["reuse_events"] == 2 * attn["reuse_events"]
-    assert both["ideal_speedup"] > attn["ideal_speedup"]
+    total, events = STEPS * 2 * 2 * FORWARD, attn["reuse_events"]
+    assert attn["ideal_speedup"] == pytest.approx(total / (total - events * 2 * ATTN), rel=1e-12)
+    assert both["ideal_speedup"] == pytest.approx(total / (total - events * 2 * (ATTN + MLP_FLOPS)), rel=1e-12)
 
 
 def test_gate_records_entropy_and_fires_with_a_loose_threshold(model, baseline):

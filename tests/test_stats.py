@@ -1,0 +1,137 @@
+"""dqar.method.stats against hand-computed values: attention entropy, both SNR forms, and the x0 form
+changing the gate's decisions where it must."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dqar import DQARConfig
+from dqar.method.controller import DQARController
+from dqar.method.stats import attention_entropy, policy_features, sample_query_rows, schedule_snr, x0_snr
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+
+
+def entropy_of(weights):
+    """-sum p log p of a normalised list, by hand."""
+    total = sum(weights)
+    return -sum(w / total * math.log(w / total) for w in weights)
+
+
+def _keys(hd=2):
+    # Three keys whose first coordinate is 0, ln 2, ln 3: a query (c, 0, ...) gives logits c * (0, ln 2, ln 3),
+    # i.e. softmax weights proportional to (1, 2^c, 3^c).
+    k = torch.zeros(3, hd, dtype=torch.float64)
+    k[:, 0] = torch.tensor([0.0, LN2, LN3], dtype=torch.float64)
+    return k
+
+
+def test_attention_entropy_matches_hand_computed_softmax_entropies():
+    # q, k: (N=2, H=2, T=3, hd=2), scale 1. Batch 0: head 0 has zero queries (uniform weights, entropy ln 3),
+    # head 1 queries (1, 0) on every row (weights 1:2:3). Batch 1: head 0 rows c = 1, 0, 2 (weights 1:2:3,
+    # uniform, 1:4:9), head 1 zero queries.
+    q = torch.zeros(2, 2, 3, 2, dtype=torch.float64)
+    k = torch.zeros(2, 2, 3, 2, dtype=torch.float64)
+    k[:] = _keys()
+    q[0, 1, :, 0] = 1.0
+    q[1, 0, :, 0] = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    h123, h149, uniform = entropy_of([1, 2, 3]), entropy_of([1, 4, 9]), LN3
+    # The mean over heads and query rows: seed 000's -1/(H T) sum_h sum_ij A log A.
+    expected = [(uniform + h123) / 2, ((h123 + uniform + h149) / 3 + uniform) / 2]
+    got = attention_entropy(q, k, torch.arange(3), scale=1.0)
+    assert got.shape == (2,) and got.dtype == torch.float32
+    # log(A + 1e-6) instead of log A moves each value by at most T * 1e-6.
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    # Only the sampled query rows count: rows 0 and 2 of batch 1, head 0 are 1:2:3 and 1:4:9.
+    got_rows = attention_entropy(q, k, torch.tensor([0, 2]), scale=1.0)
+    assert got_rows.tolist() == pytest.approx([(uniform + h123) / 2, ((h123 + h149) / 2 + uniform) / 2], abs=1e-5)
+    assert h123 == pytest.approx(1.0114042647, abs=1e-9) and h149 == pytest.approx(0.8304717124, abs=1e-9)
+
+
+def test_attention_entropy_default_scale_is_one_over_sqrt_head_dim():
+    # hd = 4: the default scale 1/2 turns a query (2, 0, 0, 0) into logits (0, ln 2, ln 3).
+    k = _keys(hd=4).expand(1, 1, 3, 4)
+    q = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    q[..., 0] = 2.0
+    assert attention_entropy(q, k, torch.arange(3)).item() == pytest.approx(entropy_of([1, 2, 3]), abs=1e-5)
+
+
+def test_attention_entropy_limits():
+    # One-hot attention has entropy 0; uniform attention over T keys has ln T (the most there is).
+    k = torch.eye(4).expand(1, 1, 4, 4)
+    sharp = attention_entropy(torch.eye(4).expand(1, 1, 4, 4) * 100.0, k, torch.arange(4), scale=1.0)
+    assert sharp.item() == pytest.approx(0.0, abs=1e-4)
+    flat = attention_entropy(torch.zeros(1, 1, 4, 4), k, torch.arange(4), scale=1.0)
+    assert flat.item() == pytest.approx(math.log(4), abs=1e-5)
+
+
+def test_sample_query_rows_is_seeded_sorted_and_complete_when_asked_for_all():
+    assert sample_query_rows(5, 8, 0).tolist() == [0, 1, 2, 3, 4]
+    rows = sample_query_rows(64, 16, 3)
+    assert len(set(rows.tolist())) == 16 and rows.tolist() == sorted(rows.tolist())
+    assert torch.equal(rows, sample_query_rows(64, 16, 3)) and not torch.equal(rows, sample_query_rows(64, 16, 4))
+
+
+def test_schedule_snr_by_hand():
+    assert schedule_snr(0.6, 0.8) == pytest.approx(0.36 / 0.64, rel=1e-12)
+    # alpha = sqrt(acp), sigma = sqrt(1 - acp): SNR = acp / (1 - acp).
+    for acp in (0.9, 0.5, 0.02):
+        assert schedule_snr(math.sqrt(acp), math.sqrt(1 - acp)) == pytest.approx(acp / (1 - acp), rel=1e-12)
+    assert schedule_snr(1.0, 0.0) == 1e12                      # sigma 0 is guarded, not a division by zero
+
+
+def test_x0_snr_by_hand():
+    x0 = torch.tensor([[3.0, 4.0]])                              # ||x0||^2 = 25
+    xt = torch.tensor([[4.0, 2.0]])                              # ||xt - x0||^2 = 1 + 4 = 5
+    assert x0_snr(x0, xt) == pytest.approx(25.0 / (5.0 + 1e-6), rel=1e-7)
+    # Over the whole batch, not per sample: (9 + 16 + 1) / (1 + 4 + 4).
+    x0b = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    xtb = torch.tensor([[4.0, 2.0], [3.0, 0.0]])
+    assert x0_snr(x0b, xtb) == pytest.approx(26.0 / 9.0, rel=1e-6)
+    assert x0_snr(x0, x0) == pytest.approx(25.0 / 1e-6, rel=1e-6)      # eps keeps xt == x0 finite
+    assert x0_snr(x0.half(), xt.half()) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_policy_features_by_hand():
+    assert policy_features(2.5, math.e ** 2, math.e, 0.25, 200) == pytest.approx(
+        [2.5, 2.0, 1.0, 0.25, 1.0], abs=1e-7)
+    assert policy_features(1.0, 0.0, 0.0, 0.0, 32)[1:3] == pytest.approx([math.log(1e-8)] * 2)
+    assert policy_features(1.0, 1.0, 1.0, 1.0, 32)[4] == 0.25
+
+
+# --------------------------------------------------------------------------------------------------
+# snr_form: the gate reads the schedule's SNR, or the x0 form measured at the end of the previous step
+# --------------------------------------------------------------------------------------------------
+
+def _decisions(snr_form, schedule_snrs, x0_pairs):
+    """Run a controller by hand over len(schedule_snrs) steps, one layer, one branch; return, per step, whether
+    layer 0 reuses. Step i is told schedule_snrs[i]; its end records the x0 SNR of x0_pairs[i]."""
+    cfg = DQARConfig(schedule="gate", warmup=0.0, tau0=64.0, snr_range=(0.5, 50.0), snr_form=snr_form)
+    ctl = DQARController(cfg, num_layers=1)
+    steps, out = len(schedule_snrs), []
+    for i, snr in enumerate(schedule_snrs):
+        ctl.begin_step(i, steps, snr=snr)
+        decision = ctl.should_reuse(0, "cond")
+        out.append(decision.use_cache)
+        if not decision.use_cache:
+            ctl.commit(0, "cond", output=torch.full((1, 4, 8), float(i)), entropy=0.5)   # tau = 64 / 8 = 8
+        ctl.end_step(*x0_pairs[i])
+    return out, ctl.summary()
+
+
+def test_x0_form_changes_the_gates_decisions_where_the_two_snrs_disagree():
+    x0 = torch.tensor([[3.0, 4.0]])
+    inside = (x0, torch.tensor([[4.0, 2.0]]))            # x0 SNR 5: inside [0.5, 50]
+    outside = (x0, x0 + 0.1)                             # x0 SNR 25 / 0.02 = 1250: above 50
+    # Steps 1 and 2 have a cached entry and a low entropy. Step 1's schedule SNR (100) is outside the window,
+    # step 0's x0 SNR (5) inside; step 2's schedule SNR (5) is inside, step 1's x0 SNR (1250) outside.
+    schedule_snrs = [100.0, 100.0, 5.0]
+    pairs = [inside, outside, inside]
+    assert _decisions("schedule", schedule_snrs, pairs)[0] == [False, False, True]
+    x0_reuse, summary = _decisions("x0", schedule_snrs, pairs)
+    assert x0_reuse == [False, True, False]
+    # The x0 form's step 0 has no measurement yet (None: no reuse); later steps read the previous step's.
+    assert summary["snr_per_step"] == [None, pytest.approx(25 / (5 + 1e-6)), pytest.approx(25 / (0.02 + 1e-6), rel=1e-3)]
+    assert summary["x0_snr_per_step"] == [pytest.approx(5.0), pytest.approx(1250.0, rel=1e-3), pytest.approx(5.0)]
