@@ -75,6 +75,9 @@ class DQARConfig:
     forecast_order  0 reuses the last computed output; 1 / 2 extrapolate from the last 2 / 3 computed
                outputs of that module and branch (Newton divided differences over their step positions,
                dqar.method.forecast); too little history yet means compute (summary()["short_history"]).
+    diff_bits  bits of the forecast's difference slots D1, D2 (None: cache_bits). Differences have a far
+               smaller range than the output, so cache_bits=8, diff_bits=4 keeps a history at a sixth of
+               fp32 with the 16-bit history's quality on the embedded model (docs/FORECAST.md).
     gate_deep_snr_floor  gate only: None (default, off) or a number; while the step's SNR (`snr_form`) is
                below it, the last third of the layers (index >= 2 * L // 3, as the public code of the seeds
                counts them: 18..27 of 28, 5..7 of 8) may not reuse. The seeds' code uses 1.0; the slides do
@@ -118,6 +121,7 @@ class DQARConfig:
     csb_topk: float = 0
     csb_calibration_steps: int = 0
     forecast_order: int = 0
+    diff_bits: int | None = None
     tolerance: float = 0.02
     max_age: int = 4
     trace: bool = False
@@ -191,6 +195,8 @@ class DQARConfig:
         if self.schedule == "adaptive" and self.mode == "kv":
             _fail("schedule", self.schedule, "the adaptive schedule controls forecast errors of module outputs; "
                                              "mode='kv' caches keys/values, so use mode='output'")
+        if self.diff_bits is not None and (isinstance(self.diff_bits, bool) or self.diff_bits not in CACHE_BITS):
+            _fail("diff_bits", self.diff_bits, "must be None (the same as cache_bits), 16, 8 or 4")
         if self.forecast_order and self.mode == "kv":
             _fail("forecast_order", self.forecast_order, "forecasting extrapolates module outputs; mode='kv' caches "
                                                          "keys/values, so use forecast_order=0 with it")
@@ -243,6 +249,10 @@ class DQARConfig:
     @property
     def needs_entropy(self) -> bool:
         return self.record_entropy or self.trace or self.cfg_sharing or self.schedule in ("gate", "policy")
+
+    @property
+    def resolved_diff_bits(self) -> int:
+        return self.diff_bits if self.diff_bits is not None else self.cache_bits
 
     @property
     def resolved_kv_bits(self) -> tuple[int, int]:

@@ -177,9 +177,8 @@ class DQARController:
         salient = self.salience.channels
         if output is not None:
             def keep(t: torch.Tensor, slot: str):
-                name = target if slot == "output" else f"{target}.{slot}"
-                return store(t, cfg.cache_bits, cfg.quant_granularity,
-                             salient(layer_id, name, t, cfg.cache_bits, step_index))
+                name, bits = (target, cfg.cache_bits) if slot == "output" else (f"{target}.{slot}", cfg.resolved_diff_bits)
+                return store(t, bits, cfg.quant_granularity, salient(layer_id, name, t, bits, step_index))
 
             previous = self.cache.get(layer_id, branch, target)
             if self.error_control is not None:

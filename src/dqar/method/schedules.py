@@ -266,7 +266,7 @@ SCHEDULE_CLASSES: dict[str, type[Schedule]] = {
 _SCHEDULE_FIELDS = frozenset(f for cls in SCHEDULE_CLASSES.values() for f in cls.reads)
 # What reuse does with what it keeps: dead for the uncached baseline.
 _CACHE_FIELDS = ("mode", "targets", "cache_bits", "kv_bits", "quant_granularity", "csb_topk",
-                 "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps", "forecast_order")
+                 "csb_calibration_steps", "cfg_sharing", "cfg_sharing_eps", "forecast_order", "diff_bits")
 # Fields that describe the run, not the images it makes.
 _NEVER_LIVE = ("record_entropy", "trace")
 
@@ -298,6 +298,8 @@ def live_fields(config: dict) -> frozenset[str]:
         dead |= {"quant_granularity", "csb_topk", "csb_calibration_steps"}
     if not sharing:
         dead.add("cfg_sharing_eps")
+    if not config.get("forecast_order"):
+        dead.add("diff_bits")          # no differences are kept without forecasting
     return frozenset(set(config) - dead)
 
 
