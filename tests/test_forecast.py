@@ -211,3 +211,19 @@ def test_forecasting_changes_reused_outputs_and_counts_short_history(model, base
 def test_bad_forecast_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DQARConfig(**kwargs)
+
+
+def test_diff_bits_store_the_differences_at_their_own_width(model):
+    cfg = DQARConfig(schedule="interval", interval=3, warmup=0.0, targets=("attn",), forecast_order=2,
+                     cache_bits=8, diff_bits=4)
+    ctl = apply_dqar(model, cfg)
+    try:
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        entry = ctl.cache.get(0, "cond", "attn")
+        assert entry.output.bits == 8 and entry.d1.bits == 4 and entry.d2.bits == 4
+        assert entry.nbytes == entry.output.nbytes + entry.d1.nbytes + entry.d2.nbytes
+        assert entry.d1.nbytes < entry.output.nbytes                      # two 4-bit codes per byte
+    finally:
+        remove_dqar(model)
+    with pytest.raises(ValueError, match=r"diff_bits=3 is not allowed"):
+        DQARConfig(diff_bits=3)
