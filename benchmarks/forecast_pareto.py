@@ -49,10 +49,10 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                                      forecast_order=order)))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
-            for bits in (16, 8, 4):
-                out.append((f"interval3-{'+'.join(targets)}-o2-{bits}bit",
+            for bits, diff_bits in ((16, 16), (8, 8), (4, 4), (8, 4)):
+                out.append((f"interval3-{'+'.join(targets)}-o2-F{bits}D{diff_bits}",
                             dict(schedule="interval", interval=3, warmup=0.1, targets=targets, forecast_order=2,
-                                 cache_bits=bits, quant_granularity="channel")))
+                                 cache_bits=bits, diff_bits=diff_bits, quant_granularity="channel")))
     return out
 
 
