@@ -133,5 +133,6 @@ def test_x0_form_changes_the_gates_decisions_where_the_two_snrs_disagree():
     x0_reuse, summary = _decisions("x0", schedule_snrs, pairs)
     assert x0_reuse == [False, True, False]
     # The x0 form's step 0 has no measurement yet (None: no reuse); later steps read the previous step's.
-    assert summary["snr_per_step"] == [None, pytest.approx(25 / (5 + 1e-6)), pytest.approx(25 / (0.02 + 1e-6), rel=1e-3)]
+    assert summary["snr_per_step"] == [None, pytest.approx(25 / (5 + 1e-6)),
+                                       pytest.approx(25 / (0.02 + 1e-6), rel=1e-3)]
     assert summary["x0_snr_per_step"] == [pytest.approx(5.0), pytest.approx(1250.0, rel=1e-3), pytest.approx(5.0)]
