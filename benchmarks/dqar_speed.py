@@ -18,6 +18,7 @@ from datetime import date
 import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.digits.embedded import load_embedded_model
 from dqar.harness.timing import Contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
@@ -29,12 +30,21 @@ CONFIGS = {
     "static": ("static w=0.3 l=1.0", DQARConfig(warmup=0.3, layer_fraction=1.0)),
     "seed000": ("static w=0.4 l=0.33", DQARConfig(warmup=0.4, layer_fraction=0.33)),
     "mlp": ("static w=0.3 l=1.0 attn+mlp", DQARConfig(warmup=0.3, layer_fraction=1.0, targets=("attn", "mlp"))),
+    "modules3o2": ("interval 3 attn+mlp, order 2", DQARConfig(schedule="interval", interval=3, warmup=0.1,
+                                                               targets=("attn", "mlp"), forecast_order=2)),
+    "block3o2": ("interval 3 block, order 2", DQARConfig(schedule="interval", interval=3, warmup=0.1,
+                                                        targets=("block",), forecast_order=2)),
+    "block3o2q": ("interval 3 block, order 2, F8/D4", DQARConfig(schedule="interval", interval=3, warmup=0.1,
+                                                                targets=("block",), forecast_order=2, cache_bits=8,
+                                                                diff_bits=4)),
+    "block4o2": ("interval 4 block, order 2", DQARConfig(schedule="interval", interval=4, warmup=0.1,
+                                                        targets=("block",), forecast_order=2)),
 }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="DiT-B/2")
+    ap.add_argument("--model", default="DiT-B/2", help="a preset (random weights) or 'embedded' (the shipped model)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-runs", type=int, default=1)
@@ -48,7 +58,10 @@ def main() -> int:
         ap.error(f"--only: unknown config id(s) {unknown}; allowed: {', '.join(CONFIGS)}")
 
     device = torch.device(args.device)
-    model = build_dit(args.model).randomize_(0).eval().to(device)
+    if args.model == "embedded":
+        model = load_embedded_model().to(device)
+    else:
+        model = build_dit(args.model).randomize_(0).eval().to(device)
     labels, seeds = [1], [0]
     configs = dict(CONFIGS[w] for w in wanted)
     summaries: dict[str, dict] = {}
