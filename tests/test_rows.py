@@ -45,6 +45,21 @@ def test_row_round_trips_runs_and_variant_settings(tmp_path):
     assert read_rows(out)[0] == row and json.loads(out.read_text()) == data
 
 
+def test_row_round_trips_its_call_shares_and_rows_without_them_have_no_work_share(tmp_path):
+    old = SweepRow.from_dict(_raw(FIXTURE)[1])
+    assert old.calls is None and old.work_share() is None and "calls" not in old.to_dict()
+    data = _raw(FIXTURE)[1]
+    data["calls"] = {"attn": 0.25, "mlp": 0.5, "block": None}
+    row = SweepRow.from_dict(data)
+    assert row.calls == {"attn": 0.25, "mlp": 0.5, "block": None}
+    assert row.work_share() == 0.375                   # the mean of the attention and MLP shares
+    out = tmp_path / "r.jsonl"
+    append_row(out, row)
+    assert read_rows(out)[0] == row and json.loads(out.read_text()) == data
+    data["calls"] = {"attn": None, "mlp": 1.0, "block": 1.0}
+    assert SweepRow.from_dict(data).work_share() is None
+
+
 def test_measured_range_pairs_every_run_and_needs_two_on_each_side():
     data = _raw(FIXTURE)[1]
     assert SweepRow.from_dict(data).measured_range() is None           # no runs recorded
@@ -64,6 +79,13 @@ def test_measured_range_pairs_every_run_and_needs_two_on_each_side():
     (lambda d: d["quality"].update(fidd=1.0), "'quality' has unknown key 'fidd'"),
     (lambda d: d.update(extra=1), "the row has unknown key 'extra'"),
     (lambda d: d["config"].pop("schedule"), "'config.schedule' must be a string, got None"),
+    (lambda d: d.update(calls=[1.0, 1.0]), "'calls' must be a JSON object, got [1.0, 1.0]"),
+    (lambda d: d.update(calls={"attn": 0.5, "mlp": 1.0}), "'calls' is missing key 'block'"),
+    (lambda d: d.update(calls={"attn": 0.5, "mlp": 1.0, "block": 1.0, "norm": 1.0}), "'calls' has unknown key 'norm'"),
+    (lambda d: d.update(calls={"attn": "half", "mlp": 1.0, "block": 1.0}),
+     "'calls.attn' must be a number or null, got 'half'"),
+    (lambda d: d.update(calls={"attn": -0.1, "mlp": 1.0, "block": 1.0}),
+     "'calls.attn' must be a share >= 0 or null, got -0.1"),
 ])
 def test_bad_rows_are_refused_naming_file_line_and_key(tmp_path, edit, message):
     raw = _raw(FIXTURE)[:3]

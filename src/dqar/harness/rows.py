@@ -3,7 +3,8 @@
 `dqar sweep` appends one `SweepRow` per finished point; `dqar report` reads them back. On disk a row is
 the `dqar bench` record (`dqar.harness.bench`) plus the point's identity, settings and per-step profile:
 
-    {"key", "name", "kind": "grid" | "baseline", "variant": null | "ptq-int8" | "pab", "grid": {field: value},
+    {"key", "name", "kind": "grid" | "baseline", "variant": null | a dqar.harness.baselines name,
+     "grid": {field: value},
      "settings": {model, n, classes, steps, sampler, cfg_scale, seed, weights_sha256},
      "config": DQARConfig.to_dict(),
      "baseline": {ms_per_step, seconds, peak_mem_mb, runs}, "speedup", "ideal_speedup",
@@ -11,11 +12,16 @@ the `dqar bench` record (`dqar.harness.bench`) plus the point's identity, settin
      "quality": {fid_vs_baseline, fid_vs_data, psnr, ssim, accuracy},
      "profile": {entropy_per_step, snr_per_step, x0_snr_per_step, events_per_step, events_per_layer,
                  num_layers, compute_events, share_events, profile_n} | null,
-     "samples": "<file name under the sidecar folder>" | null, "wall_s", "variant_settings" (variants only)}
+     "samples": "<file name under the sidecar folder>" | null, "wall_s",
+     "variant_settings" (variants only: the settings it ran with), "calls"}
 
-`runs` (the seconds of every timed generation) and `variant_settings` are absent from rows written before
-they existed: such rows load, and their measured speedups simply have no spread. The config stays a dict,
-not a DQARConfig, so rows written by another version of the config still load. A row that misses a key,
+`runs` (the seconds of every timed generation), `calls` (the share of attention, MLP and block calls the
+point actually executed, counted by `dqar.harness.peers.count_module_calls`, so DQAR points and every
+baseline sit on the same axes) and `variant_settings` (what a baseline variant ran with, its options
+included) are absent from rows written before they existed: such rows load, their measured speedups simply
+have no spread and their work share is unknown. `calls` is {attn, mlp, block}, each the executed calls over those an
+uncached run of the same batch and steps makes, or null. The config stays a dict, not a
+DQARConfig, so rows written by another version of the config still load. A row that misses a key,
 holds one this version does not know, or holds a value of the wrong type is refused with its file, line
 and key, never half-read.
 
@@ -178,6 +184,23 @@ class Profile:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+CALL_KINDS = ("attn", "mlp", "block")
+
+
+def _calls(value, where: str) -> dict | None:
+    """A row's call shares: {"attn", "mlp", "block"}, each a share >= 0 (1 = every call an uncached run makes)
+    or null (nothing of that kind was expected); the whole is null where nothing was counted."""
+    if value is None:
+        return None
+    value = _object(value, where)
+    _check_keys(value, where, CALL_KINDS, CALL_KINDS)
+    for kind in CALL_KINDS:
+        share = _number(value[kind], f"{where}.{kind}")
+        if share is not None and not share >= 0.0:
+            raise RowError(f"{_name(f'{where}.{kind}')} must be a share >= 0 or null, got {share!r}")
+    return dict(value)
+
+
 _REQUIRED = ("key", "name", "kind", "variant", "settings", "config", "baseline", "dqar", "speedup",
              "ideal_speedup", "quality")
 
@@ -202,6 +225,7 @@ class SweepRow:
     samples: str | None = None
     wall_s: float | None = None
     variant_settings: dict | None = None
+    calls: dict | None = None
 
     @classmethod
     def from_dict(cls, data) -> "SweepRow":
@@ -224,7 +248,8 @@ class SweepRow:
             profile=Profile.from_dict(data.get("profile"), "profile"),
             samples=_text(data.get("samples"), "samples", optional=True),
             wall_s=_number(data.get("wall_s"), "wall_s"),
-            variant_settings=None if variant_settings is None else _object(variant_settings, "variant_settings"))
+            variant_settings=None if variant_settings is None else _object(variant_settings, "variant_settings"),
+            calls=_calls(data.get("calls"), "calls"))
 
     def to_dict(self) -> dict:
         out = {"key": self.key, "name": self.name, "kind": self.kind, "variant": self.variant, "grid": self.grid,
@@ -235,6 +260,8 @@ class SweepRow:
                "samples": self.samples, "wall_s": self.wall_s}
         if self.variant_settings is not None:
             out["variant_settings"] = self.variant_settings
+        if self.calls is not None:
+            out["calls"] = self.calls
         return out
 
     # ------------------------------------------------------------ reading
@@ -250,6 +277,14 @@ class SweepRow:
     def live(self, name: str) -> bool:
         """Whether config field `name` can change this point's images (`dqar.method.schedules.live_fields`)."""
         return name in live_fields(self.config)
+
+    def work_share(self) -> float | None:
+        """The mean executed share of attention and MLP calls (1.0 = the uncached model's work), or None
+        when the row has no call counts."""
+        c = self.calls or {}
+        if c.get("attn") is None or c.get("mlp") is None:
+            return None
+        return (c["attn"] + c["mlp"]) / 2
 
     def measured_range(self) -> tuple[float, float] | None:
         """(lowest, highest) speedup the timed runs allow: reference runs over point runs, every pairing.
