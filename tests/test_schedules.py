@@ -1,7 +1,10 @@
 """Schedules: ReusableLayers(p) against hand-computed tables, orders, depth phases, gate, interval."""
 import pytest
+import torch
 
-from dqar import DQARConfig
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.models import build_dit
+from dqar.sampling import sample
 from dqar.method.schedules import (StepState, build_schedule, depth_layer_count, entropy_threshold, layer_order,
                                    live_fields, reusable_layer_count)
 
@@ -208,3 +211,26 @@ def test_deep_snr_floor_is_live_only_for_the_gate():
     assert "gate_deep_snr_floor" in live_fields({**base, "schedule": "gate"})
     for schedule in ("none", "static", "depth", "interval", "adaptive", "policy"):
         assert "gate_deep_snr_floor" not in live_fields({**base, "schedule": schedule})
+
+
+@pytest.mark.parametrize("layers, slides, code", [(8, 27, 16), (12, 45, 31), (28, 126, 123)])
+def test_the_static_ramps_share_of_module_calls_as_the_readme_states(layers, slides, code):
+    # README: at w = 0.4, l = 0.33 and 50 steps the static schedule reuses 27/400 (6.75%), 45/600 (7.5%),
+    # 126/1400 (9.0%) of the layer-steps; the public code's rounding 16/400, 31/600, 123/1400.
+    for rounding, expected in (("slides", slides), ("code", code)):
+        sizes = _plan_sizes(DQARConfig(warmup=0.4, layer_fraction=0.33, layer_rounding=rounding), 50, layers)
+        assert sum(sizes) == expected
+    assert round(100 * slides / (50 * layers), 2) == {8: 6.75, 12: 7.5, 28: 9.0}[layers]
+
+
+def test_the_reuse_fraction_of_a_run_is_the_ramps_share():
+    # An 8-layer model (the shipped model's shape), 50 steps with CFG: 27 layer-steps x 2 branches reused of 800.
+    model = build_dit("DiT-Digits").randomize_(0, std=0.02).eval()
+    ctl = apply_dqar(model, DQARConfig(warmup=0.4, layer_fraction=0.33))
+    try:
+        with torch.no_grad():
+            sample(model, [3], [0], steps=50, cfg_scale=1.5)
+        s = ctl.summary()
+    finally:
+        remove_dqar(model)
+    assert s["reuse_events"] == 54 and s["compute_events"] == 800 - 54 and s["reuse_fraction"] == 0.0675
