@@ -21,7 +21,10 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     """Mean per-query-row entropy (nats) of softmax(q k^T) for the sampled rows, one value per batch row.
 
     q, k: (N, H, T, hd). Only `len(rows)` query rows are materialised, so the main path keeps its
-    fused attention; the mean over rows (not the sum) keeps the value from growing with T.
+    fused attention; the mean over rows (not the sum) keeps the value from growing with T. This is seed
+    000's H_t = -1/(H T) sum_h sum_ij A log A (over the sampled rows) with seed 002's log(A + 1e-6); seed
+    002's own normalisation, -(1/H) sum_h sum_ij, sums the rows and is T times this value. Checked against
+    hand-computed softmax entropies in tests/test_stats.py.
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qs = q[:, :, rows.to(q.device)].float()                                    # (N, H, r, hd)
