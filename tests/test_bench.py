@@ -299,3 +299,107 @@ def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch
     assert q["psnr"] == pytest.approx(_psnr(images, ref), rel=1e-4)
     # (4 images in a wider feature space: the FIDs are degenerate here, exact ones are checked above.)
     assert q["fid_vs_data"] > q["fid_vs_baseline"] >= 0.0   # random weights: far from real digits, near their own run
+
+
+# ------------------------------------------------------------------------------------------------
+# named baselines (diffusers' caches), their options, and every contender's counted work share
+# ------------------------------------------------------------------------------------------------
+
+def test_bench_counts_the_work_of_both_contenders(tiny):
+    res = _run(tiny, DQARConfig(schedule="static", warmup=0.2, layer_fraction=1.0))
+    rec = res.record
+    assert rec["baseline"]["calls"] == {"attn": 1.0, "mlp": 1.0, "block": 1.0}    # the uncached model
+    assert rec["baseline"]["name"] == "none" and rec["baseline"]["settings"] is None
+    # Attention only: each reuse event skips one layer's attention for one CFG branch of every image.
+    share = 1 - rec["dqar"]["reuse_events"] / (2 * tiny.config.depth * STEPS)
+    assert rec["calls"] == {"attn": pytest.approx(share, abs=1e-12), "mlp": 1.0, "block": 1.0}
+    assert rec["calls"]["attn"] < 1.0
+    assert "work a/m/b" in format_table(rec) and f"{share:.2f}/1.00/1.00" in format_table(rec)
+
+
+def test_cli_bench_against_seacache_with_an_option(tmp_path, capsys):
+    from dqar.cli import main
+    from dqar.harness.baselines import BASELINE_SETTINGS
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "6", "--repeats", "1", "--warmup-runs", "1",
+                 "--threads", "1", "--no-progress", "--schedule", "interval", "--interval", "2", "--warmup", "0",
+                 "--targets", "block", "--baseline", "seacache", "--baseline-option", "threshold=5",
+                 "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    base = rec["baseline"]
+    assert base["name"] == "seacache"
+    assert base["settings"] == {**BASELINE_SETTINGS["seacache"], "threshold": 5.0}
+    # SeaCache skips whole blocks (attention and MLP with them) on the random tiny model at this threshold.
+    assert base["calls"]["attn"] == base["calls"]["mlp"] == base["calls"]["block"] < 1.0
+    # DQAR's block target: every other step after the first reuses all 4 blocks of both branches.
+    share = 1 - rec["dqar"]["reuse_events"] / (2 * 4 * 6)
+    assert rec["calls"] == {"attn": pytest.approx(share), "mlp": pytest.approx(share), "block": pytest.approx(share)}
+    assert share < 1.0
+    text = capsys.readouterr().out
+    assert "baseline seacache threshold=5.0," in text and "\nseacache " in text
+
+
+def test_cli_bench_calibrates_magcache_on_the_run_unless_told(tmp_path):
+    from dqar.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "3", "--repeats", "1", "--warmup-runs", "0",
+            "--threads", "1", "--no-progress", "--sampler", "dpm", "--cfg-scale", "2", "--baseline", "magcache",
+            "--baseline-option", "calibration_images=2", "--json", str(out)]
+    assert main(args) == 0
+    s = json.loads(out.read_text())["baseline"]["settings"]
+    assert (s["calibration_steps"], s["calibration_sampler"], s["calibration_cfg_scale"]) == (3, "dpm", 2.0)
+    assert len(s["mag_ratios"]) == 3 and s["calibration_images"] == 2
+    assert main(args + ["--baseline-option", "calibration_steps=4"]) == 0
+    s = json.loads(out.read_text())["baseline"]["settings"]
+    assert s["calibration_steps"] == 4 and len(s["mag_ratios"]) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "teacache"],
+     "--baseline='teacache' is not known; allowed: none, ptq-int8, pab, taylorseer, seacache, fastercache, fbc, "
+     "magcache"),
+    (["--baseline", "seacache", "--baseline-option", "treshold=0.1"],
+     "--baseline-option: baseline 'seacache' has no option 'treshold'; allowed: threshold, residual_order"),
+    (["--baseline", "fbc", "--baseline-option", "threshold=-1"],
+     "--baseline-option: baseline 'fbc' option threshold='-1' is not allowed: must be a finite number >= 0.0"),
+    (["--baseline-option", "threshold=0.1"], "--baseline-option: baseline 'none' takes no options; got threshold"),
+    (["--baseline", "ptq-int8", "--baseline-option", "bits=8"], "baseline 'ptq-int8' takes no options; got bits"),
+    (["--baseline", "fbc", "--baseline-option", "threshold"], "--baseline-option 'threshold' must look like KEY=VALUE"),
+    (["--baseline", "fbc", "--baseline-option", "threshold=0.1", "--baseline-option", "threshold=0.2"],
+     "--baseline-option names 'threshold' twice ('0.1' and '0.2'); give it once"),
+    (["--baseline", "fastercache", "--cfg-scale", "1"], "--baseline fastercache needs classifier-free guidance"),
+])
+def test_cli_bench_refuses_bad_baselines_and_options_in_one_line_before_any_work(capsys, args, message):
+    from dqar.cli import main
+
+    # A model that does not exist: the error must come from the baseline, before any model is resolved.
+    assert main(["bench", "--model", "no-such-model", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dqar bench: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_baseline_names_mirror_the_harness():
+    from dqar.cli.bench import BASELINE_CHOICES
+    from dqar.harness.baselines import BASELINES
+
+    assert BASELINE_CHOICES == BASELINES
+
+
+def test_cli_bench_takes_its_guidance_scale_from_the_model_card(monkeypatch, capsys):
+    import dqar.digits.embedded
+    from dqar.cli import main
+    from dqar.digits.evaluator import DigitsEvaluator
+
+    monkeypatch.setattr(dqar.digits.embedded, "load_embedded_model",
+                        lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
+    monkeypatch.setattr(dqar.digits.embedded, "load_evaluator", lambda path=None: DigitsEvaluator().eval())
+    card = dqar.digits.embedded.model_card()["recommended_cfg_scale"]
+    assert card != 1.5                     # else this test could not tell the card from the old fixed default
+    assert main(["bench", "--n", "2", "--steps", "2", "--repeats", "1", "--warmup-runs", "0", "--threads", "1",
+                 "--no-progress", "--schedule", "none"]) == 0
+    assert f"cfg {float(card)}, baseline none" in capsys.readouterr().out
+    assert main(["bench", "--model", "DiT-Tiny", "--n", "2", "--steps", "2", "--repeats", "1", "--warmup-runs", "0",
+                 "--threads", "1", "--no-progress", "--schedule", "none"]) == 0
+    assert "cfg 1.5, baseline none" in capsys.readouterr().out        # no card: DiT's FID setting

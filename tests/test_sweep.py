@@ -11,6 +11,7 @@ import pytest
 from dqar.cli import UsageError, main
 from dqar.cli.sweep import parse_grid_token, parse_grids
 from dqar.harness.results_file import read_rows
+from dqar.models.dit import build_dit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 
@@ -59,6 +60,48 @@ def test_bad_grid_tokens_name_the_problem(token, message):
     assert message in str(info.value)
 
 
+def test_grid_takes_the_forecast_block_and_adaptive_options():
+    from dqar.cli import build_parser
+    from dqar.cli.sweep import build_points
+
+    assert parse_grid_token("tolerance=0.01,0.05") == ("tolerance", [0.01, 0.05])
+    assert parse_grid_token("max-age=2,4") == ("max_age", [2, 4])
+    assert parse_grid_token("forecast_order=0,1,2") == ("forecast_order", [0, 1, 2])
+    assert parse_grid_token("targets=block;attn,mlp") == ("targets", [("block",), ("attn", "mlp")])
+    args = build_parser().parse_args(["sweep", "--out", "r.jsonl", "--grid", "schedule=adaptive", "tolerance=0.01,0.05",
+                                      "max-age=3", "forecast-order=2", "targets=block"])
+    args.cfg_scale = 1.5
+    points = build_points(args)
+    assert [(p.config.schedule, p.config.tolerance, p.config.max_age, p.config.forecast_order, p.config.targets)
+            for p in points] == [("adaptive", 0.01, 3, 2, ("block",)), ("adaptive", 0.05, 3, 2, ("block",))]
+
+
+def test_baseline_options_give_one_named_point_per_value():
+    from dqar.cli import build_parser
+    from dqar.cli.sweep import build_points
+    from dqar.harness.sweep import SweepSettings, point_key
+
+    args = build_parser().parse_args(["sweep", "--out", "r.jsonl", "--baselines", "none,seacache,fbc",
+                                      "--baseline-option", "seacache:threshold=0.1;0.5",
+                                      "--baseline-option", "seacache:max_consecutive_cached=3"])
+    args.cfg_scale = 1.5
+    points = build_points(args)
+    assert [p.name for p in points] == ["none", "seacache threshold=0.1 max_consecutive_cached=3",
+                                        "seacache threshold=0.5 max_consecutive_cached=3", "fbc"]
+    assert points[1].options == {"threshold": 0.1, "max_consecutive_cached": 3} and points[3].options == {}
+    settings = SweepSettings(model="DiT-Tiny", n=2, classes=(0,), steps=2, sampler="ddim", cfg_scale=1.5, seed=0)
+    keys = [point_key(p, settings) for p in points]
+    assert len(set(keys)) == 4                     # the options are part of a point's identity
+
+
+def test_baseline_names_mirror_the_harness():
+    from dqar.cli.sweep import BASELINE_NAMES, DQAR_BASELINES
+    from dqar.harness.sweep import BASELINES
+
+    assert sorted(BASELINE_NAMES) == sorted(BASELINES) and len(set(BASELINE_NAMES)) == len(BASELINE_NAMES)
+    assert set(DQAR_BASELINES) == {name for name, (variant, _) in BASELINES.items() if variant is None}
+
+
 def test_same_field_twice_in_one_product_is_an_error():
     with pytest.raises(UsageError, match="names 'layer_fraction' twice"):
         parse_grids([["layers=0.5", "layer_fraction=1.0"]])
@@ -70,6 +113,29 @@ def test_same_field_twice_in_one_product_is_an_error():
     (["--grid", "warmup=1.5"], "--grid point 'warmup=1.5': DQARConfig.warmup=1.5 is not allowed: must be a number in [0, 1]"),
     (["--grid", "order=sideways"], "DQARConfig.order='sideways' is not allowed: must be one of shallow, deep, random"),
     (["--baselines", "none,fastest"], "--baselines name 'fastest' is not known; allowed: none, static, ptq-int8"),
+    (["--baselines", "seacache", "--baseline-option", "seacache:treshold=0.1"],
+     "--baseline-option: baseline 'seacache' has no option 'treshold'; allowed: threshold, residual_order"),
+    (["--baselines", "seacache", "--baseline-option", "seacache:threshold=0.1;-1"],
+     "--baseline-option: baseline 'seacache' option threshold='-1' is not allowed: must be a finite number >= 0.0"),
+    (["--baselines", "none", "--baseline-option", "seacache:threshold=0.1"],
+     "--baseline-option 'seacache:threshold=0.1': baseline 'seacache' is not in --baselines; add it there"),
+    (["--baselines", "none", "--baseline-option", "teacache:threshold=0.1"],
+     "baseline 'teacache' is not known; allowed: none, static, ptq-int8, interval-attn-mlp, kv, pab, taylorseer"),
+    (["--baselines", "static", "--baseline-option", "static:warmup=0.2"],
+     "'static' runs the model under a DQAR configuration and takes no options"),
+    (["--baselines", "ptq-int8", "--baseline-option", "ptq-int8:bits=8"],
+     "--baseline-option: baseline 'ptq-int8' takes no options; got bits"),
+    (["--baselines", "fbc", "--baseline-option", "fbc=0.1"],
+     "--baseline-option 'fbc=0.1' must look like NAME:KEY=VALUE"),
+    (["--baselines", "fbc", "--baseline-option", "fbc:threshold=0.1;"], "empty value for 'threshold'"),
+    (["--baselines", "fbc", "--baseline-option", "fbc:threshold=0.1", "--baseline-option", "fbc:threshold=0.2"],
+     "--baseline-option names fbc:threshold twice"),
+    (["--baselines", "none,fastercache", "--cfg-scale", "1"],
+     "--baselines fastercache needs classifier-free guidance"),
+    (["--grid", "schedule=adaptive", "tolerance=0"],
+     "DQARConfig.tolerance=0.0 is not allowed: must be a finite number > 0"),
+    (["--grid", "schedule=adaptive", "max-age=0"], "DQARConfig.max_age=0 is not allowed: must be an integer >= 1"),
+    (["--grid", "forecast-order=3"], "DQARConfig.forecast_order=3 is not allowed"),
     ([], "nothing to run"),
     (["--grid", "warmup=0.2", "--evaluator", "/no/such/evaluator.safetensors"],
      "--evaluator='/no/such/evaluator.safetensors' is not a file"),
@@ -80,7 +146,7 @@ def test_cli_rejects_bad_specs_before_running(tmp_path, capsys, args, message):
     rc = main(["sweep", "--model", "no-such-model", "--out", str(out), *args])
     assert rc == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert not out.exists()
 
 
@@ -188,6 +254,69 @@ def test_reuse_options_for_the_grid_leave_the_no_reuse_baselines_valid(tmp_path)
     rows = {r.name: r for r in read_rows(out)}
     assert rows["none"].config["cfg_sharing"] is False and rows["ptq-int8"].config["cfg_sharing"] is False
     assert rows["warmup=0.2"].config["cfg_sharing"] is True
+    # Int8 weights skip nothing: every call runs, counted like any contender's.
+    assert rows["ptq-int8"].calls == rows["none"].calls == {"attn": 1.0, "mlp": 1.0, "block": 1.0}
+
+
+def test_sweep_with_peer_baselines_and_options_records_their_settings_and_call_shares(tmp_path):
+    from dqar.harness.baselines import BASELINE_SETTINGS
+
+    out = tmp_path / "r.jsonl"
+    steps = 6
+    args = ["--model", "DiT-Tiny", "--n", "4", "--steps", str(steps), "--threads", "1", "--no-progress",
+            "--save-samples", "0", "--baselines", "none,static,seacache,magcache",
+            "--baseline-option", "seacache:threshold=5;0", "--baseline-option", "magcache:calibration_images=2",
+            "--grid", "schedule=interval", "interval=2", "warmup=0", "targets=block", "forecast-order=1",
+            "--out", str(out)]
+    assert main(["sweep", *args]) == 0
+    rows = {r.name: r for r in read_rows(out)}
+    assert list(rows) == ["none", "static", "seacache threshold=5", "seacache threshold=0",
+                          "magcache calibration_images=2",
+                          "schedule=interval interval=2 warmup=0.0 targets=block forecast-order=1"]
+    every = {"attn": 1.0, "mlp": 1.0, "block": 1.0}
+    assert rows["none"].calls == every
+    # DQAR, attention only: each reuse event skips one layer's attention for one CFG branch of every image.
+    static = rows["static"]
+    assert static.calls == {"attn": pytest.approx(1 - static.dqar.reuse_events / (2 * 4 * steps)), "mlp": 1.0,
+                            "block": 1.0} and static.calls["attn"] < 1.0
+    # DQAR's block target skips whole blocks: all three shares equal.
+    block = rows["schedule=interval interval=2 warmup=0.0 targets=block forecast-order=1"]
+    share = 1 - block.dqar.reuse_events / (2 * 4 * steps)
+    assert block.calls == {k: pytest.approx(share) for k in every} and share < 1.0
+    assert block.config["forecast_order"] == 1 and block.config["targets"] == ["block"]
+    # The peers: the settings each ran with (defaults under the options), and their counted calls.
+    fires, never = rows["seacache threshold=5"], rows["seacache threshold=0"]
+    assert fires.variant == never.variant == "seacache" and fires.key != never.key
+    assert fires.variant_settings == {**BASELINE_SETTINGS["seacache"], "threshold": 5.0}
+    assert never.variant_settings == {**BASELINE_SETTINGS["seacache"], "threshold": 0.0}
+    assert never.calls == every and never.dqar.reuse_events == 0
+    assert fires.calls["attn"] == fires.calls["mlp"] == fires.calls["block"] < 1.0 and fires.dqar.reuse_events > 0
+    mag = rows["magcache calibration_images=2"]
+    settings = {k: v for k, v in mag.variant_settings.items() if k != "mag_ratios"}
+    assert settings == {**BASELINE_SETTINGS["magcache"], "calibration_images": 2, "calibration_steps": steps,
+                        "calibration_sampler": "ddim", "calibration_cfg_scale": 1.5}
+    assert len(mag.variant_settings["mag_ratios"]) == steps and set(mag.calls) == set(every)
+    for row in rows.values():
+        assert row.settings["cfg_scale"] == 1.5
+    # Re-running resumes: every point (each option value its own key) is already there.
+    before = out.read_bytes()
+    assert main(["sweep", *args]) == 0
+    assert out.read_bytes() == before
+
+
+def test_sweep_takes_its_guidance_scale_from_the_model_card_and_stores_it(tmp_path, monkeypatch):
+    import dqar.digits.embedded
+    from dqar.digits.evaluator import DigitsEvaluator
+
+    monkeypatch.setattr(dqar.digits.embedded, "load_embedded_model",
+                        lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
+    monkeypatch.setattr(dqar.digits.embedded, "load_evaluator", lambda path=None: DigitsEvaluator().eval())
+    card = dqar.digits.embedded.model_card()["recommended_cfg_scale"]
+    assert card != 1.5                     # else this test could not tell the card from the old fixed default
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", "--n", "2", "--steps", "2", "--threads", "1", "--no-progress", "--save-samples", "0",
+                 "--baselines", "none", "--out", str(out)]) == 0
+    assert read_rows(out)[0].settings["cfg_scale"] == float(card)
 
 
 # ------------------------------------------------------------------------------------------------

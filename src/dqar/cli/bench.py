@@ -1,8 +1,12 @@
-"""`dqar bench`: one DQAR configuration against the uncached baseline on the same seeds.
+"""`dqar bench`: one DQAR configuration against a baseline (default: the uncached model) on the same seeds.
 
 Timing interleaves baseline and DQAR runs after warm-up and reports medians; quality (FID against the
 uncached samples and against held-out real digits, PSNR, SSIM, evaluator accuracy) is measured only for
-the embedded trained model, whose evaluator and real data exist; random-weight presets get nulls.
+the embedded trained model, whose evaluator and real data exist; random-weight presets get nulls. Both
+contenders' work share (executed attention / MLP / block calls) is counted.
+
+    dqar bench --schedule interval --interval 3 --targets attn,mlp --baseline seacache \
+               --baseline-option threshold=0.1 --baseline-option max_consecutive_cached=3
 """
 from __future__ import annotations
 
@@ -14,10 +18,42 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from .common import add_features_option, add_model_options
+from .common import add_cfg_scale_option, add_features_option, add_model_options, default_cfg_scale
 
 _DQAR_OPTIONS = "dqar.cli.dqar_options"
-BASELINE_CHOICES = ("none", "ptq-int8", "pab")   # mirrors dqar.harness.baselines.BASELINES without importing torch
+# Mirrors dqar.harness.baselines.BASELINES without importing torch (a test keeps them equal).
+BASELINE_CHOICES = ("none", "ptq-int8", "pab", "taylorseer", "seacache", "fastercache", "fbc", "magcache")
+BASELINE_HELP = ("'ptq-int8' = int8 dynamic weight quantization without reuse, "
+                 "'pab' = diffusers' pyramid attention broadcast (skip range 2 inside timesteps (100, 800)); "
+                 "diffusers' other caches on the same weights ported to diffusers' DiT, configured for a DiT: "
+                 "'taylorseer' (Taylor forecast of attention and MLP outputs), 'seacache' (spectral residual "
+                 "cache), 'fastercache', 'fbc' (first-block cache), 'magcache' (magnitude-ratio cache, "
+                 "calibrated on the run's steps, sampler and guidance scale unless its options say otherwise)")
+
+
+def parse_option_items(items, option: str = "--baseline-option") -> dict:
+    """['threshold=0.1', ...] -> {'threshold': '0.1', ...} (values stay text for the baseline to parse)."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise UsageError(f"{option} {item!r} must look like KEY=VALUE (e.g. threshold=0.1)")
+        if key in out:
+            raise UsageError(f"{option} names {key!r} twice ({out[key]!r} and {value.strip()!r}); give it once")
+        out[key] = value.strip()
+    return out
+
+
+def check_baseline_options(name: str, raw: dict, option: str = "--baseline-option") -> dict:
+    """The options of baseline `name` parsed by the baseline itself; UsageError naming option, value and what
+    is allowed."""
+    from dqar.harness.peers import validate_options
+
+    try:
+        return validate_options(name, raw)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _dqar_options():
@@ -35,17 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=100, help="images per generation, one batch (default 100)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    add_cfg_scale_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k uses seed + k (default 0)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds, each one baseline run then one DQAR run (default 3)")
     parser.add_argument("--warmup-runs", type=int, default=1,
                         help="untimed runs of each before timing (default 1)")
-    parser.add_argument("--baseline", default="none", choices=BASELINE_CHOICES,
-                        help="what DQAR is timed against: 'none' = the uncached model (default), 'ptq-int8' = "
-                             "int8 dynamic weight quantization without reuse, 'pab' = diffusers' pyramid attention "
-                             "broadcast on the same weights. Quality is always measured "
-                             "against the uncached full-precision samples")
+    parser.add_argument("--baseline", default="none", metavar="NAME",
+                        help=f"what DQAR is timed against, one of {', '.join(BASELINE_CHOICES)} (default none): "
+                             f"'none' = the uncached model, {BASELINE_HELP}. Quality is always measured against the uncached full-precision "
+                             "samples")
+    parser.add_argument("--baseline-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="a setting of --baseline, repeatable, e.g. --baseline-option threshold=0.1 "
+                             "--baseline-option timestep_range=100,700 (the settings per baseline are listed in "
+                             "dqar.harness.peers; an unknown name is refused with the allowed ones, a bad value with "
+                             "what is allowed; 'none' and 'ptq-int8' take none; default: the baseline's own settings)")
     parser.add_argument("--json", default=None, metavar="PATH|-",
                         help="write the result record as JSON to PATH, or to stdout with '-' (the table then "
                              "goes to stderr; default: no JSON)")
@@ -56,7 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         opts.add_dqar_options(parser)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace) -> dict:
+    """Every argument checked before any model loads; returns the baseline's parsed options."""
+    if args.baseline not in BASELINE_CHOICES:
+        raise UsageError(f"--baseline={args.baseline!r} is not known; allowed: {', '.join(BASELINE_CHOICES)}")
     for name in ("n", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name}={getattr(args, name)} is not allowed: must be >= 1")
@@ -64,6 +107,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmup-runs={args.warmup_runs} is not allowed: must be >= 0")
     if not args.cfg_scale >= 0:
         raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
+    if args.baseline == "fastercache" and args.cfg_scale == 1:
+        raise UsageError("--baseline fastercache needs classifier-free guidance (it approximates the unconditional "
+                         "branch): give --cfg-scale other than 1")
+    options = check_baseline_options(args.baseline, parse_option_items(args.baseline_option))
     if args.json not in (None, "-"):
         # Checked before any work: a bad path must not cost the whole run (issue: IsADirectoryError at the end).
         if Path(args.json).is_dir():
@@ -72,17 +119,20 @@ def _check_args(args: argparse.Namespace) -> None:
         parent = Path(args.json).parent
         if not parent.is_dir():
             raise UsageError(f"--json={args.json!r}: folder {str(parent)!r} does not exist")
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
     opts = _dqar_options()
     if opts is None:
         raise UsageError("this install has no DQAR options module (dqar.cli.dqar_options): the DQAR core is missing")
-    _check_args(args)
+    if args.cfg_scale is None:
+        args.cfg_scale = default_cfg_scale(args.model)
+    baseline_options = _check_args(args)
     config = opts.config_from_args(args)
 
     from dqar.harness.baselines import BaselineUnavailable, make_baseline
-    from dqar.harness.bench import format_table, run_bench
+    from dqar.harness.bench import baseline_run_options, format_table, run_bench, variant_settings
 
     from .common import parse_classes, quality_tools, resolve_model, setup_torch
 
@@ -93,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
     labels = [classes[i % len(classes)] for i in range(args.n)]
     seeds = [args.seed + i for i in range(args.n)]
 
+    run_options = baseline_run_options(args.baseline, baseline_options, steps=args.steps, sampler=args.sampler,
+                                       cfg_scale=args.cfg_scale)
     try:
-        baseline_model = make_baseline(args.baseline, model, device)
+        baseline_model = make_baseline(args.baseline, model, device, options=run_options)
     except BaselineUnavailable as exc:
         raise UsageError(str(exc)) from None
 
@@ -103,10 +155,14 @@ def run(args: argparse.Namespace) -> int:
     record = run_bench(model, config, labels=labels, seeds=seeds, steps=args.steps, sampler=args.sampler,
                        cfg_scale=args.cfg_scale, repeats=args.repeats, warmup_runs=args.warmup_runs,
                        evaluator=evaluator, extractor=extractor, real_features=real_stats,
-                       baseline_model=baseline_model, device=device, progress=not args.no_progress)
+                       baseline_model=baseline_model, baseline_name=args.baseline,
+                       baseline_settings=variant_settings(args.baseline, baseline_model, run_options),
+                       device=device, progress=not args.no_progress)
 
     title = (f"dqar bench: {description}, {args.n} images x {args.steps} {args.sampler} steps, "
-             f"cfg {args.cfg_scale}, baseline {args.baseline}, {args.repeats} repeats on {device}")
+             f"cfg {args.cfg_scale}, baseline {args.baseline}"
+             + "".join(f" {k}={v}" for k, v in baseline_options.items())
+             + f", {args.repeats} repeats on {device}")
     # allow_nan=False: the record must be strict JSON (no Infinity/NaN) for any consumer.
     text = json.dumps(record, indent=2, allow_nan=False)
     if args.json == "-":

@@ -108,7 +108,7 @@ _str = _Parser(_str_fn, "a name")
 
 # option -> (config field, parser of the text, help; the default is appended from DQARConfig)
 OPTIONS: dict[str, tuple[str, object, str]] = {
-    "schedule": ("schedule", _str, "none | static | depth | gate | policy | interval"),
+    "schedule": ("schedule", _str, "none | static | depth | gate | policy | interval | adaptive"),
     "mode": ("mode", _str, "output (cache the attention output) | kv (cache K/V, recompute Q)"),
     "warmup": ("warmup", _float, "progress in [0,1] before which nothing is reused"),
     "layers": ("layer_fraction", _float, "layer fraction l in (0,1] for the static schedule"),
@@ -128,6 +128,10 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "forecast-order": ("forecast_order", _int,
                        "0 reuses the last output; 1 | 2 extrapolate from the last 2 | 3 computed"),
     "interval": ("interval", _int, "interval schedule: compute every N-th step after warmup"),
+    "tolerance": ("tolerance", _Parser(_float_fn, "a number > 0"),
+                  "adaptive schedule: refresh when the forecast's predicted effect on the block would exceed this"),
+    "max-age": ("max_age", _Parser(_int_fn, "an integer >= 1"),
+                "adaptive schedule: the most steps a cached output may serve before a refresh"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),

@@ -11,6 +11,17 @@ or by semicolons for fields whose single value already contains commas (`targets
 DQARConfig's defaults. Entropy per step is recorded on the `none` row (a short hooked pass beside the
 timed reference) and wherever the schedule needs it (gate, policy); other points are timed without it.
 
+Baselines other than DQAR configurations take settings with `--baseline-option NAME:KEY=VALUE` (repeatable);
+several values separated by ';' give one point each (a product over that baseline's options, like a grid):
+
+    dqar sweep --baselines none,seacache,magcache,taylorseer \
+               --baseline-option 'seacache:threshold=0.1;0.25;0.5' --baseline-option taylorseer:max_order=2 ...
+
+Such a point is named after its options ('seacache threshold=0.1'), and its row records every setting it ran
+with (`variant_settings`). Every row records the share of attention, MLP and block calls the point executed
+(`calls`), DQAR's and every baseline's alike. The guidance scale defaults to the model card's (as in `dqar
+generate`), and each row stores the scale it ran at.
+
 Re-running the same command resumes: points whose key (config + settings) is already in `--out` are
 skipped. Sample images of each point are kept in `<out stem>.samples/` for `dqar report`. A second sweep
 into a results file that a running sweep holds is refused at once (exit 2), never run beside it.
@@ -23,11 +34,15 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from .common import add_features_option, add_model_options
+from .bench import BASELINE_HELP, check_baseline_options
+from .common import add_cfg_scale_option, add_features_option, add_model_options, default_cfg_scale
 from .dqar_options import OPTIONS, add_dqar_options, config_overrides
 
-# Mirrors dqar.harness.sweep.BASELINES without importing torch at module top.
-BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab")
+# Mirrors dqar.harness.sweep.BASELINES without importing torch at module top (a test keeps them equal).
+BASELINE_NAMES = ("none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab", "taylorseer", "seacache",
+                  "fastercache", "fbc", "magcache")
+# Names that run the loaded model under a DQAR configuration: they take no --baseline-option.
+DQAR_BASELINES = ("none", "static", "interval-attn-mlp", "kv")
 # Fields whose one value is itself a comma list: their value lists are separated by ';' only.
 _COMPOUND = {"snr_range", "targets", "kv_bits", "depth_phases"}
 
@@ -40,17 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeat --grid for more products")
     parser.add_argument("--baselines", default="", metavar="LIST",
                         help=f"comma list of named comparison points: {', '.join(BASELINE_NAMES)} "
-                             "(none: the uncached model; static: warmup 0.4, layers 0.33; ptq-int8: int8 weights, "
-                             "no reuse; interval-attn-mlp: FORA, attn+mlp recomputed every 3rd step; kv: K/V "
-                             "caching on the static schedule; pab: diffusers' pyramid attention broadcast, skip "
-                             "range 2 inside timesteps (100, 800), on the same weights ported to diffusers' DiT)")
+                             "(DQAR configurations: none = the uncached model; static: warmup 0.4, layers 0.33; "
+                             "interval-attn-mlp: FORA, attn+mlp recomputed every 3rd step; kv: K/V caching on the "
+                             f"static schedule. Baseline models: {BASELINE_HELP})")
+    parser.add_argument("--baseline-option", action="append", default=None, metavar="NAME:KEY=VALUE",
+                        help="a setting of baseline NAME (named in --baselines), repeatable, e.g. "
+                             "--baseline-option seacache:threshold=0.1 --baseline-option pab:timestep_range=100,700; "
+                             "several values separated by ';' (quote them) give one point each, e.g. "
+                             "'seacache:threshold=0.1;0.25;0.5'. The settings per baseline are listed in "
+                             "dqar.harness.peers; an unknown name is refused with the allowed ones, a bad value with "
+                             "what is allowed, before anything runs; "
+                             f"{', '.join(DQAR_BASELINES)} and ptq-int8 take none (default: each baseline's own "
+                             "settings)")
     parser.add_argument("--out", required=True, help="results file (JSON lines); appended to, resumed from")
     parser.add_argument("--n", type=int, default=100, help="images per point, one batch (default 100)")
     parser.add_argument("--classes", default=None,
                         help="comma list of class labels cycled over the images (default: every class in turn)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    add_cfg_scale_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k uses seed + k (default 0)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed generations per point and of the shared reference; the median counts "
@@ -131,6 +154,35 @@ def parse_baselines(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_baseline_options(items, names) -> dict[str, dict[str, list]]:
+    """['seacache:threshold=0.1;0.2', ...] -> {'seacache': {'threshold': [0.1, 0.2]}}, each value parsed by the
+    baseline; UsageError naming what is wrong (the form, a baseline not in --baselines, an option or value)."""
+    out: dict[str, dict[str, list]] = {}
+    for item in items or []:
+        name, sep, rest = item.partition(":")
+        key, eq, values = rest.partition("=")
+        name, key = name.strip(), key.strip()
+        if not sep or not eq or not name or not key:
+            raise UsageError(f"--baseline-option {item!r} must look like NAME:KEY=VALUE "
+                             "(e.g. seacache:threshold=0.1, or 'seacache:threshold=0.1;0.2' for two points)")
+        if name not in BASELINE_NAMES:
+            raise UsageError(f"--baseline-option {item!r}: baseline {name!r} is not known; allowed: "
+                             f"{', '.join(BASELINE_NAMES)}")
+        if name not in names:
+            raise UsageError(f"--baseline-option {item!r}: baseline {name!r} is not in --baselines; add it there")
+        if name in DQAR_BASELINES:
+            raise UsageError(f"--baseline-option {item!r}: {name!r} runs the model under a DQAR configuration and "
+                             "takes no options; vary DQAR with --grid or the DQAR options")
+        texts = [v.strip() for v in values.split(";")]
+        if any(not v for v in texts):
+            raise UsageError(f"--baseline-option {item!r}: empty value for {key!r}; give values like {key}=A;B")
+        per = out.setdefault(name, {})
+        if key in per:
+            raise UsageError(f"--baseline-option names {name}:{key} twice; give its values once, separated by ';'")
+        per[key] = [check_baseline_options(name, {key: text})[key] for text in texts]
+    return out
+
+
 def _value_text(v) -> str:
     if isinstance(v, (tuple, list)):
         return "/".join(_value_text(x) for x in v)
@@ -150,7 +202,19 @@ def build_points(args: argparse.Namespace):
         base = DQARConfig(**base_values)
     except ValueError as exc:
         raise UsageError(f"DQAR options: {exc}") from None
-    points = [baseline_point(name, base) for name in parse_baselines(args.baselines)]
+    names = parse_baselines(args.baselines)
+    options = parse_baseline_options(args.baseline_option, names)
+    if "fastercache" in names and args.cfg_scale == 1:
+        raise UsageError("--baselines fastercache needs classifier-free guidance (it approximates the unconditional "
+                         "branch): give --cfg-scale other than 1")
+    points = []
+    for name in names:
+        axes = options.get(name, {})
+        for combo in itertools.product(*axes.values()):
+            try:
+                points.append(baseline_point(name, base, dict(zip(axes, combo))))
+            except ValueError as exc:
+                raise UsageError(f"--baselines {name}: {exc}") from None
     for cell in parse_grids(args.grid):
         values = base.to_dict()
         values.update(cell)
@@ -192,6 +256,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cfg_scale is None:
+        args.cfg_scale = default_cfg_scale(args.model)     # the model card's, as `dqar generate` does
     _check_args(args)
     points = build_points(args)       # all grid/baseline errors surface here, before any model loads
 

@@ -6,9 +6,9 @@ ratio trustworthy on a drifting machine. `dqar sweep` writes the same record per
 `quality_metrics`) but times each point against one shared reference run (see `dqar.harness.sweep`).
 
     {"config": DQARConfig.to_dict(),
-     "baseline": {"ms_per_step", "seconds", "peak_mem_mb", "runs"},
+     "baseline": {"ms_per_step", "seconds", "peak_mem_mb", "runs", "name", "settings", "calls"},
      "dqar": {"ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction", "runs"},
-     "speedup", "ideal_speedup",
+     "speedup", "ideal_speedup", "calls",
      "quality": {"fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"}}
 
 - seconds: median wall time of one generation (all N images in one batch); ms_per_step = seconds/steps;
@@ -17,12 +17,20 @@ ratio trustworthy on a drifting machine. `dqar sweep` writes the same record per
   call (see `dqar.harness.timing`). cache_mb: the controller's peak cache size, MiB.
 - speedup: baseline seconds / dqar seconds (medians); `speedup_spread(record)` gives the range of the
   per-round ratios. ideal_speedup: the controller's FLOP-count bound.
+- calls (DQAR's, top level; the timed baseline's under "baseline"): {"attn", "mlp", "block"}, the share of
+  those calls an uncached run makes that actually ran, counted by `dqar.harness.peers.count_module_calls`
+  (not taken from any config), so DQAR and every baseline sit on the same axes. Counted over each
+  contender's first generation: a warm-up run when there is one, so no timed run carries counting hooks
+  (every generation of the same seeds makes the same calls: each contender resets its state per generation).
+- baseline name / settings: what DQAR was timed against ("none" = the uncached model) and the settings it
+  ran with (a baseline's options included; null where it has none).
 - quality: only with an evaluator (the embedded digits model); the reference for fid_vs_baseline, psnr
   and ssim is always the uncached full-precision model on the same seeds, whatever the timing baseline.
   psnr is null when the images are identical (infinite PSNR has no JSON spelling); fid needs N >= 2.
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import dataclass, field
@@ -35,17 +43,20 @@ from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.hooks import get_controller
 from dqar.sampling import sample
 
+from .baselines import BASELINE_SETTINGS
 from .metrics import (EvaluatorFeatures, FeatureExtractor, FeatureStats, accuracy, feature_stats,
                       frechet_distance_from_stats, psnr, ssim)
+from .peers import count_module_calls, sampling_observers
 from .timing import Contender, TimingResult, interleaved_timing
 
 MIB = 2 ** 20
 SCHEMA = {
     "config": None,
-    "baseline": ("ms_per_step", "seconds", "peak_mem_mb", "runs"),
+    "baseline": ("ms_per_step", "seconds", "peak_mem_mb", "runs", "name", "settings", "calls"),
     "dqar": ("ms_per_step", "seconds", "peak_mem_mb", "cache_mb", "reuse_events", "reuse_fraction", "runs"),
     "speedup": None,
     "ideal_speedup": None,
+    "calls": ("attn", "mlp", "block"),
     "quality": ("fid_vs_baseline", "fid_vs_data", "psnr", "ssim", "accuracy"),
 }
 
@@ -69,6 +80,46 @@ def empty_record(config: DQARConfig | None = None) -> dict:
         out[key] = {k: None for k in sub} if isinstance(sub, tuple) else None
     out["config"] = config.to_dict() if config is not None else None
     return out
+
+
+def baseline_run_options(name: str, options=None, *, steps: int, sampler: str, cfg_scale: float) -> dict:
+    """`options` for baseline `name` with what the run itself decides filled in: magcache calibrates on the
+    run's step count, sampler and guidance scale unless the options say otherwise (a step count outside
+    its calibration range 2..1000 keeps the default; another count is interpolated)."""
+    out = dict(options or {})
+    if name == "magcache":
+        if 2 <= steps <= 1000:
+            out.setdefault("calibration_steps", steps)
+        out.setdefault("calibration_sampler", sampler)
+        if math.isfinite(cfg_scale):
+            out.setdefault("calibration_cfg_scale", cfg_scale)
+    return out
+
+
+def variant_settings(name: str, model, options=None) -> dict | None:
+    """The settings baseline `name` (built as `model`) ran with: the model's own `settings` (a peer's, with its
+    options and magcache's calibrated ratios), PAB's defaults under its options, None for the others."""
+    if getattr(model, "settings", None) is not None:
+        return copy.deepcopy(dict(model.settings))
+    if name in BASELINE_SETTINGS:
+        return {**copy.deepcopy(BASELINE_SETTINGS[name]), **copy.deepcopy(dict(options or {}))}
+    return None
+
+
+class FirstRunCalls:
+    """Counts the attention, MLP and block calls `model` executes in the first generation run through it
+    (`count_module_calls`); `shares` is then {"attn", "mlp", "block"} -> share, None before."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.shares = model, None
+
+    def __call__(self, fn):
+        if self.shares is not None:
+            return fn()
+        with count_module_calls(self.model) as calls:
+            out = fn()
+        self.shares = dict(calls)
+        return out
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -117,13 +168,16 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
           steps: int, sampler: str = "ddim", cfg_scale: float = 1.5, repeats: int = 3, warmup_runs: int = 1,
           device: torch.device | str = "cpu", evaluator=None, extractor: FeatureExtractor | None = None,
           real_features=None, baseline_images: torch.Tensor | None = None, baseline_features=None,
-          baseline_model: torch.nn.Module | None = None, measure_memory: bool = True,
+          baseline_model: torch.nn.Module | None = None, baseline_name: str | None = None,
+          baseline_settings: dict | None = None, measure_memory: bool = True,
           progress: bool = False) -> BenchResult:
     """Time `model` under `config` against `baseline_model` (default: `model` uncached), then score quality.
 
     DQAR is applied to `model` only around each candidate run and removed after it, so `model` is the
-    exact uncached model for the baseline runs and is returned to the caller unhooked. With `progress`,
-    a bar on stderr counts the generations (warm-up and timed, both contenders) with an ETA.
+    exact uncached model for the baseline runs and is returned to the caller unhooked. A peer baseline
+    (`dqar.harness.peers`) gets its sampling observers. `baseline_name` / `baseline_settings` are recorded
+    as given ("none" when no baseline model is given). With `progress`, a bar on stderr counts the
+    generations (warm-up and timed, both contenders) with an ETA.
     """
     if not isinstance(config, DQARConfig):
         raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
@@ -143,7 +197,8 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
                disable=not progress, file=sys.stderr)
 
     def generate(m: torch.nn.Module) -> torch.Tensor:
-        images = sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device)
+        images = sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
+                        observers=sampling_observers(m))
         bar.update(1)
         return images
 
@@ -158,8 +213,10 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
         remove_dqar(model)
 
     baseline_target = model if baseline_model is None else baseline_model
-    contenders = {"baseline": lambda: generate(baseline_target),
-                  "dqar": Contender(fn=lambda: generate(model), setup=attach, teardown=detach)}
+    counted = {"baseline": FirstRunCalls(baseline_target), "dqar": FirstRunCalls(model)}
+    contenders = {"baseline": lambda: counted["baseline"](lambda: generate(baseline_target)),
+                  "dqar": Contender(fn=lambda: counted["dqar"](lambda: generate(model)), setup=attach,
+                                    teardown=detach)}
     try:
         timings = interleaved_timing(contenders, rounds=repeats, warmup_runs=warmup_runs, device=device,
                                      measure_memory=measure_memory)
@@ -182,7 +239,10 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
     record = empty_record(config)
     b, d = timings["baseline"], timings["dqar"]
     record["baseline"] = {"ms_per_step": b.median * 1000.0 / steps, "seconds": b.median,
-                          "peak_mem_mb": _mib(b.peak_mem_bytes), "runs": list(b.samples)}
+                          "peak_mem_mb": _mib(b.peak_mem_bytes), "runs": list(b.samples),
+                          "name": baseline_name if baseline_name is not None else
+                          ("none" if baseline_model is None else None),
+                          "settings": baseline_settings, "calls": counted["baseline"].shares}
     record["dqar"] = {"ms_per_step": d.median * 1000.0 / steps, "seconds": d.median,
                       "peak_mem_mb": _mib(d.peak_mem_bytes), "cache_mb": _mib(summary.get("peak_cache_bytes")),
                       "reuse_events": int(summary["reuse_events"]),
@@ -190,6 +250,7 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
     record["speedup"] = b.median / d.median if d.median > 0 else None
     ideal = summary.get("ideal_speedup")
     record["ideal_speedup"] = float(ideal) if ideal is not None else None
+    record["calls"] = counted["dqar"].shares
     if evaluator is not None or extractor is not None:
         record["quality"] = quality_metrics(images, reference, labels, evaluator=evaluator, extractor=extractor,
                                             real_features=real_features, baseline_features=baseline_features)
@@ -217,7 +278,7 @@ def speedup_spread(record: dict) -> tuple[float, float] | None:
 def format_table(record: dict, *, title: str = "") -> str:
     """A small fixed-width summary of a bench record for people: the FLOP bound first, then the measured
     speedup with its per-round spread (a single round is labelled as such, and a measurement above the
-    bound is called noise)."""
+    bound is called noise), and each contender's counted work share."""
 
     def fmt(v, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -230,14 +291,23 @@ def format_table(record: dict, *, title: str = "") -> str:
         speed = f"measured {fmt(measured, '.3f')}x from a single round (no spread: use --repeats 3)"
     if measured is not None and ideal is not None and measured > ideal:
         speed += ", above the FLOP bound: timing noise"
+
+    def work(calls) -> str:
+        if not calls:
+            return "-"
+        return "/".join(fmt(calls.get(k), ".2f") for k in ("attn", "mlp", "block"))
+
+    base_label = {"none": "uncached", None: "baseline"}.get(b.get("name"), b.get("name"))
     lines = [title] if title else []
     lines += [
-        f"{'':10} {'ms/step':>10} {'seconds':>10} {'peak MiB':>10} {'cache MiB':>10} {'reuse':>8}",
-        f"{'baseline':10} {fmt(b['ms_per_step'], '.2f'):>10} {fmt(b['seconds'], '.3f'):>10} "
-        f"{fmt(b['peak_mem_mb'], '.1f'):>10} {'-':>10} {'-':>8}",
-        f"{'dqar':10} {fmt(d['ms_per_step'], '.2f'):>10} {fmt(d['seconds'], '.3f'):>10} "
-        f"{fmt(d['peak_mem_mb'], '.1f'):>10} {fmt(d['cache_mb'], '.2f'):>10} {fmt(d['reuse_fraction'], '.1%'):>8}",
+        f"{'':12} {'ms/step':>10} {'seconds':>10} {'peak MiB':>10} {'cache MiB':>10} {'reuse':>8} {'work a/m/b':>15}",
+        f"{base_label:12} {fmt(b['ms_per_step'], '.2f'):>10} {fmt(b['seconds'], '.3f'):>10} "
+        f"{fmt(b['peak_mem_mb'], '.1f'):>10} {'-':>10} {'-':>8} {work(b.get('calls')):>15}",
+        f"{'dqar':12} {fmt(d['ms_per_step'], '.2f'):>10} {fmt(d['seconds'], '.3f'):>10} "
+        f"{fmt(d['peak_mem_mb'], '.1f'):>10} {fmt(d['cache_mb'], '.2f'):>10} {fmt(d['reuse_fraction'], '.1%'):>8} "
+        f"{work(record.get('calls')):>15}",
         f"speedup: FLOP bound {fmt(ideal, '.3f')}x, {speed}; {d['reuse_events']} reuse events",
+        "work: executed share of attention / MLP / block calls, counted (1.00 = the uncached model)",
         f"quality: fid_vs_baseline {fmt(q['fid_vs_baseline'], '.3f')}  fid_vs_data {fmt(q['fid_vs_data'], '.3f')}  "
         f"psnr {'inf' if q['psnr'] is None and q['ssim'] is not None else fmt(q['psnr'], '.2f')} dB  "
         f"ssim {fmt(q['ssim'], '.4f')}  accuracy {fmt(q['accuracy'], '.1%')}",

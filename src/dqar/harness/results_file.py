@@ -148,6 +148,20 @@ def sidecar_dir(out: str | Path) -> Path:
     return out.with_name(out.stem + ".samples")
 
 
+def check_results_path(out: str | Path) -> Path:
+    """`out` as a results file with a usable sidecar folder; a one-line error naming the path otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"results file {str(out)!r} is a folder; give a file, e.g. {str(out / 'results.jsonl')!r}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(out.parent)!r} of the results file does not exist")
+    side = sidecar_dir(out)
+    if side.exists() and not side.is_dir():
+        raise ValueError(f"{str(side)!r} (where the results file keeps its samples) is not a folder; move it "
+                         "away or give another results file")
+    return out
+
+
 def load_samples(results_path: str | Path, row: SweepRow) -> tuple[np.ndarray, np.ndarray] | None:
     """(uint8 (K, H, W, C) images, (K,) labels) saved for a row, or None when there are none."""
     if not row.samples:

@@ -14,8 +14,13 @@ speedups. Every timed run is therefore kept in the row (`runs`), and the report 
 FLOP-count `ideal_speedup` (no noise) and shows a measured speedup only with the spread of its runs,
 never from a single run.
 
-Resume: a row's `key` hashes its variant, config and settings (not its name or timing repeats);
-rows already in the file are skipped. Two sweeps never write one file at once (`results_lock`).
+Resume: a row's `key` hashes its variant, its options (when given), config and settings (not its name or
+timing repeats); rows already in the file are skipped. Two sweeps never write one file at once (`results_lock`).
+
+Every point's row also carries `calls`, the share of attention, MLP and block calls it executed
+(`dqar.harness.peers.count_module_calls`), counted over its first full-size generation (a warm-up run when
+there is one; the "none" reference over its profile pass), so DQAR points and every baseline sit on the
+same axes; and a baseline variant's row carries the settings it actually ran with (`variant_settings`).
 """
 from __future__ import annotations
 
@@ -36,16 +41,17 @@ from dqar.sampling import sample, to_uint8
 
 from dqar.method.hooks import get_controller
 
-from .baselines import BASELINE_SETTINGS, make_baseline
-from .bench import MIB, empty_record, quality_metrics
+from .baselines import make_baseline
+from .bench import MIB, FirstRunCalls, baseline_run_options, empty_record, quality_metrics, variant_settings
 from .metrics import EvaluatorFeatures, feature_stats
-from .results_file import append_row, json_safe, read_rows, results_lock, sidecar_dir
+from .peers import PEERS, count_module_calls, sampling_observers, validate_options
+from .results_file import append_row, check_results_path, json_safe, read_rows, results_lock, sidecar_dir
 from .rows import SweepRow
 from .timing import Contender, interleaved_timing
 
 # Named comparison points. Each is (variant, config overrides); a variant swaps the model for the one
-# dqar.harness.baselines builds ("ptq-int8": its int8-weight copy; "pab": its diffusers port under diffusers'
-# pyramid attention broadcast) and runs that without DQAR.
+# dqar.harness.baselines builds ("ptq-int8": its int8-weight copy; "pab" and the peers: its diffusers port under
+# one of diffusers' caches) and runs that without DQAR; a variant point may carry options over its settings.
 BASELINES: dict[str, tuple[str | None, dict]] = {
     # The uncached model itself: free, it is the shared reference run.
     # (Every schedule-"none" baseline also turns cfg_sharing off: sharing is reuse, and a --cfg-sharing given
@@ -61,6 +67,9 @@ BASELINES: dict[str, tuple[str | None, dict]] = {
     "pab": ("pab", {"schedule": "none", "cfg_sharing": False}),
     # Seed 000's failed first attempt: cache K/V, recompute Q, on the same schedule as "static".
     "kv": (None, {"schedule": "static", "warmup": 0.4, "layer_fraction": 0.33, "mode": "kv"}),
+    # diffusers' other caches on the same port (dqar.harness.peers): TaylorSeer, SeaCache, FasterCache,
+    # FirstBlockCache, MagCache.
+    **{name: (name, {"schedule": "none", "cfg_sharing": False}) for name in PEERS},
 }
 # Sample images kept per point for the report's image grid (uint8, small).
 SAVED_SAMPLES = 32
@@ -81,6 +90,7 @@ class SweepPoint:
     config: DQARConfig
     variant: str | None = None     # None: the model as loaded; else a dqar.harness.baselines model
     grid: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)     # the variant's settings given (validated), over its defaults
 
     @property
     def is_reference(self) -> bool:
@@ -131,20 +141,36 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def baseline_point(name: str, base: DQARConfig | None = None) -> SweepPoint:
-    """The named baseline on top of `base` (the sweep's base config, e.g. record_entropy=True)."""
+def _option_text(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_option_text(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "none" if v is None else str(v)
+
+
+def baseline_point(name: str, base: DQARConfig | None = None, options=None) -> SweepPoint:
+    """The named baseline on top of `base` (the sweep's base config, e.g. record_entropy=True), with `options`
+    over a variant's settings (`dqar.harness.peers.validate_options`; values may be text). A point with
+    options is named after them: 'seacache threshold=0.1'."""
     if name not in BASELINES:
         raise ValueError(f"baseline {name!r} is not known; allowed: {', '.join(BASELINES)}")
     variant, overrides = BASELINES[name]
+    opts = validate_options(variant or name, options)    # a DQAR point ('static', 'kv', ...) takes none
     values = (base or DQARConfig()).to_dict()
     values.update(overrides)
-    return SweepPoint(name=name, kind="baseline", config=DQARConfig.from_dict(values), variant=variant)
+    shown = " ".join([name] + [f"{k}={_option_text(v)}" for k, v in opts.items()])
+    return SweepPoint(name=shown, kind="baseline", config=DQARConfig.from_dict(values), variant=variant,
+                      options=opts)
 
 
 def point_key(point: SweepPoint, settings: SweepSettings) -> str:
-    """Stable identity of a measurement: variant + config + settings (name and repeats excluded)."""
-    blob = json.dumps({"variant": point.variant, "config": point.config.to_dict(), "settings": settings.to_dict()},
-                      sort_keys=True)
+    """Stable identity of a measurement: variant (+ its options, when given) + config + settings (name and
+    repeats excluded; a point without options keys as before options existed)."""
+    ident = {"variant": point.variant, "config": point.config.to_dict(), "settings": settings.to_dict()}
+    if point.options:
+        ident["options"] = point.options
+    blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -185,20 +211,6 @@ def _save_samples(folder: Path, name: str, images: torch.Tensor, labels: Sequenc
 
 def _mib(n) -> float | None:
     return None if n is None else n / MIB
-
-
-def check_results_path(out: str | Path) -> Path:
-    """`out` as a results file with a usable sidecar folder; a one-line error naming the path otherwise."""
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"results file {str(out)!r} is a folder; give a file, e.g. {str(out / 'results.jsonl')!r}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(out.parent)!r} of the results file does not exist")
-    side = sidecar_dir(out)
-    if side.exists() and not side.is_dir():
-        raise ValueError(f"{str(side)!r} (where the results file keeps its samples) is not a folder; move it "
-                         "away or give another results file")
-    return out
 
 
 def run_sweep(model: torch.nn.Module, points: Sequence[SweepPoint], settings: SweepSettings, out: str | Path, *,
@@ -256,7 +268,7 @@ def _run_locked(model, points, settings: SweepSettings, out: Path, *, repeats, w
 
     def generate(m: torch.nn.Module, lab=labels, sds=seeds) -> torch.Tensor:
         images = sample(m, lab, sds, steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
-                        device=device)
+                        device=device, observers=sampling_observers(m))
         if lab is labels:         # only full-size generations count; short profile/warm-up passes do not
             bar.update(1)
         return images
@@ -273,12 +285,11 @@ def _run_locked(model, points, settings: SweepSettings, out: Path, *, repeats, w
             t0 = time.perf_counter()
             bar.set_postfix_str(point.name[:40])
             log(f"point {point.name}")
-            record, summary, images, profile_n = _measure(model, point, ref, generate, variants, repeats,
-                                                          warmup_runs, device, settings)
+            record, summary, images, profile_n, extra = _measure(model, point, ref, generate, variants, repeats,
+                                                                 warmup_runs, device, settings)
             record["quality"] = quality_metrics(images, ref.images, labels, evaluator=evaluator,
                                                 extractor=extractor, real_features=real_features,
                                                 baseline_features=ref.features)
-            extra = {"variant_settings": BASELINE_SETTINGS[point.variant]} if point.variant in BASELINE_SETTINGS else {}
             row = SweepRow.from_dict(json_safe({
                 "key": key, "name": point.name, "kind": point.kind, "variant": point.variant,
                 "grid": dict(point.grid), "settings": settings.to_dict(), **record,
@@ -341,12 +352,13 @@ def _reference(model, settings: SweepSettings, folder: Path, generate, repeats, 
 
 def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict, repeats: int, warmup_runs: int,
              device, settings: SweepSettings):
-    """(record, controller summary or None, images, profile_n) for one point."""
+    """(record, controller summary or None, images, profile_n, extra row fields) for one point."""
     record = empty_record(point.config)
+    record["calls"] = None          # set where counted
     steps = settings.steps
     record["baseline"] = {"ms_per_step": ref.seconds * 1000.0 / steps, "seconds": ref.seconds,
                           "peak_mem_mb": ref.peak_mem_mb, "runs": list(ref.samples)}
-    summary, profile_n = None, None
+    summary, profile_n, extra = None, None, {}
     if point.is_reference:
         # The reference run itself; its per-step entropy comes from a short hooked run on a few images
         # (hooks would slow the timed reference).
@@ -355,22 +367,32 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
             profile_n = min(PROFILE_IMAGES, settings.n)
             ctl = apply_dqar(model, point.config)
             try:
-                generate(model, settings.labels[:profile_n], settings.seeds[:profile_n])
+                with count_module_calls(model) as calls:
+                    generate(model, settings.labels[:profile_n], settings.seeds[:profile_n])
                 summary = ctl.summary()
+                record["calls"] = dict(calls)
             finally:
                 remove_dqar(model)
         cache_mb, events, fraction = 0.0, 0, 0.0
     elif point.variant is not None:
-        if point.variant not in variants:
-            variants[point.variant] = make_baseline(point.variant, model, device)
+        options = baseline_run_options(point.variant, point.options, steps=steps, sampler=settings.sampler,
+                                       cfg_scale=settings.cfg_scale)
+        vkey = json.dumps([point.variant, options], sort_keys=True)
+        if vkey not in variants:
+            variants[vkey] = make_baseline(point.variant, model, device, options=options)
             # Its first call initialises the quantized kernels: keep that out of its timing.
-            generate(variants[point.variant], settings.labels[:2], settings.seeds[:2])
-        vmodel = variants[point.variant]
-        t = interleaved_timing({"variant": lambda: generate(vmodel)}, rounds=repeats, warmup_runs=warmup_runs,
-                               device=device)["variant"]
+            generate(variants[vkey], settings.labels[:2], settings.seeds[:2])
+        vmodel = variants[vkey]
+        counted = FirstRunCalls(vmodel)
+        t = interleaved_timing({"variant": lambda: counted(lambda: generate(vmodel))}, rounds=repeats,
+                               warmup_runs=warmup_runs, device=device)["variant"]
+        record["calls"] = counted.shares
+        ran_with = variant_settings(point.variant, vmodel, options)
+        if ran_with is not None:
+            extra["variant_settings"] = ran_with
         images, seconds, peak, runs = t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples)
         cache_mb, events, fraction = 0.0, 0, 0.0
-        if hasattr(vmodel, "reuse_stats"):    # a variant that caches by itself (pab)
+        if hasattr(vmodel, "reuse_stats"):    # a variant that caches by itself (pab, the peers)
             stats = vmodel.reuse_stats()
             cache_mb = _mib(stats["cache_bytes"])
             events, fraction = int(stats["reuse_events"]), float(stats["reuse_fraction"])
@@ -384,12 +406,14 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
             state["summary"] = state["ctl"].summary()   # remove_dqar resets the controller
             remove_dqar(model)
 
-        c = Contender(fn=lambda: generate(model), setup=attach, teardown=detach)
+        counted = FirstRunCalls(model)
+        c = Contender(fn=lambda: counted(lambda: generate(model)), setup=attach, teardown=detach)
         try:
             t = interleaved_timing({"dqar": c}, rounds=repeats, warmup_runs=warmup_runs, device=device)["dqar"]
         finally:
             if get_controller(model) is not None:
                 remove_dqar(model)
+        record["calls"] = counted.shares
         summary = state["summary"]
         images, seconds, peak, runs = t.last_output, t.median, _mib(t.peak_mem_bytes), list(t.samples)
         cache_mb = _mib(summary.get("peak_cache_bytes"))
@@ -400,4 +424,4 @@ def _measure(model, point: SweepPoint, ref: Reference, generate, variants: dict,
     record["speedup"] = ref.seconds / seconds if seconds > 0 else None
     ideal = summary.get("ideal_speedup") if summary is not None and not point.is_reference else None
     record["ideal_speedup"] = float(ideal) if ideal is not None else (1.0 if point.variant is None else None)
-    return record, summary, images, profile_n
+    return record, summary, images, profile_n, extra
