@@ -107,7 +107,7 @@ def test_single_runs_are_never_shown_as_speedups(fixture_report):
 def test_measured_speedups_come_with_their_spread_and_flags(timed_report):
     out, md = timed_report
     # static: median 6.0/5.8, range (0.98*6)/(1.01*5.8) .. (1.02*6)/(0.99*5.8); above its bound 1.03: flagged.
-    assert "| static | static | output | 0.40 | 0.33 | shallow | 16 | attn | 4% | 1.030 | 1.034 (1.00–1.07) ! |" in md
+    assert "| static | static | output | 0.40 | 0.33 | shallow | 16 | attn | 4% | – | 1.030 | 1.034 (1.00–1.07) ! |" in md
     # interval: 1.5 below its bound 1.6: not flagged.
     assert "| 1.600 | 1.500 (1.46–1.55) | 666.7 |" in md
     flagged = ("static, kv, warmup=0.2 layers=0.5, warmup=0.2 layers=1.0, warmup=0.4 layers=0.5, warmup=0.4 "
@@ -128,8 +128,8 @@ def test_measured_speedups_come_with_their_spread_and_flags(timed_report):
 def test_settings_that_do_not_apply_show_a_dash(fixture_report):
     _, md = fixture_report
     # none / ptq-int8 are uncached: no schedule or cache setting applies (live_fields).
-    assert "| none | none | – | – | – | – | – | – | 0% | 1.000 | ref. |" in md
-    assert "| ptq-int8 (ptq-int8) | none | – | – | – | – | – | – | 0% | – | – |" in md
+    assert "| none | none | – | – | – | – | – | – | 0% | – | 1.000 | ref. |" in md
+    assert "| ptq-int8 (ptq-int8) | none | – | – | – | – | – | – | 0% | – | – | – |" in md
     # interval reads warmup but not the layer fraction or order; gate reads neither of those.
     assert "| interval-attn-mlp | interval | output | 0.00 | – | – | 16 | attn+mlp |" in md
     assert "| schedule=gate | gate | output | 0.40 | – | – | 16 | attn |" in md
@@ -283,3 +283,79 @@ def test_samples_figure_title_is_never_cropped(tmp_path):
     path = image_grid_plot([("class 3", imgs, imgs)], tmp_path / "s.png",
                            title="a long title that is much wider than two small images side by side " * 2)
     assert _edges_are_blank(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# work share: every contender (DQAR and each baseline) on the same axes
+# ------------------------------------------------------------------------------------------------
+
+def _with_peers(rows: list[dict]) -> list[dict]:
+    """The fixture plus counted calls, a SeaCache point with an option and a MagCache point."""
+    rows = json.loads(json.dumps(rows))
+    by_name = {r["name"]: r for r in rows}
+    by_name["none"]["calls"] = {"attn": 1.0, "mlp": 1.0, "block": 1.0}
+    by_name["static"]["calls"] = {"attn": 0.9, "mlp": 1.0, "block": 1.0}
+    by_name["interval-attn-mlp"]["calls"] = {"attn": 0.34, "mlp": 0.34, "block": 1.0}
+    by_name["ptq-int8"]["calls"] = {"attn": 1.0, "mlp": 1.0, "block": 1.0}
+    sea = json.loads(json.dumps(by_name["ptq-int8"]))
+    sea.update(key="ksea", name="seacache threshold=0.1", variant="seacache",
+               calls={"attn": 0.38, "mlp": 0.38, "block": 0.38}, variant_settings={"threshold": 0.1, "power_exp": 3.0})
+    sea["quality"].update(psnr=40.0, fid_vs_baseline=0.05)
+    mag = json.loads(json.dumps(sea))
+    mag.update(key="kmag", name="magcache", variant="magcache", calls={"attn": 0.3, "mlp": 0.3, "block": 0.3},
+               variant_settings={"threshold": 0.06, "mag_ratios": [1.0] + [0.99] * 48 + [0.951]})
+    mag["quality"].update(psnr=25.0, fid_vs_baseline=1.0)
+    return rows + [sea, mag]
+
+
+def test_work_share_section_places_every_contender_on_the_same_axes(tmp_path):
+    md = build_report(_write(tmp_path / "r.jsonl", _with_peers(_fixture_rows())), tmp_path / "out").read_text()
+    work = md.split("## Work share: every contender on the same axes")[1].split("\n## ")[0]
+    # Least work first; the peers have no FLOP bound but sit on the same work axis as DQAR.
+    assert _names(work) == ["point", "magcache", "interval-attn-mlp", "seacache threshold=0.1", "static", "ptq-int8"]
+    assert "| interval-attn-mlp | DQAR interval | 0.34/0.34/1.00 | 0.340 | 1.600 | – | 30.00 | 6.000 |" in work
+    assert "| seacache threshold=0.1 | seacache | 0.38/0.38/0.38 | 0.380 | – | – | 40.00 | 0.050 |" in work
+    assert "| static | DQAR static | 0.90/1.00/1.00 | 0.950 | 1.030 | – | 30.00 | 0.500 |" in work
+    # Fronts: less work and better quality. By PSNR interval (0.34, 30 dB) survives; by FID MagCache (0.30, 1.0)
+    # dominates it, and SeaCache (0.38, 0.05) dominates static and ptq-int8 on both.
+    assert ("Non-dominated by work share and PSNR vs uncached samples (dB, higher is better), least work first: "
+            "magcache, interval-attn-mlp, seacache threshold=0.1.") in work
+    assert ("Non-dominated by work share and FID vs uncached samples (lower is better), least work first: "
+            "magcache, seacache threshold=0.1.") in work
+    for png in ("pareto_work_psnr.png", "pareto_work_fid.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000 and f"({png})" in work
+    # The overview and the baselines table carry the counted shares too; rows without them show a dash.
+    assert "| seacache threshold=0.1 (seacache) | none | – | – | – | – | – | – | 0% | 0.38/0.38/0.38 | – |" \
+        in md
+    assert "| warmup=0.2 layers=0.5 | static | output | 0.20 | 0.50 | shallow | 16 | attn | 23% | – | 1.100 |" in md
+    baselines = md.split("## Baselines")[1].split("\n## ")[0]
+    assert _names(baselines)[:7] == ["method", "none", "static", "interval-attn-mlp", "kv", "ptq-int8",
+                                     "seacache threshold=0.1"]
+    assert "- `seacache threshold=0.1`: threshold=0.1, power_exp=3.0" in baselines
+    assert "- `magcache`: threshold=0.06, mag_ratios=[50 values: 1 … 0.951]" in baselines
+
+
+def test_work_share_section_needs_counted_calls(fixture_report):
+    _, md = fixture_report
+    assert "*Section omitted: needs rows with counted calls (sweeps from before call counting have none" in md
+
+
+def test_pareto_figure_takes_work_share_as_its_x_axis():
+    import matplotlib.pyplot as plt
+
+    from dqar.harness.plots import pareto_figure
+
+    points = [
+        {"name": "dqar", "group": "DQAR", "quality": 45.0, "work": 0.34, "ideal": 2.5, "measured": None},
+        {"name": "seacache", "group": "seacache", "quality": 48.0, "work": 0.38, "ideal": None, "measured": None},
+        {"name": "ptq", "group": "ptq-int8", "quality": 30.0, "work": None, "ideal": None, "measured": None},
+    ]
+    fig = pareto_figure(points, x="work", work_front=["dqar", "seacache"], ylabel="PSNR (dB)")
+    (ax,) = fig.axes
+    assert {t.get_text() for t in ax.texts} == {"dqar", "seacache"}       # a point without a work share is left out
+    assert "work share" in ax.get_xlabel() and ax.get_ylabel() == "PSNR (dB)"
+    front = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    assert len(front) == 1 and list(front[0].get_xdata()) == [0.34, 0.38]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="x='flops' is not allowed: must be 'speed' or 'work'"):
+        pareto_figure(points, x="flops")

@@ -51,9 +51,17 @@ def fid_heatmap(warmups: Sequence[float], layers: Sequence[float], values: dict,
     return _save(fig, path)
 
 
+WORK_LABEL = "work share: executed share of attention and MLP calls, counted (1 = the uncached model)"
+
+
 def pareto_figure(points: Sequence[dict], *, ideal_front: Sequence[str] = (), measured_front: Sequence[str] = (),
-                  ylabel: str = "FID vs uncached samples (lower is better)"):
-    """Quality against speed, every point labelled with its name; returns the matplotlib figure.
+                  ylabel: str = "FID vs uncached samples (lower is better)", x: str = "speed",
+                  work_front: Sequence[str] = ()):
+    """Quality against speed (`x="speed"`) or against work (`x="work"`), every point labelled with its name;
+    returns the matplotlib figure.
+
+    x="work": one panel, quality against each point's "work" (the executed share of attention and MLP calls,
+    counted for every contender alike), `work_front` joined by a line; points without a "work" are left out.
 
     points: {"name", "group", "quality", "ideal", "measured", "low", "high"}; "ideal" is the FLOP-count
     bound (None for a point without one), "measured" the median measured speedup with its run range
@@ -62,9 +70,13 @@ def pareto_figure(points: Sequence[dict], *, ideal_front: Sequence[str] = (), me
     as error bars, and flags in red every measured speedup above its own FLOP bound (the bound marked x,
     joined to the measurement): that excess can only be timing noise. The `*_front` names are joined by a line.
     """
+    if x not in ("speed", "work"):
+        raise ValueError(f"x={x!r} is not allowed: must be 'speed' or 'work'")
     plt = _pyplot()
-    measured = [p for p in points if p.get("measured") is not None]
+    measured = [p for p in points if p.get("measured") is not None] if x == "speed" else []
     panels = [("ideal", "FLOP-bound (ideal) speedup over the uncached model (x)", ideal_front)]
+    if x == "work":
+        panels = [("work", WORK_LABEL, work_front)]
     if measured:
         panels.append(("measured", "measured speedup, median and min-max of the timed runs (x)", measured_front))
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False, sharey=True)
@@ -102,8 +114,11 @@ def pareto_figure(points: Sequence[dict], *, ideal_front: Sequence[str] = (), me
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(ylabel + (", symlog scale" if symlog else ""))
-    axes[0, 0].set_title("by FLOP bound (no timing noise)" if measured else
-                         "by FLOP bound; measured speedups not shown: no point was timed twice", fontsize=9)
+    if x == "work":
+        axes[0, 0].set_title("every contender (DQAR and each baseline) by the calls it executed", fontsize=9)
+    else:
+        axes[0, 0].set_title("by FLOP bound (no timing noise)" if measured else
+                             "by FLOP bound; measured speedups not shown: no point was timed twice", fontsize=9)
     if measured:
         axes[0, 1].set_title("measured; red: above its own FLOP bound (x), i.e. timing noise", fontsize=9)
     fig.tight_layout()

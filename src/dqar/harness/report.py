@@ -18,6 +18,8 @@ a section uses:
 - FID grid: schedule static, mode output, shallow order, 16-bit cache, attention only, unmodified model;
   one cell per (warmup, layer fraction).
 - Pairs (shallow/deep, output/kv, 16/8-bit cache): rows whose configs differ in that one field only.
+- Work share: every row with counted calls (DQAR points and every baseline, peers included): quality (PSNR,
+  FID) against the executed share of attention and MLP calls.
 - Gate vs static: each gate row against the static grid's Pareto front interpolated at the gate's
   FLOP speedup (and, where both were timed repeatedly, at its measured speedup).
 """
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import report_details, report_speed
-from .report_common import (DASH, Missing, above_bound, fmt, ideal_cell, is_plain_static, label, measured,
-                            measured_cell, pct, setting, table)
+from .report_common import (DASH, Missing, above_bound, calls_cell, fmt, ideal_cell, is_plain_static, label,
+                            measured, measured_cell, pct, setting, table)
 from .results_file import read_rows
 from .rows import SweepRow
 
@@ -90,7 +92,9 @@ class Report:
                      f"({fmt(ref.ms_per_step, '.1f')} ms/step; "
                      + (f"median of {len(ref.runs)} timed run(s)" if ref.runs else "timed runs not recorded")
                      + f"), peak memory {fmt(ref.peak_mem_mb, '.1f')} MiB.")
-        lines.append(self.speed_note() + " FID uses the embedded evaluator's features: *vs baseline* compares "
+        lines.append(self.speed_note() + " *work a/m/b*: the share of attention / MLP / block calls the point "
+                     "executed, counted (1.00 = the uncached model), the same measure for DQAR and every baseline. "
+                     "FID uses the embedded evaluator's features: *vs baseline* compares "
                      "with the uncached samples of the same seeds, *vs data* with held-out real digits. "
                      f"{DASH} in a config column: the field does not apply to that row's schedule.")
         walls = [r.wall_s for r in self.rows if r.wall_s is not None]
@@ -102,15 +106,15 @@ class Report:
                          f"(marked ! here, red on pareto.png): {', '.join(noisy)}. Each point is timed apart from "
                          "the one reference run, so machine load between runs moves these ratios.")
         lines.append("")
-        header = ["point", "schedule", "mode", "warmup", "layers", "order", "bits", "targets", "reuse", "ideal",
-                  "measured", "ms/step", "FID vs base", "FID vs data", "PSNR", "SSIM", "acc"]
+        header = ["point", "schedule", "mode", "warmup", "layers", "order", "bits", "targets", "reuse",
+                  "work a/m/b", "ideal", "measured", "ms/step", "FID vs base", "FID vs data", "PSNR", "SSIM", "acc"]
         body = []
         for r in self.rows:
             q = r.quality
             body.append([label(r) + (f" ({r.variant})" if r.variant else ""), r.schedule, setting(r, "mode"),
                          setting(r, "warmup"), setting(r, "layer_fraction"), setting(r, "order"),
                          setting(r, "cache_bits", None), setting(r, "targets"), pct(r.dqar.reuse_fraction),
-                         ideal_cell(r), measured_cell(r), fmt(r.dqar.ms_per_step, ".1f"),
+                         calls_cell(r), ideal_cell(r), measured_cell(r), fmt(r.dqar.ms_per_step, ".1f"),
                          fmt(q.fid_vs_baseline), fmt(q.fid_vs_data), fmt(q.psnr, ".1f"), fmt(q.ssim, ".3f"),
                          pct(q.accuracy)])
         return lines + table(header, body)
@@ -122,6 +126,7 @@ class Report:
             ("Overview", Report.sec_overview),
             ("FID grid: warmup x layer fraction (seed 000, slide 7)", report_speed.sec_fid_grid),
             ("Pareto configurations (seed 000, backup 1)", report_speed.sec_pareto),
+            ("Work share: every contender on the same axes", report_speed.sec_work),
             ("Shallow-first vs deep-first order (seed 000, slide 8)", report_details.sec_order),
             ("Memory profile (seed 000, backup 4)", report_details.sec_memory),
             ("Entropy and SNR per step (seed 002, slide 14)", report_details.sec_entropy),

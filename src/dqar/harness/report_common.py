@@ -4,7 +4,8 @@ Cells: a value that was not measured and a config field that does not apply to a
 `dqar.method.schedules.live_fields`: warmup of the uncached model, layer fraction of an interval
 schedule) both print as "–". Speed leads with the FLOP-count bound (`ideal_speedup`, no timing noise);
 a measured speedup is printed only with the range of its timed runs, never from a single run, and
-carries "!" when it exceeds its own FLOP bound (which only timing noise can do).
+carries "!" when it exceeds its own FLOP bound (which only timing noise can do). The work share (`calls`:
+executed attention / MLP / block calls, counted for every contender) needs no timing at all.
 """
 from __future__ import annotations
 
@@ -68,6 +69,19 @@ def above_bound(row: SweepRow) -> bool:
     """A shown measured speedup above the row's own FLOP bound: timing noise, flagged wherever shown."""
     m = measured(row)
     return m is not None and not row.is_reference and row.ideal_speedup is not None and m > row.ideal_speedup
+
+
+def calls_cell(row: SweepRow) -> str:
+    """'0.38/0.38/1.00': the executed share of attention / MLP / block calls (counted), a dash where not."""
+    c = row.calls
+    if not c:
+        return DASH
+    return "/".join(fmt(c.get(k), ".2f") for k in ("attn", "mlp", "block"))
+
+
+def work_cell(row: SweepRow) -> str:
+    """The work share (mean executed share of attention and MLP calls), a dash where not counted."""
+    return fmt(row.work_share(), ".3f")
 
 
 def ideal_cell(row: SweepRow) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 
 from .baselines import BASELINE_SETTINGS
 from .plots import entropy_snr_plot, image_grid_plot
-from .report_common import (DASH, Missing, fmt, ideal_cell, label, measured_cell, pairs, pct, setting, table)
+from .report_common import (DASH, Missing, calls_cell, fmt, ideal_cell, label, measured_cell, pairs, pct, setting,
+                            table)
 from .results_file import load_samples
 
 if TYPE_CHECKING:
@@ -141,32 +142,49 @@ def sec_entropy(rep: "Report") -> list[str]:
 def _variant_settings(row) -> str:
     recorded = row.variant_settings
     shown = recorded if recorded is not None else BASELINE_SETTINGS.get(row.variant, {})
-    text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    parts = []
+    for k, v in shown.items():
+        if isinstance(v, list) and len(v) > 4:      # magcache's calibrated ratios, one per step
+            parts.append(f"{k}=[{len(v)} values: {v[0]:.3g} … {v[-1]:.3g}]")
+        else:
+            parts.append(f"{k}={v}")
     # Rows from before variant_settings was recorded ran with the same constants (unchanged since pab exists).
-    return text + ("" if recorded is not None else " (not recorded in the row: the values dqar has always used)")
+    return ", ".join(parts) + ("" if recorded is not None else " (not recorded in the row: the values dqar has "
+                                                                "always used)")
 
 
 def sec_baselines(rep: "Report") -> list[str]:
-    order = ["none", "static", "ptq-int8", "interval-attn-mlp", "kv", "pab"]
-    rows = [rep.named(n) for n in order if rep.named(n) is not None]
+    order = ["none", "static", "interval-attn-mlp", "kv"]
+    rows = [rep.named(n) for n in order if rep.named(n) is not None and rep.named(n).variant is None]
+    rows += [r for r in rep.rows if r.variant is not None]          # ptq-int8, pab, diffusers' caches
     rows += [r for r in rep.rows if r.schedule == "gate"]
     if len(rows) < 2:
         raise Missing("needs the named baselines (--baselines none,static,ptq-int8,interval-attn-mlp,kv)")
-    body = [[label(r), fmt(r.dqar.ms_per_step, ".1f"), ideal_cell(r), measured_cell(r),
-             fmt(r.dqar.peak_mem_mb, ".1f"), fmt(r.dqar.reuse_events, "d"), fmt(r.quality.fid_vs_baseline),
-             fmt(r.quality.fid_vs_data), pct(r.quality.accuracy)] for r in rows]
+    body = [[label(r), fmt(r.dqar.ms_per_step, ".1f"), ideal_cell(r), measured_cell(r), calls_cell(r),
+             fmt(r.dqar.peak_mem_mb, ".1f"), fmt(r.dqar.cache_mb, ".2f"), fmt(r.dqar.reuse_events, "d"),
+             fmt(r.quality.psnr, ".2f"), fmt(r.quality.fid_vs_baseline), fmt(r.quality.fid_vs_data),
+             pct(r.quality.accuracy)] for r in rows]
     lines = ["Seed 002's comparison (its rows: baseline, static reuse, PTQ4DiT-style quantization, DQAR), plus "
              "FORA-style interval reuse, K/V caching and, where measured, diffusers' pyramid attention broadcast "
-             "(pab; its reuse events count attention calls, each covering both CFG halves). PTQ and PAB run "
-             "without the controller, so no FLOP bound is computed for them (ideal –).", ""]
-    lines += table(["method", "ms/step", "ideal", "measured", "peak MiB", "reuse events", "FID vs base",
-                    "FID vs data", "accuracy"], body)
+             "(pab; its reuse events count attention calls, each covering both CFG halves) and diffusers' other "
+             "caches on the same weights (taylorseer, seacache, fastercache, fbc, magcache; their reuse events "
+             "count skipped attention and MLP calls per CFG branch). PTQ, PAB and diffusers' caches run without "
+             "the controller, so no FLOP bound is computed for them (ideal –); *work a/m/b*, the share of "
+             "attention / MLP / block calls executed, is counted for all alike.", ""]
+    lines += table(["method", "ms/step", "ideal", "measured", "work a/m/b", "peak MiB", "cache MiB", "reuse events",
+                    "PSNR dB", "FID vs base", "FID vs data", "accuracy"], body)
     pab = rep.named("pab")
     if pab is not None:
         lines += ["", f"PAB settings: {_variant_settings(pab)}. They are our choices, not diffusers' defaults: "
                       "diffusers' PyramidAttentionBroadcastConfig leaves the spatial attention skip range at None "
                       "(nothing skipped), so skip range 2 (every other attention call reuses) is ours, and the "
                       "timestep window (100, 800) is the range diffusers' config carries, which we kept."]
+    others = [r for r in rows if r.variant not in (None, "ptq-int8") and r is not pab
+              and (r.variant_settings is not None or r.variant in BASELINE_SETTINGS)]
+    if others:
+        lines += ["", "Settings the other baselines ran with (their defaults under the options given; diffusers' "
+                      "caches are configured for a DiT as `dqar.harness.peers` describes):", ""]
+        lines += [f"- `{label(r)}`: {_variant_settings(r)}" for r in others]
     return lines
 
 

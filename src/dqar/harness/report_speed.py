@@ -1,7 +1,9 @@
-"""The report's quality-against-speed sections: the static FID grid, the Pareto front, the gate vs static.
+"""The report's quality-against-speed sections: the static FID grid, the Pareto front, the work share of
+every contender, the gate vs static.
 
 Each ranks by the FLOP-count bound first; measured speedups enter only where timed at least twice
-(`report_common.measured`), with their run range.
+(`report_common.measured`), with their run range. The work-share section puts DQAR and every baseline
+(peers included, which have no FLOP bound) on one axis: the executed share of attention and MLP calls.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .plots import fid_heatmap, pareto_plot
-from .report_common import (Missing, fmt, ideal_cell, interpolate, is_plain_static, label, measured, measured_cell,
-                            pareto_front, pct, setting, table)
+from .report_common import (Missing, calls_cell, fmt, ideal_cell, interpolate, is_plain_static, label, measured,
+                            measured_cell, pareto_front, pct, table, setting, work_cell)
 from .rows import SweepRow
 
 if TYPE_CHECKING:
@@ -115,7 +117,8 @@ def sec_pareto(rep: "Report") -> list[str]:
     ideal_front = pareto_front(by_ideal) if len(by_ideal) >= 2 else []
     if ideal_front:
         lines += [f"Non-dominated points by FLOP-bound (ideal) speedup and {qname} (lower is better), slowest "
-                  "first; points without a FLOP bound (PTQ, PAB) left out:", ""]
+                  "first; points without a FLOP bound (PTQ, PAB, diffusers' caches) left out (the work-share section "
+                  "places every contender):", ""]
         body = [[p["name"], p["row"].schedule, setting(p["row"], "warmup"), setting(p["row"], "layer_fraction"),
                  ideal_cell(p["row"]), measured_cell(p["row"]), fmt(p["quality"], ".3f"),
                  fmt(p["row"].quality.fid_vs_data)] for p in ideal_front]
@@ -135,6 +138,43 @@ def sec_pareto(rep: "Report") -> list[str]:
                 ideal_front=[p["name"] for p in ideal_front], measured_front=[p["name"] for p in measured_front],
                 ylabel=qname + " (lower is better)")
     return lines + ["", "![Pareto front](pareto.png)"]
+
+
+def _kind(row: SweepRow) -> str:
+    return row.variant if row.variant is not None else f"DQAR {row.schedule}"
+
+
+def sec_work(rep: "Report") -> list[str]:
+    rows = [r for r in rep.rows if not r.is_reference and r.work_share() is not None]
+    if not rows:
+        raise Missing("needs rows with counted calls (sweeps from before call counting have none: re-run them)")
+    lines = ["Every point with its counted calls: the share of attention / MLP / block calls it executed (1.00 = "
+             "the uncached model) and its *work* share, the mean of the attention and MLP shares. Unlike the FLOP "
+             "bound this is measured the same way for DQAR and every baseline, so the baselines without a bound "
+             "(PTQ, PAB, diffusers' caches) sit on the same axis; lower is less work.", ""]
+    body = [[label(r), _kind(r), calls_cell(r), work_cell(r), ideal_cell(r), measured_cell(r),
+             fmt(r.quality.psnr, ".2f"), fmt(r.quality.fid_vs_baseline, ".3f")]
+            for r in sorted(rows, key=lambda r: r.work_share())]
+    lines += table(["point", "method", "work a/m/b", "work", "ideal", "measured", "PSNR dB", "FID vs base"], body)
+    metrics = [("PSNR vs uncached samples (dB, higher is better)", "psnr", lambda r: r.quality.psnr, -1.0)]
+    if rep.has_fid:
+        metrics.append(("FID vs uncached samples (lower is better)", "fid",
+                        lambda r: r.quality.fid_vs_baseline, 1.0))
+    for title, tag, get, sign in metrics:
+        pts = [{"name": label(r), "group": _kind(r) if r.variant else "DQAR", "quality": get(r),
+                "work": r.work_share(), "ideal": r.ideal_speedup, "measured": None, "low": None, "high": None}
+               for r in rows if get(r) is not None]
+        if not pts:
+            lines += ["", f"*{title}: no point has it (identical images have no finite PSNR).*"]
+            continue
+        # Less work and a better quality dominate: the front of (-work, sign * quality).
+        front = pareto_front([dict(p, speedup=-p["work"], quality=sign * p["quality"]) for p in pts])
+        names = [p["name"] for p in reversed(front)]       # the front is sorted by -work
+        png = f"pareto_work_{tag}.png"
+        pareto_plot(pts, rep.out / png, x="work", work_front=names, ylabel=title)
+        lines += ["", f"Non-dominated by work share and {title}, least work first: {', '.join(names)}.", "",
+                  f"![{title} against work share]({png})"]
+    return lines
 
 
 def sec_gate(rep: "Report") -> list[str]:
