@@ -1,0 +1,181 @@
+"""The wrapper around one attention / MLP / block module: decides per CFG branch, computes only what it must.
+
+The reuse decision per (layer, branch) is one call, `controller.should_reuse`; everything else here is
+plumbing: split the batch by CFG branch, compute only the branches that must, stitch the outputs back
+together. Outputs that are tuples (joint attention, two-stream blocks) go through the cache packed into one
+tensor (dqar.method.streams); the block target caches each stream's residual.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .controller import DQARController
+from .flops import FlopProfiler
+from .layouts import BlockLayout, block_streams
+from .probes import BlockProbe
+from .stats import attention_entropy, sample_query_rows
+from .streams import BlockStreams, OutputForm, cat_outputs, hidden_states, slice_call
+
+
+class TargetHook:
+    """Installed as the instance's forward of one module; holds no data of its own beyond its output form."""
+
+    def __init__(self, ctl: DQARController, flops: FlopProfiler, layer: int, target: str, module: nn.Module,
+                 layout: BlockLayout, probe: BlockProbe | None = None):
+        self.ctl, self.flops, self.layer, self.target, self.module, self.layout = ctl, flops, layer, target, module, layout
+        self.probe = probe                         # block input norm and gates, for the adaptive schedule
+        self.original = module.forward
+        self.is_attn = target == "attn"
+        self.is_block = target == "block"          # caches the block's residual (output - input), per stream
+        self.ops = layout.attention_ops(module) if self.is_attn else None
+        self.streams = BlockStreams(module, block_streams(module)) if self.is_block else None
+        self.form: OutputForm | None = None        # layout of the last computed output (tuple outputs only)
+        self.rows: torch.Tensor | None = None
+        self._warned_entropy = False
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        # Kept out of torch.compile's graph: the per-step decisions are Python state that would otherwise be
+        # guarded on (a recompile per step); the module's own computation stays an ordinary eager call.
+        if not self.ctl.active:
+            return self.original(*args, **kwargs)
+        if self.flops.measuring:
+            x = hidden_states(args, kwargs)
+            kv = (2.0 * x.shape[1] * self.ops.kv_weight_numel(self.module) * x.shape[0]
+                  if self.is_attn and self.ops is not None else None)
+            return self.flops.module_call(self.target, self.layer, lambda: self._decide_and_run(*args, **kwargs), kv)
+        return self._decide_and_run(*args, **kwargs)
+
+    def _decide_and_run(self, *args, **kwargs):
+        ctl = self.ctl
+        x = hidden_states(args, kwargs)
+        n = x.shape[0]
+        branches = ctl.branches
+        if n % len(branches):
+            raise ValueError(f"DQAR: a batch of {n} does not split into the step's branches {branches}; "
+                             "under CFG the model must see [cond | uncond] halves of equal size")
+        if ctl.config.mode == "kv" and self.is_attn:
+            return self._kv(x, n, branches, args, kwargs)
+        decisions = [ctl.should_reuse(self.layer, b, self.target) for b in branches]
+        if not any(d.use_cache for d in decisions):
+            # Two branches are always cond and uncond (in either order); should_share is False at once
+            # when sharing is off, so the common path pays one attribute test.
+            share = self.is_attn and len(branches) == 2 and ctl.should_share(self.layer)
+            if share:
+                # Cond computes on its half; the uncond half takes that fresh output (either batch order).
+                c = branches.index("cond")
+                args, kwargs = slice_call(args, kwargs, n, c * (n // 2), (c + 1) * (n // 2))
+                out, ents = self._compute(*args, **kwargs)
+                self._commit_chunks(("cond",), self._cached_form(out, args, kwargs), ents, c * (n // 2))
+                ctl.count_share(self.layer, self.target)
+                return cat_outputs([out, out])
+            out, ents = self._compute(*args, **kwargs)
+            self._commit_chunks(branches, self._cached_form(out, args, kwargs), ents, 0)
+            return out
+        b = n // len(branches)
+        parts = []
+        for i, (branch, d) in enumerate(zip(branches, decisions)):
+            sub_args, sub_kwargs = slice_call(args, kwargs, n, i * b, (i + 1) * b)
+            if d.use_cache:
+                cached = self._checked(ctl.reuse(d.entry), b).to(x.dtype)
+                parts.append(self._from_cache(cached, sub_args, sub_kwargs))
+            else:
+                out, ents = self._compute(*sub_args, **sub_kwargs)
+                self._commit_chunks((branch,), self._cached_form(out, sub_args, sub_kwargs), ents, i * b)
+                parts.append(out)
+        return cat_outputs(parts)
+
+    def _cached_form(self, out, args, kwargs) -> torch.Tensor:
+        """What the cache keeps of a fresh output: the output itself, or a block's residual; a tuple packed."""
+        if not isinstance(out, tuple):
+            self.form = None
+            return self.streams.residual(out, args, kwargs) if self.is_block else out
+        self.form = OutputForm(out)
+        return self.form.pack(self.streams.residual(out, args, kwargs) if self.is_block else out)
+
+    def _from_cache(self, cached: torch.Tensor, args, kwargs):
+        """The module's output rebuilt from what the cache returned (unpacked; input added for a block)."""
+        value = self.form.unpack(cached) if self.form is not None else cached
+        return self.streams.add(value, args, kwargs) if self.is_block else value
+
+    def _checked(self, cached: torch.Tensor, batch: int) -> torch.Tensor:
+        """A cached output is per image: a batch that changed size mid-generation must never broadcast it."""
+        if cached.shape[0] != batch:
+            raise RuntimeError(
+                f"DQAR: layer {self.layer} {self.target} cached a batch of {cached.shape[0]} per branch but this "
+                f"step runs {batch}; the batch size must stay the same for a whole generation (start a new "
+                "one at step 0)")
+        return cached
+
+    def _compute(self, *args, **kwargs):
+        """Run the module; for attention with statistics on, go through q/k so entropy comes for free."""
+        if not (self.is_attn and self.ctl.config.needs_entropy):
+            return self.original(*args, **kwargs), None
+        if self.ops is None:
+            self._entropy_unavailable([f"a {type(getattr(self.module, 'processor', self.module)).__name__} "
+                                       "that does not compute plain softmax attention of its input"])
+            return self.original(*args, **kwargs), None
+        x = hidden_states(args, kwargs)
+        extra = [k for k, v in kwargs.items() if v is not None and k != "hidden_states"]
+        if len(args) > 1 or extra:
+            # Masked or cross attention: q/k here would not be what the module attends with.
+            self._entropy_unavailable(extra or ["a second positional argument"])
+            return self.original(*args, **kwargs), None
+        ops, m = self.ops, self.module
+        q, k, v = ops.qkv(m, x)
+        if self.rows is None or self.rows.numel() > q.shape[2]:
+            cfg = self.ctl.config
+            self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
+        ents = attention_entropy(q, k, self.rows)
+        return ops.attend(m, q, k, v), ents
+
+    def _entropy_unavailable(self, why: list) -> None:
+        self.ctl.entropy_unavailable += 1
+        if not self._warned_entropy:
+            self._warned_entropy = True
+            warnings.warn(f"DQAR: layer {self.layer} attention is called with {', '.join(map(str, why))}, so its "
+                          "entropy cannot be measured; schedules that read entropy never reuse it "
+                          "(counted in summary()['entropy_unavailable'])", RuntimeWarning, stacklevel=3)
+
+    def _commit_chunks(self, branches, out, ents, first_row):
+        """Commit each branch's share of `out`, which starts at batch row `first_row` of the block's input."""
+        chunks = out.chunk(len(branches)) if len(branches) > 1 else (out,)
+        if ents is None:
+            ent_chunks = (None,) * len(branches)
+        else:
+            ent_chunks = ents.chunk(len(branches)) if len(branches) > 1 else (ents,)
+        start = first_row
+        for branch, o, e in zip(branches, chunks, ent_chunks):
+            effect = self.probe.effect(self.target, start, start + o.shape[0]) if self.probe is not None else None
+            self.ctl.commit(self.layer, branch, output=o, target=self.target,
+                            entropy=float(e.mean()) if e is not None else None, effect=effect)
+            start += o.shape[0]
+
+    def _kv(self, x, n, branches, args, kwargs):
+        """K/V mode: Q is always fresh; K and V come from the cache on reuse (mixes noise levels)."""
+        ctl, ops, m = self.ctl, self.ops, self.module
+        b = n // len(branches)
+        outs = []
+        for i, branch in enumerate(branches):
+            xi = x[i * b:(i + 1) * b] if len(branches) > 1 else x
+            d = ctl.should_reuse(self.layer, branch, "attn")
+            if d.use_cache:
+                ctl.reuse(d.entry)
+                q = ops.q_only(m, xi)
+                k = self._checked(d.entry.keys.dequantize(), b).to(q.dtype)
+                v = d.entry.values.dequantize().to(q.dtype)
+                outs.append(ops.attend(m, q, k, v))
+            else:
+                q, k, v = ops.qkv(m, xi)
+                ent = None
+                if ctl.config.needs_entropy:
+                    if self.rows is None:
+                        self.rows = sample_query_rows(q.shape[2], ctl.config.entropy_rows,
+                                                      ctl.config.entropy_seed + self.layer)
+                    ent = float(attention_entropy(q, k, self.rows).mean())
+                ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
+                outs.append(ops.attend(m, q, k, v))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
