@@ -61,7 +61,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     if HOOK_ATTR in model.__dict__:
         raise RuntimeError(f"DQAR is already applied to this {type(model).__name__}; call remove_dqar first")
     if _is_compiled(model):
-        raise TypeError(f"apply_dqar got a compiled {type(model).__name__} (torch.compile's wrapper): apply DQAR to "
+        raise TypeError(f"apply_dqar got a compiled {type(model._orig_mod).__name__} (torch.compile's wrapper): apply DQAR to "
                         "the plain model first, then compile it (torch.compile(model) after apply_dqar)")
     layout = find_layout(model)
     if layout.drives_itself and scheduler is None and pipe_scheduler is None:
