@@ -105,7 +105,8 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
     """Generate one image per (label, seed); returns (N, C, H, W) in the model's data range.
 
     `denoiser(x, t, y)` defaults to `model(x, t, y)`; guidance uses `null_class` (the model's
-    `num_classes`) for the unconditional half. Guidance is skipped when `cfg_scale == 1`.
+    `num_classes`) for the unconditional half. Guidance is skipped when `cfg_scale == 1`. A half-precision
+    model gets its input in its own dtype; the sampler's state and the returned images stay float32.
     """
     validate_sampling_args(sampler, steps, cfg_scale)
     cfg = getattr(model, "config", None)
@@ -115,18 +116,29 @@ def sample(model: torch.nn.Module, class_labels: Sequence[int], seeds: Sequence[
         sample_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     channels = sample_shape[0]
     denoiser = denoiser or (lambda x, t, y: model(x, t, y))
+    dtype = model_dtype(model)
     driver = step_driver(model)
     try:
         return _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels, sample_shape,
-                        null_class, driver, observers, device, progress)
+                        null_class, driver, observers, device, progress, dtype)
     except BaseException:
         if driver is not None:
             driver.abort()      # a half-finished generation must not leave its cache to a later call
         raise
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (its parameters'); float32 for a model without any."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise TypeError(f"the model's parameters mix dtypes {sorted(map(str, dtypes))}: cast it to one "
+                        "(model.to(torch.bfloat16)) before sampling")
+    return dtypes.pop() if dtypes else torch.float32
+
+
 def _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels, sample_shape, null_class,
-             driver, observers, device, progress) -> torch.Tensor:
+             driver, observers, device, progress, dtype=torch.float32) -> torch.Tensor:
+    # The scheduler's state and the guidance stay in float32; the model is fed (and answers in) its own dtype.
     scheduler = make_scheduler(sampler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -151,7 +163,7 @@ def _denoise(denoiser, class_labels, seeds, steps, sampler, cfg_scale, channels,
             obs.on_step_begin(info)
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = torch.full((x_in.shape[0],), t_int, device=device, dtype=torch.long)
-        out = denoiser(scheduler.scale_model_input(x_in, t), t_in, y_in)
+        out = denoiser(scheduler.scale_model_input(x_in, t).to(dtype), t_in, y_in).float()
         if use_cfg:
             out = guide(*out.chunk(2), cfg_scale, channels)
         eps = out[:, :channels]
