@@ -60,9 +60,10 @@ def build_tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_pixart_pipeline(folder: str | Path) -> Path:
-    """A PixArtAlphaPipeline with a 2-layer T5 encoder and a 2-layer PixArt transformer, saved under `folder`."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+def build_tiny_pixart_pipeline(folder: str | Path, sigma: bool = False) -> Path:
+    """A PixArtAlphaPipeline (PixArtSigmaPipeline with sigma=True) with a 2-layer T5 encoder and a 2-layer PixArt
+    transformer, saved under `folder`."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_tiny_t5_tokenizer()
@@ -77,7 +78,8 @@ def build_tiny_pixart_pipeline(folder: str | Path) -> Path:
     _randomize(transformer, seed=3)
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                             beta_schedule="linear")
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_tiny_vae(),
+    pipeline_class = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=_tiny_vae(),
                                transformer=transformer, scheduler=scheduler)
     folder = Path(folder)
     pipe.save_pretrained(folder)

@@ -186,3 +186,30 @@ def test_nan_images_from_a_pipeline_are_refused_not_written_black(dit_folder):
         pipe.transformer.proj_out_2.bias.fill_(3e38)
     with pytest.raises(hub.HubModelError, match=r"produced NaN or inf values \(seeds 5\.\.6\)"):
         hub.generate(pipe, [5, 6], class_labels=[3, 4], steps=2, cfg_scale=1.5)
+
+
+@pytest.fixture(scope="module")
+def pixart_sigma_pipe(tmp_path_factory):
+    folder = build_tiny_pixart_pipeline(tmp_path_factory.mktemp("hub") / "tiny-pixart-sigma", sigma=True)
+    return hub.load_pipeline(str(folder), sampler="dpm")
+
+
+def test_pixart_sigma_pipeline_under_dqar(pixart_sigma_pipe):
+    from dqar import apply_dqar, remove_dqar
+
+    pipe = pixart_sigma_pipe
+    assert type(pipe).__name__ == "PixArtSigmaPipeline" and hub.pipeline_kind(pipe) == "pixart"
+    plain = hub.generate(pipe, [5, 6], prompts=PROMPTS, steps=4, cfg_scale=4.5)
+    controller = apply_dqar(pipe, _reuse_everything())
+    try:
+        cached = hub.generate(pipe, [5, 6], prompts=PROMPTS, steps=4, cfg_scale=4.5, controller=controller)
+        again = hub.generate(pipe, [5, 6], prompts=PROMPTS, steps=4, cfg_scale=4.5, controller=controller)
+        summary = controller.summary()
+        assert controller.branches == ("uncond", "cond") and controller.step.prompt_length == 6
+    finally:
+        remove_dqar(pipe)
+    assert summary["events_per_step"] == [0, 0, 2, 4] and summary["unmatched_timesteps"] == 0
+    assert not torch.equal(cached, plain) and torch.equal(cached, again)
+    assert torch.equal(hub.generate(pipe, [5, 6], prompts=PROMPTS, steps=4, cfg_scale=4.5), plain)
+    with pytest.raises(hub.HubModelError, match="text-conditional: pass prompts"):
+        hub.generate(pipe, [0], class_labels=[1], steps=1)

@@ -1,4 +1,5 @@
-"""Hugging Face diffusers models: load a `DiTPipeline` / `PixArtAlphaPipeline` and sample with per-image seeds.
+"""Hugging Face diffusers models: load a `DiTPipeline` / `PixArtAlphaPipeline` / `PixArtSigmaPipeline` and sample
+with per-image seeds.
 
 A model spec is a hub id (`facebook/DiT-XL-2-256`) or a local folder holding `model_index.json` (what
 `save_pretrained` writes). Both go through `DiffusionPipeline.from_pretrained`, so the tests, which load
@@ -17,7 +18,7 @@ import torch
 from dqar.method.hooks import get_step_driver
 from dqar.sampling import to_uint8
 
-SUPPORTED = ("DiTPipeline", "PixArtAlphaPipeline")
+SUPPORTED = ("DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
 SAMPLERS = ("ddim", "dpm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT checkpoints embed num_classes + 1 labels; DiTPipeline hard-codes 1000 as the null (unconditional) label.
@@ -114,7 +115,7 @@ def pipeline_kind(pipe) -> str:
     name = type(pipe).__name__
     if name == "DiTPipeline":
         return "dit"
-    if name == "PixArtAlphaPipeline":
+    if name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
         return "pixart"
     raise HubModelError(f"{name} is not supported; supported pipelines: {', '.join(SUPPORTED)}")
 
