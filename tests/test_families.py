@@ -241,3 +241,26 @@ def test_block_streams_add_inverts_residual():
     assert torch.allclose(back[0], out[0]) and torch.allclose(back[1], out[1])
     with pytest.raises(TypeError, match="Block returns a tuple of 2"):
         BlockStreams(block, None).residual(out, (h,), {"encoder_hidden_states": e})
+
+
+def test_compiled_flux_after_apply_dqar_matches_eager_without_per_step_recompiles():
+    """torch.compile (aot_eager, CPU) of a hooked Flux: identical latents to eager (tolerance 1e-5; measured 0),
+    and a second generation of a different length compiles no new graph (measured: 9 graphs)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    family, model, sched = ff.build("flux")
+    ctl = apply_dqar(model, DQARConfig(**REUSE_ALL), scheduler=sched)
+    try:
+        eager = ff.denoise(family, model, sched)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        out = ff.denoise(family, compiled, sched)
+        reuse = ctl.summary()["reuse_events"]
+        graphs = counters["stats"]["unique_graphs"]
+        ff.denoise(family, compiled, sched, steps=8)
+        assert counters["stats"]["unique_graphs"] == graphs <= 16
+    finally:
+        remove_dqar(model)
+        torch._dynamo.reset()
+    assert reuse > 0 and (out - eager).abs().max() <= 1e-5
