@@ -88,9 +88,6 @@ def test_ideal_speedup_of_the_static_schedule_by_hand(model):
     assert s["ideal_speedup"] == pytest.approx(TOTAL / (TOTAL - 26 * 2 * ATTN), rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: the entropy DQAR measures inside an attention call is counted as "
-                                       "that call's FLOPs during the profiled forward (method/hooks.py, "
-                                       "method/flops.py), so the bound grows from 1.1239 to 1.1324 here")
 def test_measuring_entropy_does_not_change_the_flop_bound(model):
     # The same reuse pattern with the entropy recorded: the model does the same work, so the bound is the same
     # hand-counted ratio; entropy is DQAR's own overhead, not model FLOPs a reuse skips.

@@ -6,7 +6,7 @@ import torch
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.hooks import get_step_driver, get_controller
 
-hub_fixtures = pytest.importorskip("hub_fixtures")
+import hub_fixtures  # noqa: E402  (tests/ is on the path)
 
 
 @pytest.fixture(scope="module")

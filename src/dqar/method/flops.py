@@ -25,6 +25,7 @@ class FlopProfiler:
         self.counter: FlopCounterMode | None = None      # set only while a profile is measured
         self._acc: dict = {}
         self._branches = 1
+        self._uncounted = 0.0      # FLOPs of DQAR's own statistics inside the measured forward
 
     @property
     def measuring(self) -> bool:
@@ -37,21 +38,34 @@ class FlopProfiler:
             # torch's counter has no formula for the CPU flash kernel; attention FLOPs are the same.
             mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
         self.counter, self._acc, self._branches = FlopCounterMode(display=False, custom_mapping=mapping), {}, branches
+        self._uncounted = 0.0
         try:
             with self.counter:
                 out = run()
             # Events are counted per branch; a branch is 1 / branches of the batch.
-            self.profiles[key] = {**self._acc, "total": self.counter.get_total_flops() / max(branches, 1)}
+            model_flops = self.counter.get_total_flops() - self._uncounted
+            self.profiles[key] = {**self._acc, "total": model_flops / max(branches, 1)}
         finally:
             self.counter = None
         return out
 
-    def module_call(self, target: str, layer: int, run: Callable[[], object], kv_flops: float | None = None):
-        """Run one hooked module inside a measured forward and record its per-branch FLOPs."""
+    def uncounted(self, run: Callable[[], object]):
+        """Run DQAR's own statistics (attention entropy): their FLOPs are overhead, not model work a reuse
+        skips, so they stay out of the profile."""
+        if self.counter is None:
+            return run()
         before = self.counter.get_total_flops()
         out = run()
+        self._uncounted += self.counter.get_total_flops() - before
+        return out
+
+    def module_call(self, target: str, layer: int, run: Callable[[], object], kv_flops: float | None = None):
+        """Run one hooked module inside a measured forward and record its per-branch FLOPs."""
+        before, uncounted_before = self.counter.get_total_flops(), self._uncounted
+        out = run()
         per_branch = 1.0 / self._branches
-        self._acc[(target, layer)] = (self.counter.get_total_flops() - before) * per_branch
+        own = self.counter.get_total_flops() - before - (self._uncounted - uncounted_before)
+        self._acc[(target, layer)] = own * per_branch
         if kv_flops is not None:
             self._acc[("kv", layer)] = kv_flops * per_branch
         return out

@@ -40,6 +40,8 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store) 
         s1 = previous.steps[-2]
         d2 = (d1 - previous.d1.dequantize().to(work)) / (step - s1)
     steps = (previous.steps + (step,))[-(order + 1):]
+    # Stored in the model's dtype, as the output is: a bf16 model keeps a bf16 history at 16 bits.
+    d1, d2 = d1.to(fresh.dtype), None if d2 is None else d2.to(fresh.dtype)
     return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
 
 

@@ -129,7 +129,7 @@ class TargetHook:
         if self.rows is None or self.rows.numel() > q.shape[2]:
             cfg = self.ctl.config
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
-        ents = attention_entropy(q, k, self.rows)
+        ents = self.flops.uncounted(lambda: attention_entropy(q, k, self.rows))
         return ops.attend(m, q, k, v), ents
 
     def _entropy_unavailable(self, why: list) -> None:
@@ -175,7 +175,7 @@ class TargetHook:
                     if self.rows is None:
                         self.rows = sample_query_rows(q.shape[2], ctl.config.entropy_rows,
                                                       ctl.config.entropy_seed + self.layer)
-                    ent = float(attention_entropy(q, k, self.rows).mean())
+                    ent = float(self.flops.uncounted(lambda: attention_entropy(q, k, self.rows)).mean())
                 ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
                 outs.append(ops.attend(m, q, k, v))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
