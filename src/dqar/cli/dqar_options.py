@@ -128,6 +128,13 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "forecast-order": ("forecast_order", _int,
                        "0 reuses the last output; 1 | 2 extrapolate from the last 2 | 3 computed"),
     "interval": ("interval", _int, "interval schedule: compute every N-th step after warmup"),
+    "diff-bits": ("diff_bits", _Parser(lambda t: None if t.lower() in ("none", "") else int(t), "16, 8, 4 or none"),
+                  "bits of the forecast's difference slots (none: --cache-bits); 4 with --cache-bits 8 is near lossless"),
+    "layer-rounding": ("layer_rounding", _str,
+                       "static schedule: slides (floor(a*l*L), seed 000) | code (floor(a*floor(l*L)), the public code)"),
+    "gate-deep-snr-floor": ("gate_deep_snr_floor", _Parser(lambda t: None if t.lower() in ("none", "") else float(t),
+                                                           "a number or none"),
+                            "gate: no reuse in layers >= 2L//3 while the SNR is below this (the public code: 1.0)"),
     "tolerance": ("tolerance", _Parser(_float_fn, "a number > 0"),
                   "adaptive schedule: refresh when the forecast's predicted effect on the block would exceed this"),
     "max-age": ("max_age", _Parser(_int_fn, "an integer >= 1"),
@@ -146,6 +153,8 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
 # Defaults that are None in DQARConfig, in words.
 _DEFAULT_WORDS = {
     "gate_with": "none",
+    "diff_bits": "--cache-bits",
+    "gate_deep_snr_floor": "none, off",
     "policy_path": "the shipped digits policy",
     "policy_threshold": "the policy file's threshold",
     "policy_budget": "none, no cap",
