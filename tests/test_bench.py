@@ -283,7 +283,7 @@ def test_cli_bench_measures_quality_for_the_embedded_model(tmp_path, monkeypatch
                "--schedule", "static", "--warmup", "0", "--layers", "1.0", "--json", str(out)])
     assert rc == 0
     rec = json.loads(out.read_text())
-    assert rec["dqar"]["reuse_events"] == 8          # the second of 2 steps reuses all 8 layers
+    assert rec["dqar"]["reuse_events"] == 12         # the second of 2 steps reuses all 12 layers
     assert all(isinstance(v, float) for v in rec["quality"].values()), rec["quality"]
     # The same generations redone here, then every paired number recomputed independently.
     model, ev = build_dit("DiT-Digits").randomize_(0).eval(), fake_evaluator()
@@ -394,9 +394,13 @@ def test_cli_bench_takes_its_guidance_scale_from_the_model_card(monkeypatch, cap
 
     monkeypatch.setattr(dqar.digits.embedded, "load_embedded_model",
                         lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
-    monkeypatch.setattr(dqar.digits.embedded, "load_evaluator", lambda path=None: DigitsEvaluator().eval())
-    card = dqar.digits.embedded.model_card()["recommended_cfg_scale"]
-    assert card != 1.5                     # else this test could not tell the card from the old fixed default
+    monkeypatch.setattr(dqar.digits.embedded, "load_evaluator",
+                        lambda path=None: (torch.manual_seed(0), DigitsEvaluator().eval())[1])
+    # A card whose scale differs from the 1.5 fallback, so the test can tell where the scale came from.
+    card = 3.0
+    shipped = dqar.digits.embedded.model_card()
+    monkeypatch.setattr(dqar.digits.embedded, "model_card",
+                        lambda path=None: {**shipped, "recommended_cfg_scale": card})
     assert main(["bench", "--n", "2", "--steps", "2", "--repeats", "1", "--warmup-runs", "0", "--threads", "1",
                  "--no-progress", "--schedule", "none"]) == 0
     assert f"cfg {float(card)}, baseline none" in capsys.readouterr().out

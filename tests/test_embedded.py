@@ -83,14 +83,15 @@ def test_shipped_model_shape_mode_and_card(model):
     assert asset_path(DIT_FILE).stat().st_size <= 25 * 1024 * 1024
 
 
-def test_seeded_samples_show_the_requested_class(model, evaluator):
-    torch.manual_seed(0)
-    labels = [k % 10 for k in range(20)]
-    scale = float(model_card().get("recommended_cfg_scale", 1.5))
-    images = sample(model, labels, seeds=list(range(20)), steps=25, sampler="ddim", cfg_scale=scale)
-    assert images.shape == (20, 1, 16, 16)
+def test_seeded_samples_show_the_requested_class_at_the_harness_scale(model, evaluator):
+    # The card's recommended scale is what generate, bench and sweep use by default; it must be DiT's 1.5,
+    # and the model must draw the requested class there (1,000 samples at 50 steps: 96%+, docs/EMBEDDED_MODEL.md).
+    assert model_card()["recommended_cfg_scale"] == 1.5
+    labels = [k % 10 for k in range(40)]
+    images = sample(model, labels, seeds=list(range(40)), steps=50, sampler="ddim", cfg_scale=1.5)
+    assert images.shape == (40, 1, 16, 16)
     acc = (evaluator.predict(images) == torch.tensor(labels)).double().mean().item()
-    assert acc >= 0.8, f"only {acc:.2f} of 20 samples were classified as their requested class"
+    assert acc >= 0.9, f"only {acc:.2f} of 40 samples were classified as their requested class"
 
 
 def test_sampling_is_seeded(model):

@@ -311,8 +311,11 @@ def test_sweep_takes_its_guidance_scale_from_the_model_card_and_stores_it(tmp_pa
     monkeypatch.setattr(dqar.digits.embedded, "load_embedded_model",
                         lambda path=None: build_dit("DiT-Digits").randomize_(0).eval())
     monkeypatch.setattr(dqar.digits.embedded, "load_evaluator", lambda path=None: DigitsEvaluator().eval())
-    card = dqar.digits.embedded.model_card()["recommended_cfg_scale"]
-    assert card != 1.5                     # else this test could not tell the card from the old fixed default
+    # A card whose scale differs from the 1.5 fallback, so the test can tell where the scale came from.
+    card = 3.0
+    shipped = dqar.digits.embedded.model_card()
+    monkeypatch.setattr(dqar.digits.embedded, "model_card",
+                        lambda path=None: {**shipped, "recommended_cfg_scale": card})
     out = tmp_path / "r.jsonl"
     assert main(["sweep", "--n", "2", "--steps", "2", "--threads", "1", "--no-progress", "--save-samples", "0",
                  "--baselines", "none", "--out", str(out)]) == 0

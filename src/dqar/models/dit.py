@@ -305,12 +305,10 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "DiT-L/2": _imagenet(24, 1024, 16, 2),
     "DiT-B/2": _imagenet(12, 768, 12, 2),
     "DiT-S/2": _imagenet(12, 384, 6, 2),
-    # The embedded model's shape: 16x16 grey digits in pixel space, 64 tokens, 8 layers, 10 classes.
-    "DiT-Digits": DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=8,
+    # The embedded model's shape: 16x16 grey digits in pixel space, 64 tokens, 12 layers (DiT-S's depth, so
+    # layer-fraction schedules round finely), 10 classes.
+    "DiT-Digits": DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=12,
                             num_heads=4, num_classes=10, learn_sigma=False),
-    # The retrained embedded model: DiT-S's depth (12), so layer-fraction schedules round finely.
-    "DiT-Digits-12": DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=12,
-                               num_heads=4, num_classes=10, learn_sigma=False),
     # Tiny shapes for tests.
     "DiT-Tiny": DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4,
                           num_heads=2, num_classes=10, learn_sigma=False),
