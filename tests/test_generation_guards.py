@@ -127,3 +127,22 @@ def test_a_second_thread_gets_a_clear_error(model):
 def test_sample_validates_labels_and_seeds_at_the_boundary(model, labels, seeds, match):
     with pytest.raises(ValueError, match=match):
         sample(model, labels, seeds, steps=2)
+
+
+def test_layers_the_schedule_can_never_reuse_take_the_fast_path(model):
+    # Static w=0.4, l=0.5 on 4 layers: only layers 0 and 1 can ever be reused, so layers 2 and 3 never ask
+    # for a decision, yet every call still counts as computed.
+    ctl = apply_dqar(model, DQARConfig(warmup=0.4, layer_fraction=0.5))
+    asked = []
+    decide = ctl.should_reuse
+    ctl.should_reuse = lambda layer, branch, target="attn": (asked.append((ctl.step.step_index, layer)),
+                                                             decide(layer, branch, target))[1]
+    try:
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        s = ctl.summary()
+    finally:
+        remove_dqar(model)
+    # Step 0's first forward measures the FLOP profile through every module; after it, only 0 and 1 ask.
+    assert ctl.cached_layers == frozenset({0, 1})
+    assert {layer for step, layer in asked if step > 0} == {0, 1}
+    assert s["reuse_events"] + s["compute_events"] == STEPS * 4 * 2 and s["reuse_events"] > 0

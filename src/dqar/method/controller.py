@@ -195,6 +195,10 @@ class DQARController:
         return entry
 
     # ------------------------------------------------------------------ accounting
+    def count_computed(self, calls: int) -> None:
+        """Module calls that ran without a decision: layers the schedule can never reuse (hooks' fast path)."""
+        self.compute_events += calls
+
     def _count(self, layer_id: int, target: str, reused: bool, kv: bool = False) -> None:
         if not reused:
             self.compute_events += 1

@@ -47,6 +47,10 @@ class TargetHook:
             kv = (2.0 * x.shape[1] * self.ops.kv_weight_numel(self.module) * x.shape[0]
                   if self.is_attn and self.ops is not None else None)
             return self.flops.module_call(self.target, self.layer, lambda: self._decide_and_run(*args, **kwargs), kv)
+        if self.layer not in self.ctl.cached_layers and not (self.is_attn and self.ctl.config.needs_entropy):
+            # Fast path: the schedule can never reuse this layer and nothing is measured on it.
+            self.ctl.count_computed(len(self.ctl.branches))
+            return self.original(*args, **kwargs)
         return self._decide_and_run(*args, **kwargs)
 
     def _decide_and_run(self, *args, **kwargs):
