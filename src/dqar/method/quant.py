@@ -344,10 +344,12 @@ def quantize(x: Tensor, bits: int, granularity: str = "tensor", salient=None) ->
     else:
         y.div_(div)
     y.round_().clamp_(-qmax, qmax)
+    # reshape, not view: under some dispatch modes (a FLOP counter) the division can hand back strides
+    # that a view cannot flatten.
     if bits == 8:
-        payload = y.to(torch.int8).view(-1)
+        payload = y.to(torch.int8).reshape(-1)
     else:
-        payload = _pack_values(y.view(-1))
+        payload = _pack_values(y.reshape(-1))
     return QTensor(payload, scales, x.shape, x.dtype, bits, granularity, idx, sal_values)
 
 
