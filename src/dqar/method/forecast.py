@@ -56,8 +56,10 @@ def extrapolate(history, step: int, order: int, dtype: torch.dtype) -> torch.Ten
         return history.output.dequantize()
     s2 = history.steps[-1]
     work = torch.promote_types(dtype, torch.float32)
-    out = history.output.dequantize().to(work) + (step - s2) * history.d1.dequantize().to(work)
+    # One fused multiply-add per slot (alpha scales the second operand), the second one in place: a
+    # forecast costs two passes over the history, which matters where a block is cheap.
+    out = torch.add(history.output.dequantize().to(work), history.d1.dequantize().to(work), alpha=step - s2)
     if order >= 2 and history.d2 is not None:
         s1 = history.steps[-2]
-        out = out + ((step - s2) * (step - s1)) * history.d2.dequantize().to(work)
+        out.add_(history.d2.dequantize().to(work), alpha=(step - s2) * (step - s1))
     return out.to(dtype)
