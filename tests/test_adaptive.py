@@ -7,20 +7,9 @@ from dqar.method.cache import CacheEntry
 from dqar.method.error_control import ErrorControl
 from dqar.method.forecast import advance
 from dqar.method.quant import store
-from dqar.models import build_dit
 from dqar.sampling import sample
 
 LABELS, SEEDS, STEPS = [1, 7], [3, 4], 12
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_dit("DiT-Tiny").randomize_(0, std=0.2).eval()
-
-
-@pytest.fixture(scope="module")
-def baseline(model):
-    return sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
 
 
 def run(model, config):

@@ -7,7 +7,6 @@ from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.cache import CacheEntry
 from dqar.method.forecast import advance, extrapolate
 from dqar.method.quant import QMAX, store
-from dqar.models import build_dit
 from dqar.sampling import sample
 
 LABELS, SEEDS, STEPS = [1, 7], [3, 4], 12
@@ -72,16 +71,6 @@ def test_quantized_history_stays_within_the_quantizers_step(bits):
     exact = run_history([(s, f(s)) for s in steps], order=2, bits=16)
     err = (extrapolate(entry, target, 2, torch.float32) - extrapolate(exact, target, 2, torch.float32)).abs().max()
     assert 0 < err <= bound
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_dit("DiT-Tiny").randomize_(0, std=0.2).eval()
-
-
-@pytest.fixture(scope="module")
-def baseline(model):
-    return sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
 
 
 def capture_fresh_outputs(model, target, layer, step_of):

@@ -11,16 +11,6 @@ from test_flop_bound import ATTN, FORWARD, MLP_FLOPS
 LABELS, SEEDS, STEPS = [1, 7], [3, 4], 10
 
 
-@pytest.fixture(scope="module")
-def model():
-    return build_dit("DiT-Tiny").randomize_(0, std=0.2).eval()
-
-
-@pytest.fixture(scope="module")
-def baseline(model):
-    return sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
-
-
 def run(model, config, labels=LABELS, seeds=SEEDS):
     ctl = apply_dqar(model, config)
     try:
