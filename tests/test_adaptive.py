@@ -87,16 +87,46 @@ def test_the_error_estimate_equals_an_independent_computation():
     step, layer, branch, target, age, error = control.errors[-1]
     assert (step, layer, branch, target, age) == (5, 1, "cond", "mlp", 3)
     assert error == pytest.approx(expected, rel=1e-6)
-    # Next refresh: the largest h <= 6 with error * (h / 3)^2 <= 0.01.
-    h = max(h for h in range(1, 7) if expected * (h / 3) ** 2 <= 0.01) if expected * (1 / 3) ** 2 <= 0.01 else 1
-    if h > 1:
-        assert control.may_forecast((1, "cond", "mlp"), 5 + h - 1)
+    # Next refresh (Newton's remainder): C = error / ((5 - 0)(5 - 2)); the next forecast extrapolates from
+    # steps 2 and 5, so its predicted error at age a is C (3 + a) a; refresh at the first age past 0.01.
+    c = expected / 15
+    h = next((a for a in range(1, 6) if c * (3 + a) * a > 0.01), 6)
+    for a in range(1, h):
+        assert control.may_forecast((1, "cond", "mlp"), 5 + a)
     assert not control.may_forecast((1, "cond", "mlp"), 5 + h)
 
 
-def test_adaptive_fires_and_no_decision_state_survives(model, baseline):
-    config = DQARConfig(schedule="adaptive", warmup=0.0, tolerance=0.5, max_age=4, forecast_order=1,
+def test_the_predicted_error_is_exact_on_a_cubic_trajectory():
+    """Newton's remainder is exact for a cubic under order 2: f(s) = s^3 v has a third derivative of 6 v, so
+    the forecast from points p errs by prod(s - p) * v, and the constant measured at one compute predicts
+    the error of a later forecast exactly, whatever the (uneven) gaps."""
+    v = torch.linspace(-1, 1, 32).reshape(1, 4, 8)
+    f = lambda s: v * s ** 3                                                          # noqa: E731
+    norm = torch.full((1,), 2.0)
+    config = DQARConfig(schedule="adaptive", tolerance=1e9, max_age=50, forecast_order=2, adaptive_scope="module")
+    control = ErrorControl(config)
+    key = (0, "cond", "block")
+    control.observe(key, make_entry([(s, f(s)) for s in (0, 1, 3)], order=2), f(7), 7, (None, norm))
+    measured = control.errors[-1][-1]
+    assert measured == pytest.approx(float(v.norm()) / 2.0 * (7 - 0) * (7 - 1) * (7 - 3), rel=1e-5)
+    control.observe(key, make_entry([(s, f(s)) for s in (1, 3, 7)], order=2), f(12), 12, (None, norm))
+    predicted = measured / (7 * 6 * 4) * (12 - 1) * (12 - 3) * (12 - 7)
+    assert control.errors[-1][-1] == pytest.approx(predicted, rel=1e-5)
+
+
+def test_the_step_scope_decides_once_per_step_for_every_module(model):
+    config = DQARConfig(schedule="adaptive", warmup=0.0, tolerance=5.0, max_age=3, forecast_order=1,
                         targets=("attn", "mlp"))
+    _, s, _ = run(model, config)
+    modules = 4 * 2 * 2                                   # layers x targets x branches
+    assert s["reuse_events"] > 0
+    assert set(s["events_per_step"]) <= {0, modules}
+
+
+@pytest.mark.parametrize("scope, tolerance", [("step", 5.0), ("module", 0.5)])
+def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, tolerance):
+    config = DQARConfig(schedule="adaptive", warmup=0.0, tolerance=tolerance, max_age=4, forecast_order=1,
+                        targets=("attn", "mlp"), adaptive_scope=scope)
     ctl = apply_dqar(model, config)
     try:
         first = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)

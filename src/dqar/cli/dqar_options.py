@@ -139,6 +139,8 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
                   "adaptive schedule: refresh when the forecast's predicted effect on the block would exceed this"),
     "max-age": ("max_age", _Parser(_int_fn, "an integer >= 1"),
                 "adaptive schedule: the most steps a cached output may serve before a refresh"),
+    "adaptive-scope": ("adaptive_scope", _str,
+                       "adaptive schedule: step (one decision per step for every module, default) | module (each its own)"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),

@@ -20,6 +20,7 @@ FORECAST_ORDERS = (0, 1, 2)
 CACHE_BITS = (16, 8, 4)
 GRANULARITIES = ("tensor", "channel", "token")
 LAYER_ROUNDINGS = ("slides", "code")
+ADAPTIVE_SCOPES = ("module", "step")
 # The seed's depth-aware phases for 28 layers, {0,1,2} / {0..12} / all, as fractions of depth.
 SEED_DEPTH_PHASES = ((0.3, 3 / 28), (0.7, 13 / 28), (1.0, 1.0))
 
@@ -48,9 +49,10 @@ class DQARConfig:
     schedule   which rule decides reuse: "none" (never), "static" (seed 000's warmup + layer
                fraction), "depth" (seed 002's depth phases), "gate" (entropy below tau(p_len) and
                SNR inside `snr_range`), "policy" (learned MLP), "interval" (FORA: compute every
-               `interval`-th step after warmup, reuse in between), "adaptive" (error control: each
-               layer, target and branch refreshes when the predicted effect of its forecast on the block
-               would exceed `tolerance`, and at the latest after `max_age` steps).
+               `interval`-th step after warmup, reuse in between), "adaptive" (error control: a refresh
+               when the predicted effect of the forecasts would exceed `tolerance`, and at the latest
+               after `max_age` steps; `adaptive_scope` "step" (default) decides once per step for every
+               module from their summed effects, "module" each layer, target and branch on its own).
     warmup     progress p = step / (steps - 1) before which nothing is reused, for every schedule. After it
                the static and depth schedules run on the clock of the reuse window, a = (p - w) / (1 - w),
                which goes from 0 at the end of warmup to 1 at the last step.
@@ -124,6 +126,7 @@ class DQARConfig:
     diff_bits: int | None = None
     tolerance: float = 0.02
     max_age: int = 4
+    adaptive_scope: str = "step"
     trace: bool = False
 
     def __post_init__(self):
@@ -142,7 +145,7 @@ class DQARConfig:
     def _validate(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("mode", MODES), ("order", ORDERS),
                               ("snr_form", SNR_FORMS), ("quant_granularity", GRANULARITIES),
-                              ("layer_rounding", LAYER_ROUNDINGS)):
+                              ("layer_rounding", LAYER_ROUNDINGS), ("adaptive_scope", ADAPTIVE_SCOPES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
         if self.gate_with not in GATE_WITH:

@@ -250,7 +250,7 @@ class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
