@@ -136,15 +136,13 @@ class DQARController:
         hu = self._entropy.get("uncond", {}).get(layer_id)
         return hc is not None and hu is not None and abs(hc - hu) < self.config.cfg_sharing_eps
 
-    def reuse(self, entry: CacheEntry) -> torch.Tensor | None:
+    def reuse(self, entry: CacheEntry, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Count a reuse event for `entry` and return its output for this step (None in kv mode): the stored
-        one (forecast order 0) or its forecast from the stored differences."""
+        one (forecast order 0) or its forecast from the stored differences, written into `out` if given."""
         self._count(entry.layer, entry.target, reused=True, kv=entry.output is None)
         if entry.output is None:
             return None
-        if not self.config.forecast_order:
-            return entry.output.dequantize()
-        return extrapolate(entry, self.step.step_index, self.config.forecast_order, entry.output.dtype)
+        return extrapolate(entry, self.step.step_index, self.config.forecast_order, entry.output.dtype, out)
 
     def count_share(self, layer_id: int, target: str) -> None:
         self._count(layer_id, target, reused=True, kv=False)

@@ -34,11 +34,12 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store) 
     if step <= s2:
         raise ValueError(f"a computed output at step {step} does not follow the last one at step {s2}")
     work = torch.promote_types(fresh.dtype, torch.float32)
-    d1 = (fresh.to(work) - previous.output.dequantize().to(work)) / (step - s2)
+    # In-place divisions: one new tensor per difference (same values as (a - b) / gap).
+    d1 = torch.sub(fresh.to(work), previous.output.dequantize().to(work)).div_(step - s2)
     d2 = None
     if order >= 2 and previous.d1 is not None:
         s1 = previous.steps[-2]
-        d2 = (d1 - previous.d1.dequantize().to(work)) / (step - s1)
+        d2 = torch.sub(d1, previous.d1.dequantize().to(work)).div_(step - s1)
     steps = (previous.steps + (step,))[-(order + 1):]
     # Stored in the model's dtype, as the output is: a bf16 model keeps a bf16 history at 16 bits.
     d1, d2 = d1.to(fresh.dtype), None if d2 is None else d2.to(fresh.dtype)
@@ -50,15 +51,21 @@ def points(entry) -> int:
     return 1 + (entry.d1 is not None) + (entry.d2 is not None)
 
 
-def extrapolate(history, step: int, order: int, dtype: torch.dtype) -> torch.Tensor:
-    """F(step) from a cache entry's stored F(s2), D1, D2 with the highest order it holds up to `order`."""
+def extrapolate(history, step: int, order: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """F(step) from a cache entry's stored F(s2), D1, D2 with the highest order it holds up to `order`.
+
+    `out` (a tensor of the work dtype, e.g. a slice of the block's output) receives the forecast in place
+    of a new tensor."""
     if order == 0 or history.d1 is None:
-        return history.output.dequantize()
+        return history.output.dequantize() if out is None else out.copy_(history.output.dequantize())
     s2 = history.steps[-1]
     work = torch.promote_types(dtype, torch.float32)
+    if out is not None and out.dtype != work:
+        raise ValueError(f"a forecast into a {out.dtype} tensor would round it; it is formed in {work}")
     # One fused multiply-add per slot (alpha scales the second operand), the second one in place: a
     # forecast costs two passes over the history, which matters where a block is cheap.
-    out = torch.add(history.output.dequantize().to(work), history.d1.dequantize().to(work), alpha=step - s2)
+    out = torch.add(history.output.dequantize().to(work), history.d1.dequantize().to(work), alpha=step - s2,
+                    out=out)
     if order >= 2 and history.d2 is not None:
         s1 = history.steps[-2]
         out.add_(history.d2.dequantize().to(work), alpha=(step - s2) * (step - s1))
