@@ -1,0 +1,105 @@
+"""What DQAR's per-step decisions cost (issue 17: <= 2% of a step), interleaved against the plain model.
+
+Every DQAR contender here computes every module at every step, so the images are the uncached ones and
+the time over the plain model is pure overhead, split by what is added:
+
+- `hooks+history`: the hooks and the forecast history (interval 1: every step computes and is stored);
+- `adaptive`: + the error control's measurement at every compute (tolerance so small that it always
+  refreshes), with the block probes that read the block input norms and gates;
+- `gate`: the seed's entropy + SNR gate, entropy measured on every attention call (tau0 so small that it
+  never passes);
+- `policy`: the shipped policy's features and MLP on every layer (threshold 1.0: it never reuses).
+
+The decision cost is each decision contender's time over `hooks+history` (the same cache work without
+the decisions); the hook cost is `hooks+history` over the plain model. Usage:
+
+    python benchmarks/decision_cost.py --model DiT-B/2 --steps 10 --rounds 7
+    python benchmarks/decision_cost.py --model embedded --steps 20 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+
+import torch
+
+from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.digits.embedded import load_embedded_model
+from dqar.harness.timing import Contender, interleaved_timing
+from dqar.models import build_dit
+from dqar.sampling import sample
+
+
+def configs(targets: tuple, order: int) -> dict[str, DQARConfig]:
+    common = dict(warmup=0.0, targets=targets, forecast_order=order)
+    return {
+        "hooks+history": DQARConfig(schedule="interval", interval=1, **common),
+        "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, **common),
+        # The gate and the policy read attention entropy, so they decide on attention (and keep its history).
+        "gate": DQARConfig(schedule="gate", tau0=1e-6, warmup=0.0, forecast_order=order),
+        "policy": DQARConfig(schedule="policy", policy_threshold=1.0, warmup=0.0, forecast_order=order),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="DiT-B/2", help="a preset (random weights) or 'embedded' (the shipped model)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--targets", default="block", help="what the adaptive and interval contenders cache (default block)")
+    ap.add_argument("--forecast-order", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    model = load_embedded_model() if args.model == "embedded" else build_dit(args.model).randomize_(0).eval()
+    labels, seeds = [1], [0]
+
+    def run():
+        return sample(model, labels, seeds, steps=args.steps, cfg_scale=1.5)
+
+    reference = run()
+    summaries: dict[str, dict] = {}
+
+    def contender(name, config):
+        holder = {}
+
+        def setup():
+            holder["ctl"] = apply_dqar(model, config)
+
+        def teardown(images):
+            summaries[name] = holder["ctl"].summary()
+            remove_dqar(model)
+            if not torch.equal(images, reference):
+                raise RuntimeError(f"{name} changed the images: it reused something, so it does not time decisions")
+
+        return Contender(fn=run, setup=setup, teardown=teardown)
+
+    contenders = {"plain": run}
+    contenders.update({name: contender(name, c) for name, c in configs(tuple(args.targets.split(",")),
+                                                                       args.forecast_order).items()})
+    results = interleaved_timing(contenders, rounds=args.rounds, warmup_runs=1, measure_memory=False)
+    base, hooked = results["plain"].median, results["hooks+history"].median
+    rows = []
+    for name, res in results.items():
+        spread = (max(res.samples) - min(res.samples)) / res.median
+        rows.append({"contender": name, "ms_per_step": 1000 * res.median / args.steps, "spread": spread,
+                     "over_plain": res.median / base - 1,
+                     "decision_cost": None if name in ("plain", "hooks+history") else res.median / hooked - 1,
+                     "reuse_events": summaries.get(name, {}).get("reuse_events"), "samples_s": res.samples})
+    where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"{args.model}, {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; {where}; {date.today()}")
+    print("| contender | ms/step | (max-min)/median | over plain | decision cost (over hooks+history) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        cost = f"{r['decision_cost']:+.1%}" if r["decision_cost"] is not None else "-"
+        print(f"| {r['contender']} | {r['ms_per_step']:.1f} | {r['spread']:.1%} | {r['over_plain']:+.1%} | {cost} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
