@@ -164,23 +164,90 @@ def test_sd3_cfg_branches_are_cached_separately():
     assert all(e % 2 == 0 for e in s["events_per_step"])
 
 
-def test_a_second_call_at_the_same_step_runs_uncached():
-    # Flux's true CFG (and Wan) run the two halves as separate calls: only the first of a step uses the cache.
-    family, model, sched = ff.build("flux")
-    ctl = apply_dqar(model, DQARConfig(**REUSE_ALL), scheduler=sched)
-    sched.set_timesteps(4)
+@torch.no_grad()
+def _true_cfg(family, models, sched, steps=4, scale=3.0):
+    """Flux's true-CFG loop: per step the prompt's call, then the negative prompt's (zeroed text), as two calls;
+    `models` = (cond_model, uncond_model), the same model twice or two copies."""
+    sched.set_timesteps(steps)
     x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = family.conditioning(2)
+    neg = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    for t in sched.timesteps:
+        t_in = (t / 1000).expand(2)
+        c = models[0](hidden_states=x, timestep=t_in, return_dict=False, **cond)[0]
+        u = models[1](hidden_states=x, timestep=t_in, return_dict=False, **neg)[0]
+        x = sched.step(u + scale * (c - u), t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_separate_cfg_calls_are_separate_branches_with_reuse(name):
+    # Flux's true CFG and Wan call the transformer once for the prompt and once for the negative prompt at each
+    # step: each call is its own branch, with its own cache, planned by the same schedule rules.
+    import copy
+
+    family, model, sched = ff.build(name)
+    plain = _run_separate(family, (model, model), sched, name)
+    ctl = apply_dqar(model, DQARConfig(**REUSE_ALL), scheduler=sched)
     try:
+        hooked = _run_separate(family, (model, model), sched, name)
+        s = ctl.summary()
+        branches = {b for (_, b, _) in ctl.cache.entries}
+        again = _run_separate(family, (model, model), sched, name)
+    finally:
+        remove_dqar(model)
+    assert s["unmatched_timesteps"] == 0 and len(s["events_per_step"]) == 4 and s["reuse_events"] > 0
+    assert branches == {"cond", "uncond"} and ctl.active is False    # the generation ended after the last call
+    assert not torch.equal(hooked, plain) and torch.equal(hooked, again)
+    assert torch.equal(_run_separate(family, (model, model), sched, name), plain) and _no_instance_forwards(model)
+    # Never mixed: exactly what two hooked copies give, one seeing only the prompt's calls, one only the negative's.
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    ctls = [apply_dqar(m, DQARConfig(**REUSE_ALL), scheduler=sched) for m in copies]
+    split = _run_separate(family, copies, sched, name)
+    assert torch.equal(split, hooked)
+    # Each call reused as often as a model that sees it alone: the second call did not run uncached.
+    assert s["reuse_events"] == sum(c.summary()["reuse_events"] for c in ctls)
+
+
+def _run_separate(family, models, sched, name):
+    if name == "flux":
+        return _true_cfg(family, models, sched)
+    sched.set_timesteps(4)
+    x = torch.randn((1, *family.latent_shape), generator=torch.Generator().manual_seed(0))
+    cond = family.conditioning(1)
+    neg = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            c = models[0](hidden_states=x, timestep=t.expand(1), return_dict=False, **cond)[0]
+            u = models[1](hidden_states=x, timestep=t.expand(1), return_dict=False, **neg)[0]
+            x = sched.step(u + 4.0 * (c - u), t, x, return_dict=False)[0]
+    return x
+
+
+def test_a_second_call_with_both_halves_batched_runs_uncached():
+    # A call at a step whose batch already held both CFG halves matches no branch of its own: no reuse, no store.
+    family, model, sched = ff.build("sd3")
+    ctl = apply_dqar(model, DQARConfig(**REUSE_ALL), scheduler=sched)
+    sched.set_timesteps(4)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = family.conditioning(4)
+    try:
+        get_step_driver(model).announce(branches=("uncond", "cond"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            outs = []
             for t in sched.timesteps:
-                for _ in range(2):
-                    model(hidden_states=x, timestep=(t / 1000).expand(2), return_dict=False, **cond)
+                first = model(hidden_states=x, timestep=t.expand(4), return_dict=False, **cond)[0]
+                events = ctl.reuse_events
+                second = model(hidden_states=x, timestep=t.expand(4), return_dict=False, **cond)[0]
+                assert ctl.reuse_events == events       # the second call reused nothing
+                outs.append((first, second))
         s = ctl.summary()
     finally:
         remove_dqar(model)
-    assert s["unmatched_timesteps"] == 4 and len(s["events_per_step"]) == 4 and s["reuse_events"] > 0
+    with torch.no_grad():
+        uncached = model(hidden_states=x, timestep=sched.timesteps[-1].expand(4), return_dict=False, **cond)[0]
+    assert s["unmatched_timesteps"] == 4 and s["reuse_events"] > 0 and torch.equal(outs[-1][1], uncached)
     assert any("second time at step" in str(w.message) for w in caught)
 
 

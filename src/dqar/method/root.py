@@ -27,9 +27,17 @@ class RootHook:
         self.driver, self.ctl, self.flops, self.model, self.layout = driver, driver.controller, flops, model, layout
         self._scheduler, self._pipe = scheduler, pipe     # an explicit scheduler wins over the pipeline's
         self.original = model.forward
+        # HunyuanDiT's pipeline passes the timestep positionally: where it sits in the forward's arguments.
+        try:
+            params = list(inspect.signature(self.original).parameters)
+        except (TypeError, ValueError):
+            params = []
+        self._timestep_pos = params.index("timestep") if "timestep" in params else None
         self._warned_timestep = False
         self._warned_repeat = False
         self._last_ended: tuple | None = None             # (step index, total) of the last step that ended
+        self._repeat: tuple | None = None                 # (step index, total) of a further call at that step
+        self._suspended = False                           # this call runs uncached (controller paused)
 
     def __call__(self, *args, **kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
@@ -44,7 +52,8 @@ class RootHook:
 
     @torch.compiler.disable
     def _before(self, x, args, kwargs):
-        info = self._step_from_timestep(x, kwargs) if self.layout.drives_itself else None
+        self._repeat = None
+        info = self._step_from_timestep(x, args, kwargs) if self.layout.drives_itself else None
         if info is not None:
             self.driver.begin(info)
         key = tuple(x.shape)
@@ -65,14 +74,19 @@ class RootHook:
 
     @torch.compiler.disable
     def _abort(self):
-        if self.ctl.active:
+        if self.ctl.active or self._suspended:
             self.driver.abort()
+        self._suspended = False
         self._last_ended = None
 
     @torch.compiler.disable
     def _after(self, info, x, out):
+        if self._suspended:
+            self.ctl.active, self._suspended = True, False
         if info is not None and self.ctl.active:
             self._end_step_from_output(info, x, out)
+        elif self._repeat is not None and self.ctl.active:
+            self.driver.end_call(*self._repeat)
 
     @property
     def scheduler(self):
@@ -80,8 +94,10 @@ class RootHook:
         return self._scheduler if self._scheduler is not None else getattr(self._pipe, "scheduler", None)
 
     # diffusers: the pipeline calls the transformer once per step with the timestep as input.
-    def _step_from_timestep(self, x, kwargs) -> StepInfo | None:
+    def _step_from_timestep(self, x, args, kwargs) -> StepInfo | None:
         t = kwargs.get("timestep")
+        if t is None and self._timestep_pos is not None and len(args) > self._timestep_pos:
+            t = args[self._timestep_pos]
         sched = self.scheduler
         if t is None or sched is None or getattr(sched, "timesteps", None) is None:
             return None
@@ -92,7 +108,10 @@ class RootHook:
             self._unmatched_timestep(t_val)
             return None
         if self._last_ended == (index, len(steps)) and len(steps) > 1:
-            self._repeated_step(index)
+            if self.driver.another_call():
+                self._repeat = (index, len(steps))
+            else:
+                self._repeated_step(index)
             return None
         n = x.shape[0]
         announced = self.driver.announced_branches
@@ -118,15 +137,16 @@ class RootHook:
                           "summary()['unmatched_timesteps'])", RuntimeWarning, stacklevel=4)
 
     def _repeated_step(self, index: int) -> None:
-        # A second call at a step that already ended: a pipeline that runs the CFG halves as separate calls
-        # (Flux's true CFG, Wan). Its batch is not the one the cache holds, so it runs without reuse.
+        # A further call at a step whose batch held both CFG halves already (or after the generation ended): it
+        # matches no branch the cache holds, so it runs without reuse and without storing anything.
         self.ctl.unmatched_timesteps += 1
+        if self.ctl.active:
+            self.ctl.active, self._suspended = False, True
         if not self._warned_repeat:
             self._warned_repeat = True
-            warnings.warn(f"DQAR: the transformer was called a second time at step {index}; a pipeline that runs "
-                          "the CFG halves as separate calls gets reuse on the first call of each step only (the "
-                          "others run uncached, counted in summary()['unmatched_timesteps'])",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(f"DQAR: the transformer was called a second time at step {index} with a batch that "
+                          "already held both CFG halves; such calls run uncached (counted in "
+                          "summary()['unmatched_timesteps'])", RuntimeWarning, stacklevel=4)
 
     def _end_step_from_output(self, info: StepInfo, x, out):
         sample = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)

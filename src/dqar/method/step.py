@@ -5,6 +5,13 @@ diffusers transformer (it sees the timestep the pipeline passes) and a pipeline'
 announces the batch order and the prompt's token count before step 0). All of them go through a
 `StepDriver`, which turns what they know into one `controller.begin_step` / `end_step` pair per step,
 so the controller itself never has to know who drives it.
+
+Pipelines that run the CFG halves as separate transformer calls at one step (Flux's true CFG, Wan: the prompt's
+call, then the negative prompt's) make each call its own branch: the first is "cond", the second "uncond" (a
+third would be "call2"). The driver learns how many calls a step takes from the first step of a generation
+(every branch past the first has no cache yet there, so nothing is lost), then plans every step for all of
+them with the same schedule rules, and sets the controller's branch before each call, so the calls keep
+separate histories and never reuse each other's outputs.
 """
 from __future__ import annotations
 
@@ -54,6 +61,10 @@ class StepDriver:
         self.prompt_length = 1                  # token count of the prompt being generated (1: class label)
         self.announced_branches: tuple[str, ...] | None = None
         self._owner: int | None = None          # thread running the current generation
+        # Branch of each separate call at one step, learned this generation (None: one call per step so far).
+        self.call_branches: tuple[str, ...] | None = None
+        self._calls = 0                         # calls made at the current step
+        self._single = True                     # the current step's batch holds one branch
 
     def announce(self, *, branches: tuple[str, ...] | None = None, prompt_length: int | None = None) -> None:
         """What a pipeline's prompt encoding tells before its steps: batch order and prompt token count."""
@@ -66,13 +77,37 @@ class StepDriver:
 
     def begin(self, info: StepInfo) -> None:
         self._claim(info.step_index)
+        if info.step_index == 0:
+            self.call_branches = None
+        self._single = info.branches == ("cond",)
+        separate = self.call_branches if self._single else None
         self.controller.begin_step(info.step_index, info.total_steps, snr=info.schedule_snr,
-                                   latent_norm=latent_norm(info.x), branches=info.branches,
+                                   latent_norm=latent_norm(info.x), branches=separate or info.branches,
                                    prompt_length=self.prompt_length)
+        if separate:
+            self.controller.branches = separate[:1]
+        self._calls = 1
+
+    def another_call(self) -> bool:
+        """One more transformer call at the step in progress: give it its own branch. False when it cannot have
+        one (the step's batch already holds both CFG halves, or the generation has ended)."""
+        if not (self.controller.active and self._single):
+            return False
+        names = self.call_branches or ("cond",)
+        if self._calls >= len(names):
+            names = names + ("uncond" if self._calls == 1 else f"call{self._calls}",)
+        self.call_branches = names
+        self.controller.branches = (names[self._calls],)
+        self._calls += 1
+        return True
 
     def end(self, info: StepInfo) -> None:
+        """After the step's first call: its x0 feeds the next step's SNR; the generation ends after the last call."""
         self.controller.end_step(info.x0, info.x)
-        if info.step_index == info.total_steps - 1:
+        self.end_call(info.step_index, info.total_steps)
+
+    def end_call(self, step_index: int, total_steps: int) -> None:
+        if step_index == total_steps - 1 and self._calls >= len(self.call_branches or ("cond",)):
             self.controller.end_generation()
             self._owner = None
 
