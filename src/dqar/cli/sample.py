@@ -13,13 +13,17 @@ from pathlib import Path
 from . import UsageError
 from .common import add_cfg_scale_option, add_model_options, check_out_dir, check_seed
 from .dqar_options import add_dqar_options, config_from_args
+from .pipeline_options import (add_prompt_options, add_sampler_option, read_prompts, refuse_text_options,
+                               resolve_pipeline_options, resolve_sampler)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
-    parser.epilog = ("--model also takes a diffusers pipeline: a hub id such as facebook/DiT-XL-2-256 (needs the "
-                     "hub or its local cache) or a local folder with model_index.json (DiTPipeline or "
-                     "PixArtAlphaPipeline). Sampling runs under DQAR unless --schedule none.")
+    parser.epilog = ("--model also takes a diffusers pipeline: a hub id such as facebook/DiT-XL-2-256 or "
+                     "black-forest-labs/FLUX.1-dev (needs the hub or its local cache) or a local folder with "
+                     "model_index.json: DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, "
+                     "StableDiffusion3Pipeline, FluxPipeline, SanaPipeline or HunyuanDiTPipeline (video pipelines "
+                     "are refused). Sampling runs under DQAR unless --schedule none.")
     count = parser.add_mutually_exclusive_group()
     # torchrun parses the whole command line with abbreviations on, so `--n` (a prefix of its --nnodes,
     # --nproc-per-node, --node-rank, ...) is refused there as ambiguous: --per-class is the spelling that
@@ -36,13 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "ceil(N / classes) per class (default: --per-class times the classes); works "
                             "under torchrun")
     parser.add_argument("--classes", default=None, help="comma-separated class labels (default: every class)")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="text prompt for PixArt (repeatable; prompts are cycled over the sample index; "
-                             "default: none, a PixArt model then needs --prompts-file)")
-    parser.add_argument("--prompts-file", default=None, help="file with one PixArt prompt per line (default none)")
-    parser.add_argument("--negative-prompt", default="", help="PixArt negative prompt (default empty)")
+    add_prompt_options(parser)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
+    add_sampler_option(parser)
     add_cfg_scale_option(parser, pixart=True)
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample k uses seed + k (default 0)")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -53,22 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-dir", default="samples", help="parent of the default output folder (default samples)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dqar_options(parser)
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if path.is_dir():
-            raise UsageError(f"--prompts-file={args.prompts_file!r} is a folder, not a file")
-        if not path.is_file():
-            raise UsageError(f"--prompts-file={args.prompts_file!r} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--prompts-file={args.prompts_file!r} is not UTF-8 text ({exc.reason})") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
-    return prompts
 
 
 def _counts(args, items: int) -> tuple[int, int]:
@@ -84,13 +68,15 @@ def _counts(args, items: int) -> tuple[int, int]:
     return n * items, n
 
 
-def _cfg_scale(args, kind: str) -> float:
+def _cfg_scale(args, kind: str, model=None) -> float:
     if args.cfg_scale is not None:
         if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
             raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be a finite number >= 0")
         return args.cfg_scale
-    if kind == "pixart":
-        return 4.5  # PixArtAlphaPipeline's default
+    if kind in ("pixart", "text"):
+        from dqar.models.pipelines import text_family
+
+        return text_family(model).default_cfg  # the pipeline's own default (Flux: 1, no true CFG)
     from .common import default_cfg_scale
 
     return default_cfg_scale(args.model)
@@ -114,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(args.out)
     else:
         check_out_dir(args.sample_dir, "--sample-dir")
-    prompts = _read_prompts(args)
+    prompts = read_prompts(args)
     device = setup_torch(args)
     dqar_cfg = config_from_args(args)
     if dqar_cfg.schedule == "none":
@@ -127,24 +113,28 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device("cuda", info.local_rank)
         quiet = not info.is_main
         if hub.is_diffusers_spec(args.model):
-            pipe = hub.load_pipeline(args.model, device=device, dtype=args.dtype, sampler=args.sampler)
-            kind = "hub-dit" if hub.pipeline_kind(pipe) == "dit" else "pixart"
+            pipe = hub.load_pipeline(args.model, device=device, dtype=args.dtype)
+            kind = {"dit": "hub-dit"}.get(hub.pipeline_kind(pipe), hub.pipeline_kind(pipe))
+            sampler = resolve_sampler(args, kind)
+            hub.set_sampler(pipe, sampler)
             model = pipe
         else:
             # Preset weights are seeded apart from --seed, so the sample seed never changes the model.
             model, _ = resolve_model(args.model, seed=0, quiet=quiet)
             model = model.to(device)
             kind = "dit"
-        if kind == "pixart":
+            sampler = resolve_sampler(args, kind)
+        options = {}
+        if kind in ("pixart", "text"):
             if args.classes is not None:
-                raise UsageError(f"--classes is for class-conditional models; {args.model} takes --prompt")
+                raise UsageError(f"--classes is for class-conditional models; {args.model} is text-to-image "
+                                 "(use --prompt or --prompts-file)")
             if not prompts:
-                raise UsageError(f"{args.model} is a PixArt (text-to-image) model: pass --prompt or --prompts-file")
+                raise UsageError(f"{args.model} is a text-to-image model: pass --prompt or --prompts-file")
+            options = resolve_pipeline_options(args, model, _cfg_scale(args, kind, model))
             labels, items = [], prompts
         else:
-            if prompts or args.negative_prompt:
-                raise UsageError(f"--prompt / --negative-prompt are for PixArt; {args.model} is "
-                                 "class-conditional (use --classes)")
+            refuse_text_options(args, args.model)
             if kind == "dit" and args.dtype != "float32":
                 raise UsageError(f"--dtype={args.dtype} applies to diffusers models; {args.model} runs in float32")
             n_classes = hub.num_classes(model) if kind == "hub-dit" else model.config.num_classes
@@ -153,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
         num_samples, per_item = _counts(args, len(items))
         check_seed(args.seed, count=num_samples)
         job = SampleJob(model=args.model, kind=kind, num_samples=num_samples, steps=args.steps,
-                        sampler=args.sampler, cfg_scale=_cfg_scale(args, kind), seed=args.seed,
+                        sampler=sampler, cfg_scale=_cfg_scale(args, kind, model), seed=args.seed,
                         batch_size=args.batch_size, per_item=per_item, labels=tuple(labels),
                         prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                         dtype=args.dtype if kind != "dit" else "float32",
-                        dqar=_dqar_identity(dqar_cfg))
+                        dqar=_dqar_identity(dqar_cfg), options=tuple(sorted(options.items())))
         if kind == "dit":
             from dqar.sampling import validate_sampling_args
 
@@ -207,7 +197,7 @@ def _make_generate(job, model, device, controller):
         def generate(indices, seeds):
             return hub.generate(model, seeds, prompts=[job.prompt(i) for i in indices], steps=job.steps,
                                 cfg_scale=job.cfg_scale, negative_prompt=job.negative_prompt,
-                                controller=controller)
+                                controller=controller, **dict(job.options))
     return generate
 
 

@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 from .distributed import (DistInfo, barrier, global_batches, merge_summaries, png_path, read_json_files,
                           sample_seeds, save_png, shard, sum_int, write_json, write_npz)
 
-KINDS = ("dit", "hub-dit", "pixart")
+KINDS = ("dit", "hub-dit", "pixart", "text")
+TEXT_KINDS = ("pixart", "text")    # "text": SD3, Flux, Sana, HunyuanDiT (dqar.models.pipelines)
 # dqar.sampling.sample's seed range (within torch.Generator.manual_seed's); sample k's seed is seed + k, so
 # every one of them must fit, or the run would stop at the first batch past the limit.
 SEED_MIN, SEED_MAX = 0, 2**63 - 1
@@ -61,6 +62,9 @@ class SampleJob:
     negative_prompt: str = ""
     dtype: str = "float32"
     dqar: dict | None = field(default=None)
+    # Text pipelines' other call options that decide the images (height, width, guidance_scale,
+    # max_sequence_length), as sorted (name, value) pairs; empty for the kinds that have none.
+    options: tuple = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -74,21 +78,26 @@ class SampleJob:
         if self.seed < SEED_MIN or self.seed + self.num_samples - 1 > SEED_MAX:
             raise ValueError(f"seed={self.seed} is not allowed: samples use seeds {self.seed}.."
                              f"{self.seed + self.num_samples - 1}, and seeds are integers in [0, 2**63 - 1]")
-        if self.kind == "pixart" and not self.prompts:
-            raise ValueError("a PixArt model needs at least one prompt (--prompt or --prompts-file)")
-        if self.kind != "pixart" and not self.labels:
+        text = self.kind in TEXT_KINDS
+        if text and not self.prompts:
+            raise ValueError(f"a text-to-image model ({self.model}) needs at least one prompt (--prompt or --prompts-file)")
+        if not text and not self.labels:
             raise ValueError(f"a class-conditional model ({self.model}) needs at least one class label")
-        if self.kind != "pixart" and self.prompts:
+        if not text and self.prompts:
             raise ValueError(f"{self.model} is class-conditional: prompts are not allowed")
-        if self.kind == "pixart" and self.labels:
+        if text and self.labels:
             raise ValueError(f"{self.model} is text-conditional: class labels are not allowed")
+        if self.options and not text:
+            raise ValueError(f"{self.model} is class-conditional: options {dict(self.options)} are for text pipelines")
 
     def identity(self) -> dict:
         """The settings that decide image k (num_samples only decides how many there are)."""
         return {"model": self.model, "kind": self.kind, "steps": self.steps, "sampler": self.sampler,
                 "cfg_scale": float(self.cfg_scale), "seed": self.seed, "batch_size": self.batch_size,
                 "per_item": self.per_item, "labels": list(self.labels), "prompts": list(self.prompts),
-                "negative_prompt": self.negative_prompt, "dtype": self.dtype, "dqar": self.dqar}
+                "negative_prompt": self.negative_prompt, "dtype": self.dtype, "dqar": self.dqar,
+                # Only where set, so the identity (and folder) of a run without options stays what it was.
+                **({"options": dict(self.options)} if self.options else {})}
 
     def label(self, index: int) -> int:
         return self.labels[(index // self.per_item) % len(self.labels)]

@@ -1,5 +1,5 @@
-"""Hugging Face diffusers models: load a `DiTPipeline` / `PixArtAlphaPipeline` / `PixArtSigmaPipeline` and sample
-with per-image seeds.
+"""Hugging Face diffusers models: load a `DiTPipeline` or a text-to-image pipeline (PixArt-alpha/-Sigma, SD3, Flux,
+Sana, HunyuanDiT; their call details are in `dqar.models.pipelines`) and sample with per-image seeds.
 
 A model spec is a hub id (`facebook/DiT-XL-2-256`) or a local folder holding `model_index.json` (what
 `save_pretrained` writes). Both go through `DiffusionPipeline.from_pretrained`, so the tests, which load
@@ -15,11 +15,14 @@ from typing import Sequence
 
 import torch
 
-from dqar.method.hooks import get_step_driver
+from dqar.method.noise import is_flow_matching
+from dqar.models.pipelines import (TEXT_FAMILIES, VIDEO_PIPELINES, check_options, generate_text, prompt_token_counts,
+                                   text_family)
 from dqar.sampling import to_uint8
 
-SUPPORTED = ("DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
-SAMPLERS = ("ddim", "dpm")
+SUPPORTED = ("DiTPipeline", *TEXT_FAMILIES)
+# "pipeline" keeps the scheduler the pipeline was saved with (the only choice for flow matching).
+SAMPLERS = ("ddim", "dpm", "pipeline")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT checkpoints embed num_classes + 1 labels; DiTPipeline hard-codes 1000 as the null (unconditional) label.
 DIT_NULL_CLASS = 1000
@@ -73,8 +76,15 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
             raise HubModelError(f"cannot load diffusers folder {spec!r}: {exc}") from exc
         raise HubModelError(_offline_message(spec, exc)) from exc
     name = type(pipe).__name__
+    if name in VIDEO_PIPELINES:
+        raise HubModelError(f"model {spec!r} is a {name}, a video pipeline: dqar sample/bench write images, not "
+                            "frames (DQAR hooks its transformer from Python: apply_dqar(pipe, config)); supported "
+                            f"pipelines: {', '.join(SUPPORTED)}")
     if name not in SUPPORTED:
         raise HubModelError(f"model {spec!r} is a {name}; supported pipelines: {', '.join(SUPPORTED)}")
+    if getattr(pipe, "scheduler", None) is None:
+        raise HubModelError(f"model {spec!r}: its {name} has no scheduler (model_index.json lists none), and DQAR "
+                            "reads the denoising steps from it; save the pipeline with its scheduler")
     if sampler is not None:
         set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
@@ -98,9 +108,15 @@ def check_finite_weights(pipe, spec: str) -> None:
 
 
 def set_sampler(pipe, sampler: str) -> None:
-    """Replace the pipeline's scheduler with DDIM or DPM-Solver++ built from its own config (same betas)."""
+    """Replace the pipeline's scheduler with DDIM or DPM-Solver++ built from its own config (same betas), or keep
+    it ("pipeline"); a flow-matching scheduler has no betas to rebuild from, so it is always kept."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    if sampler in ("ddim", "dpm") and is_flow_matching(pipe.scheduler):
+        raise HubModelError(f"sampler={sampler!r} does not apply to {type(pipe).__name__}: its "
+                            f"{type(pipe.scheduler).__name__} is flow matching; use sampler 'pipeline' (its own)")
+    if sampler == "pipeline":
+        return
     if sampler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif sampler == "dpm":
@@ -111,12 +127,14 @@ def set_sampler(pipe, sampler: str) -> None:
 
 
 def pipeline_kind(pipe) -> str:
-    """'dit' (class-conditional) or 'pixart' (text-conditional)."""
+    """'dit' (class-conditional), 'pixart' or 'text' (the other text-to-image families)."""
     name = type(pipe).__name__
     if name == "DiTPipeline":
         return "dit"
     if name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
         return "pixart"
+    if name in TEXT_FAMILIES:
+        return "text"
     raise HubModelError(f"{name} is not supported; supported pipelines: {', '.join(SUPPORTED)}")
 
 
@@ -138,19 +156,20 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 def prompt_lengths(pipe, prompts: Sequence[str], max_sequence_length: int = 120) -> list[int]:
     """Token count of each prompt as the pipeline's text encoder sees it (its EOS included, padding not)."""
-    enc = pipe.tokenizer(list(prompts), max_length=max_sequence_length, truncation=True, add_special_tokens=True)
-    return [int(sum(mask)) for mask in enc["attention_mask"]]
+    return prompt_token_counts(pipe, prompts, max_sequence_length)
 
 
 @torch.no_grad()
 def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None = None,
              prompts: Sequence[str] | None = None, steps: int = 50, cfg_scale: float = 1.5,
-             negative_prompt: str = "", controller=None, max_sequence_length: int = 120) -> torch.Tensor:
-    """One image per seed as uint8 (N, H, W, C); DiT takes `class_labels`, PixArt `prompts`.
+             negative_prompt: str = "", controller=None, max_sequence_length: int | None = None,
+             **options) -> torch.Tensor:
+    """One image per seed as uint8 (N, H, W, C); DiT takes `class_labels`, the text pipelines `prompts`.
 
-    Guidance follows each pipeline's rule (on when cfg_scale > 1). Under DQAR, PixArt's prompt length (longest
-    prompt of the batch: one batch shares one gate threshold) is announced to the hooked pipeline's step driver
-    first; class-conditional DiT keeps prompt length 1.
+    Guidance follows each pipeline's rule (on when cfg_scale > 1; Flux's CFG is its true CFG). Under DQAR, a
+    text pipeline's prompt length (longest prompt of the batch: one batch shares one gate threshold) is
+    announced to the hooked pipeline's step driver first; class-conditional DiT keeps prompt length 1.
+    `options` (guidance_scale, height, width) go to text pipelines (`dqar.models.pipelines.call_arguments`).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise HubModelError(f"steps={steps!r} is not allowed: must be an integer >= 1")
@@ -161,6 +180,9 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
     if kind == "dit":
         if class_labels is None or prompts is not None:
             raise HubModelError("a DiT pipeline is class-conditional: pass class labels, not prompts")
+        if options or max_sequence_length is not None:
+            raise HubModelError(f"a DiT pipeline takes no {', '.join(options) or 'max_sequence_length'}: "
+                                "those are text-to-image options")
         if len(class_labels) != n:
             raise HubModelError(f"got {len(class_labels)} class labels but {n} seeds: one seed per image")
         limit = num_classes(pipe)
@@ -170,20 +192,15 @@ def generate(pipe, seeds: Sequence[int], *, class_labels: Sequence[int] | None =
         out = pipe(class_labels=[int(c) for c in class_labels], guidance_scale=cfg_scale,
                    generator=generators(seeds), num_inference_steps=steps, output_type="pt").images
         return to_uint8(_check_finite_images(out, seeds), (0.0, 1.0))
+    label = text_family(pipe).label
     if prompts is None or class_labels is not None:
-        raise HubModelError("a PixArt pipeline is text-conditional: pass prompts (--prompt / --prompts-file)")
+        raise HubModelError(f"a {label} pipeline is text-conditional: pass prompts (--prompt / --prompts-file)")
     if len(prompts) != n:
         raise HubModelError(f"got {len(prompts)} prompts but {n} seeds: one seed per image")
-    driver = get_step_driver(pipe) if controller is not None else None
-    if driver is not None:
-        driver.announce(prompt_length=max(prompt_lengths(pipe, prompts, max_sequence_length)))
-    height, width, _ = image_shape(pipe)
-    # clean_caption needs bs4/ftfy and rewrites the text after we counted its tokens; binning only knows the
-    # released resolutions, so both are off and the model's native size is asked for.
-    out = pipe(prompt=list(prompts), negative_prompt=negative_prompt, guidance_scale=cfg_scale,
-               generator=generators(seeds), num_inference_steps=steps, height=height, width=width,
-               output_type="pt", clean_caption=False, use_resolution_binning=False,
-               max_sequence_length=max_sequence_length).images
+    check_options(pipe, cfg_scale=cfg_scale, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+                  **options)
+    out = generate_text(pipe, seeds, prompts, steps=steps, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
+                        controller=controller, max_sequence_length=max_sequence_length, **options)
     return to_uint8(_check_finite_images(out, seeds), (0.0, 1.0))
 
 
