@@ -77,3 +77,17 @@ def test_hub_generate_per_image_seeds_and_remove_restores(name, folders):
         remove_dqar(pipe)
     assert s["reuse_events"] > 0 and s["unmatched_timesteps"] == 0 and not torch.equal(cached, plain)
     assert torch.equal(hub.generate(pipe, [3, 4], prompts=PROMPTS, steps=3, cfg_scale=4.0, **kw), plain)
+
+
+@pytest.mark.parametrize("name, extra", [("sd3", []), ("flux", ["--cfg-scale", "3"])])
+def test_cli_bench_times_a_pipeline_against_its_uncached_self(name, extra, folders, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(folders[name]), "--prompt", PROMPTS[0], "--n", "2", "--steps", "3",
+               "--repeats", "1", "--warmup-runs", "0", "--no-progress", "--json", str(out), *REUSE,
+               *FAMILIES[name][1], *extra])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["dqar"]["reuse_events"] > 0 and record["baseline"]["name"] == "none"
+    # Scored against the uncached run without an evaluator: reuse changed pixels, so PSNR is finite.
+    assert record["quality"]["psnr"] is not None and 0 < record["quality"]["ssim"] < 1
+    assert record["quality"]["accuracy"] is None and record["ideal_speedup"] > 1

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from . import UsageError
 from .common import add_cfg_scale_option, add_features_option, add_model_options, default_cfg_scale
+from .pipeline_options import (add_prompt_options, add_sampler_option, read_prompts, refuse_text_options,
+                               resolve_pipeline_options, resolve_sampler)
 
 _DQAR_OPTIONS = "dqar.cli.dqar_options"
 # Mirrors dqar.harness.baselines.BASELINES without importing torch (a test keeps them equal).
@@ -70,8 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of class labels cycled over the images (default: every class in turn)")
     parser.add_argument("--n", type=int, default=100, help="images per generation, one batch (default 100)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm"), help="scheduler (default ddim)")
+    add_sampler_option(parser)
     add_cfg_scale_option(parser)
+    add_prompt_options(parser)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="weights dtype for diffusers pipelines (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k uses seed + k (default 0)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds, each one baseline run then one DQAR run (default 3)")
@@ -105,7 +110,7 @@ def _check_args(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{name}={getattr(args, name)} is not allowed: must be >= 1")
     if args.warmup_runs < 0:
         raise UsageError(f"--warmup-runs={args.warmup_runs} is not allowed: must be >= 0")
-    if not args.cfg_scale >= 0:
+    if args.cfg_scale is not None and not args.cfg_scale >= 0:
         raise UsageError(f"--cfg-scale={args.cfg_scale} is not allowed: must be >= 0")
     if args.baseline == "fastercache" and args.cfg_scale == 1:
         raise UsageError("--baseline fastercache needs classifier-free guidance (it approximates the unconditional "
@@ -126,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
     opts = _dqar_options()
     if opts is None:
         raise UsageError("this install has no DQAR options module (dqar.cli.dqar_options): the DQAR core is missing")
-    if args.cfg_scale is None:
+    from dqar.models import hub
+
+    pipeline = hub.is_diffusers_spec(args.model)
+    if args.cfg_scale is None and not pipeline:
         args.cfg_scale = default_cfg_scale(args.model)
     baseline_options = _check_args(args)
     config = opts.config_from_args(args)
@@ -137,23 +145,32 @@ def run(args: argparse.Namespace) -> int:
     from .common import parse_classes, quality_tools, resolve_model, setup_torch
 
     device = setup_torch(args)
-    model, description = resolve_model(args.model, seed=args.seed)
-    model = model.to(device).eval()
-    classes = parse_classes(args.classes, model.config.num_classes, args.n)
-    labels = [classes[i % len(classes)] for i in range(args.n)]
     seeds = [args.seed + i for i in range(args.n)]
+    runner = None
+    if pipeline:
+        model, labels, runner = _pipeline_setup(args, device, seeds)
+        description = f"{type(model).__name__} {args.model}"
+    else:
+        refuse_text_options(args, args.model)
+        if args.dtype != "float32":
+            raise UsageError(f"--dtype={args.dtype} applies to diffusers pipelines; {args.model} runs in float32")
+        args.sampler = resolve_sampler(args, "dit")
+        model, description = resolve_model(args.model, seed=args.seed)
+        model = model.to(device).eval()
+        classes = parse_classes(args.classes, model.config.num_classes, args.n)
+        labels = [classes[i % len(classes)] for i in range(args.n)]
 
     run_options = baseline_run_options(args.baseline, baseline_options, steps=args.steps, sampler=args.sampler,
                                        cfg_scale=args.cfg_scale)
     try:
-        baseline_model = make_baseline(args.baseline, model, device, options=run_options)
+        baseline_model = None if pipeline else make_baseline(args.baseline, model, device, options=run_options)
     except BaselineUnavailable as exc:
         raise UsageError(str(exc)) from None
 
     evaluator, extractor, real_stats = quality_tools(args.model, args.features, device)
 
     record = run_bench(model, config, labels=labels, seeds=seeds, steps=args.steps, sampler=args.sampler,
-                       cfg_scale=args.cfg_scale, repeats=args.repeats, warmup_runs=args.warmup_runs,
+                       runner=runner, cfg_scale=args.cfg_scale, repeats=args.repeats, warmup_runs=args.warmup_runs,
                        evaluator=evaluator, extractor=extractor, real_features=real_stats,
                        baseline_model=baseline_model, baseline_name=args.baseline,
                        baseline_settings=variant_settings(args.baseline, baseline_model, run_options),
@@ -173,3 +190,52 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text + "\n")
         print(format_table(record, title=title))
     return 0
+
+
+def _pipeline_setup(args, device, seeds):
+    """(pipeline, labels, runner) for a diffusers pipeline: the runner makes one generation of the N images as
+    floats in [-1, 1], the prompt's token count announced to DQAR when it is applied."""
+    import torch
+
+    from dqar.method.hooks import get_controller
+    from dqar.models import hub
+
+    if args.baseline != "none":
+        raise UsageError(f"--baseline {args.baseline} runs on the digits DiT only; a diffusers pipeline is timed "
+                         "against its uncached self (--baseline none)")
+    pipe = hub.load_pipeline(args.model, device=device, dtype=args.dtype)
+    kind = hub.pipeline_kind(pipe)
+    args.sampler = resolve_sampler(args, "text" if kind == "text" else "hub-dit")
+    hub.set_sampler(pipe, args.sampler)
+    if kind == "dit":
+        refuse_text_options(args, args.model)
+        if args.cfg_scale is None:
+            args.cfg_scale = default_cfg_scale(args.model)
+        from .common import parse_classes
+
+        classes = parse_classes(args.classes, hub.num_classes(pipe), args.n)
+        labels = [classes[i % len(classes)] for i in range(args.n)]
+        inputs, options = {"class_labels": labels}, {}
+    else:
+        from dqar.models.pipelines import text_family
+
+        if args.classes is not None:
+            raise UsageError(f"--classes is for class-conditional models; {args.model} is text-to-image "
+                             "(use --prompt or --prompts-file)")
+        prompts = read_prompts(args)
+        if not prompts:
+            raise UsageError(f"{args.model} is a text-to-image model: pass --prompt or --prompts-file")
+        if args.cfg_scale is None:
+            args.cfg_scale = text_family(pipe).default_cfg
+        options = resolve_pipeline_options(args, pipe, args.cfg_scale)
+        labels = list(range(args.n))          # only counts the images; a text model has no class
+        inputs = {"prompts": [prompts[i % len(prompts)] for i in range(args.n)],
+                  "negative_prompt": args.negative_prompt}
+
+    def runner(m):
+        images = hub.generate(m, seeds, steps=args.steps, cfg_scale=args.cfg_scale, controller=get_controller(m),
+                              **inputs, **options)
+        return images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+
+    return pipe, labels, runner
+

@@ -111,13 +111,24 @@ class FirstRunCalls:
     (`count_module_calls`); `shares` is then {"attn", "mlp", "block"} -> share, None before."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.shares = model, None
+        # A pipeline's calls are its transformer's.
+        self.model, self.shares = getattr(model, "transformer", model), None
+        self.unprobed = False
 
     def __call__(self, fn):
-        if self.shares is not None:
+        if self.shares is not None or self.unprobed:
             return fn()
-        with count_module_calls(self.model) as calls:
+        counting = count_module_calls(self.model)
+        try:
+            calls = counting.__enter__()
+        except ValueError:
+            # Blocks the counter has no probes for (SD3, Flux, ...): the shares stay null rather than guessed.
+            self.unprobed = True
+            return fn()
+        try:
             out = fn()
+        finally:
+            counting.__exit__(None, None, None)
         self.shares = dict(calls)
         return out
 
@@ -170,14 +181,16 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
           real_features=None, baseline_images: torch.Tensor | None = None, baseline_features=None,
           baseline_model: torch.nn.Module | None = None, baseline_name: str | None = None,
           baseline_settings: dict | None = None, measure_memory: bool = True,
-          progress: bool = False) -> BenchResult:
+          progress: bool = False, runner=None) -> BenchResult:
     """Time `model` under `config` against `baseline_model` (default: `model` uncached), then score quality.
 
     DQAR is applied to `model` only around each candidate run and removed after it, so `model` is the
     exact uncached model for the baseline runs and is returned to the caller unhooked. A peer baseline
     (`dqar.harness.peers`) gets its sampling observers. `baseline_name` / `baseline_settings` are recorded
     as given ("none" when no baseline model is given). With `progress`, a bar on stderr counts the
-    generations (warm-up and timed, both contenders) with an ETA.
+    generations (warm-up and timed, both contenders) with an ETA. `runner(m)` -> images (N, C, H, W) in [-1, 1]
+    replaces `dqar.sampling.sample` for a diffusers pipeline `model` (its labels then only count the images);
+    PSNR and SSIM against the uncached run are then scored without an evaluator.
     """
     if not isinstance(config, DQARConfig):
         raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
@@ -197,8 +210,11 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
                disable=not progress, file=sys.stderr)
 
     def generate(m: torch.nn.Module) -> torch.Tensor:
-        images = sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
-                        observers=sampling_observers(m))
+        if runner is not None:
+            images = runner(m)
+        else:
+            images = sample(m, labels, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale, device=device,
+                            observers=sampling_observers(m))
         bar.update(1)
         return images
 
@@ -251,7 +267,7 @@ def bench(model: torch.nn.Module, config: DQARConfig, *, labels: Sequence[int], 
     ideal = summary.get("ideal_speedup")
     record["ideal_speedup"] = float(ideal) if ideal is not None else None
     record["calls"] = counted["dqar"].shares
-    if evaluator is not None or extractor is not None:
+    if evaluator is not None or extractor is not None or runner is not None:
         record["quality"] = quality_metrics(images, reference, labels, evaluator=evaluator, extractor=extractor,
                                             real_features=real_features, baseline_features=baseline_features)
     return BenchResult(record, summary, timings, images, reference,
