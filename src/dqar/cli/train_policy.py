@@ -3,6 +3,7 @@
 Writes to --out: `traces.jsonl` (one row per seed, step, layer, branch), `calibration.jsonl` (single-position
 reuse measurements), `policy_digits.safetensors` + `policy_digits.json` (the policy and its card) and
 `report.json`. `--install` copies the two policy files over the package's shipped policy (`dqar/digits/assets/`).
+`--features v2` trains policy v2 instead (dqar.cli.train_policy_v2: rows from runs that forecast).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 
 from . import UsageError
 from .common import add_cfg_scale_option, add_model_options, check_out_dir, check_seed
+from .train_policy_v2 import add_v2_arguments, run_v2, v2_settings
 
 DEFAULT_OUT = "out/policy"
 
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON object on stdout (no progress bars)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_v2_arguments(parser)
 
 
 def reproduce_command(args: argparse.Namespace, cfg_scale: float) -> str:
@@ -95,6 +98,26 @@ def _check(args: argparse.Namespace) -> None:
         check_from_dir(args.from_dir)
     if args.install:
         install_destination()       # refused now, not after the whole training
+
+
+def _check_v2(args: argparse.Namespace) -> None:
+    """The shared options --features v2 reads (its own are checked by v2_settings)."""
+    for name, minimum in (("steps", 4), ("epochs", 1)):
+        if getattr(args, name) < minimum:
+            raise UsageError(f"--{name}={getattr(args, name)} is not allowed: must be >= {minimum}")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold={args.threshold} is not allowed: must be in [0, 1]")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction={args.val_fraction} is not allowed: must be in (0, 1)")
+    for name in ("lr", "l2"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise UsageError(f"--{name}={value} is not allowed: must be a finite number {'> 0' if name == 'lr' else '>= 0'}")
+    check_seed(args.seed)
+    check_seed(args.first_seed, "--first-seed")
+    check_out_dir(args.out)
+    if args.install:
+        install_destination()
 
 
 def check_from_dir(from_dir: str) -> None:
@@ -185,13 +208,20 @@ def run(args: argparse.Namespace) -> int:
 
     from .common import default_cfg_scale, resolve_model, setup_torch
 
-    _check(args)
+    v2 = v2_settings(args)
+    if v2:
+        _check_v2(args)
+    else:
+        _check(args)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg_scale(args.model)
     validate_sampling_args(args.sampler, args.steps, cfg_scale)
     setup_torch(args)
     if args.device != "cpu":
         raise UsageError(f"--device={args.device!r}: train-policy runs on the CPU (batch-1 traces gain nothing "
                          "from a GPU)")
+    if v2:
+        say = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        return run_v2(args, v2, cfg_scale, say, not (args.json or args.no_progress), _Progress)
 
     from dqar.harness import policy_training as pt
     from dqar.method.policy import save_policy

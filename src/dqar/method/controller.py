@@ -33,6 +33,40 @@ class Decision:
 _COMPUTE = Decision(False, None)
 
 
+class ModuleHistory:
+    """Per (layer, branch): the step it last computed and the forecast error measured there, with the cache
+    age it was measured at (policy v2 reads both). A layer's targets (attention and MLP) add their effects."""
+
+    def __init__(self):
+        self.last_compute: dict[tuple, int] = {}
+        self.error: dict[tuple, tuple[float, int]] = {}
+
+    def clear(self) -> None:
+        self.last_compute.clear()
+        self.error.clear()
+
+    def age(self, layer: int, branch: str, step: int) -> int | None:
+        last = self.last_compute.get((layer, branch))
+        return None if last is None else step - last
+
+    def measured(self, layer: int, branch: str) -> tuple[float, int] | None:
+        """(error, age) measured at the last compute, or None (nothing to compare with yet)."""
+        return self.error.get((layer, branch))
+
+    def computed(self, layer: int, branch: str, step: int, measured: tuple[float, int] | None) -> None:
+        key = (layer, branch)
+        if self.last_compute.get(key) != step:           # the layer's first target this step
+            self.last_compute[key] = step
+            if measured is None:
+                self.error.pop(key, None)
+            else:
+                self.error[key] = measured
+        elif measured is None:
+            self.error.pop(key, None)                    # one target could not be measured: no layer total
+        elif key in self.error:
+            self.error[key] = (self.error[key][0] + measured[0], measured[1])
+
+
 class DQARController:
     def __init__(self, config: DQARConfig, num_layers: int, branches: tuple[str, ...] = ("cond",)):
         if not isinstance(config, DQARConfig):
@@ -46,7 +80,30 @@ class DQARController:
         self.cache = ReuseCache()
         self.salience = SalienceTracker(config.csb_topk, config.csb_calibration_steps)
         self.error_control = ErrorControl(config) if config.schedule == "adaptive" else None
+        self._bind_history()
         self.trace_rows: list[dict] = []
+        self.reset()
+
+    def _bind_history(self) -> None:
+        """A schedule that reads cache ages and forecast errors (policy v2) gets them from a ModuleHistory;
+        the errors are measured by ErrorControl.observe at every compute (it plans nothing here)."""
+        uses = bool(getattr(self.schedule, "uses_history", False))
+        self.history = ModuleHistory() if uses else None
+        self.effect_meter = ErrorControl(self.config) if uses else None
+        if uses:
+            self.schedule.history = self.history
+
+    @property
+    def needs_effect(self) -> bool:
+        """Whether commits need the block probes' gates and input norms (apply_dqar installs them)."""
+        return self.error_control is not None or self.effect_meter is not None
+
+    def use_schedule(self, schedule) -> None:
+        """Swap in a schedule built outside the config (harness measurements on a private controller); it
+        decides alone (no error control), and gets the module history if it reads one."""
+        self.schedule = schedule
+        self.error_control = None
+        self._bind_history()
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -66,6 +123,9 @@ class DQARController:
         self.salience.reset()
         if self.error_control is not None:
             self.error_control.reset()
+        if self.history is not None:
+            self.history.clear()
+            self.effect_meter.reset()
         self.reuse_events = 0
         self.compute_events = 0
         self.share_events = 0
@@ -181,6 +241,8 @@ class DQARController:
             previous = self.cache.get(layer_id, branch, target)
             if self.error_control is not None:
                 self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect)
+            if self.history is not None:
+                self._measure(layer_id, branch, target, previous, output, step_index, effect)
             entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
                                                                     cfg.forecast_order, keep)
         if keys is not None:
@@ -191,6 +253,12 @@ class DQARController:
                                  salient(layer_id, "values", values, vb, step_index))
         self.cache.put(entry)
         return entry
+
+    def _measure(self, layer_id, branch, target, previous, output, step_index, effect) -> None:
+        errors = self.effect_meter.errors
+        n = len(errors)
+        self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect)
+        self.history.computed(layer_id, branch, step_index, (errors[-1][5], errors[-1][4]) if len(errors) > n else None)
 
     # ------------------------------------------------------------------ accounting
     def count_computed(self, calls: int) -> None:

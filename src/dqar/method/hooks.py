@@ -77,7 +77,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     driver, flops = StepDriver(ctl), FlopProfiler()
     wrapped, restore = [], []
     for layer, (block, modules) in enumerate(zip(blocks, per_block)):
-        probe = BlockProbe(block, layout) if config.schedule == "adaptive" else None
+        probe = BlockProbe(block, layout) if ctl.needs_effect else None
         if probe is not None:
             restore.append(probe.remove)
         for target in config.targets:

@@ -10,6 +10,11 @@ On disk a policy is two files with the same stem:
 - `NAME.json`: the human-readable sidecar (feature order, normalisation, threshold, training data,
   validation accuracy/AUC, the command that produced it). Loading needs only the safetensors file.
 Training lives in `dqar.harness.policy_training`; this module only runs and stores a policy.
+
+Feature sets (`dqar.method.stats.POLICY_FEATURE_SETS`): "v1" is the seed's five (format `dqar-policy/1`, the
+shipped file); "v2" adds what a reusing run knows per (layer, branch): cache age, the last measured forecast
+error and the age it was measured at (format `dqar-policy/2`, which records its feature set and the largest
+cache age it was trained on; an older DQAR refuses it by format instead of misreading it).
 """
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .stats import POLICY_FEATURE_NAMES
+from .stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_SETS
 
 NUM_FEATURES = len(POLICY_FEATURE_NAMES)
 HIDDEN = 64
 FORMAT = "dqar-policy/1"
+FORMAT_V2 = "dqar-policy/2"
+_LOG_EPS = 1e-8
 SHIPPED_NAME = "policy_digits"
 DEFAULT_THRESHOLD = 0.5
 # A constant feature (prompt length is always 1 for class-conditional models) has std 0: dividing by it
@@ -44,27 +51,41 @@ class ReusePolicy(nn.Module):
     """p_reuse = sigmoid(MLP((features - mean) / std)); reuse when p_reuse >= threshold."""
 
     def __init__(self, feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None,
-                 threshold: float = DEFAULT_THRESHOLD, info: dict | None = None):
+                 threshold: float = DEFAULT_THRESHOLD, info: dict | None = None, feature_set: str = "v1",
+                 max_cache_age: int | None = None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
+        if feature_set not in POLICY_FEATURE_SETS:
+            raise ValueError(f"feature_set={feature_set!r} is not allowed: must be one of {sorted(POLICY_FEATURE_SETS)}")
+        self.feature_set = feature_set
+        self.feature_names = POLICY_FEATURE_SETS[feature_set]
+        n = len(self.feature_names)
+        self.net = nn.Sequential(nn.Linear(n, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
                                  nn.Linear(HIDDEN, 1), nn.Sigmoid())
-        mean = torch.zeros(NUM_FEATURES) if feature_mean is None else torch.as_tensor(feature_mean, dtype=torch.float32)
-        std = torch.ones(NUM_FEATURES) if feature_std is None else torch.as_tensor(feature_std, dtype=torch.float32)
+        mean = torch.zeros(n) if feature_mean is None else torch.as_tensor(feature_mean, dtype=torch.float32)
+        std = torch.ones(n) if feature_std is None else torch.as_tensor(feature_std, dtype=torch.float32)
         self.register_buffer("feature_mean", mean.clone())
         self.register_buffer("feature_std", std.clamp_min(_MIN_STD).clone())
         self.threshold = _check_threshold(threshold, "threshold")
         self.info = dict(info or {})
+        # v2: the largest cache age seen in training; the schedule never forecasts beyond it (the MLP has not
+        # seen older caches, and a layer that never computes would never refresh its measured error).
+        self.max_cache_age = max_cache_age
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether the policy reads the per-(layer, branch) cache age and forecast error (v2)."""
+        return "cache_age" in self.feature_names
 
     def set_normalization(self, features: torch.Tensor) -> None:
-        """Mean/std from training features (N, 5); std of a constant feature becomes 1 (centring only)."""
-        features = _check_features(features)
+        """Mean/std from training features (N, n_features); std of a constant feature becomes 1 (centring only)."""
+        features = _check_features(features, self.feature_names)
         std = features.std(dim=0, unbiased=False)
         self.feature_mean.copy_(features.mean(dim=0))
         self.feature_std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid scores (N,), for a numerically stable BCE during training."""
-        z = (_check_features(features) - self.feature_mean) / self.feature_std
+        z = (_check_features(features, self.feature_names) - self.feature_mean) / self.feature_std
         h = self.net[:-1](z)                                                   # (N, 1)
         return h.squeeze(-1)
 
@@ -77,7 +98,7 @@ class ReusePolicy(nn.Module):
                    budget: float | None = None) -> torch.Tensor:
         """Which rows reuse: p_reuse >= threshold, and at most floor(budget * num_layers) of them.
 
-        features: (n, 5), one row per layer that has a measured entropy. `threshold=None` uses the file's.
+        features: (n, n_features), one row per layer that has a measured entropy. `threshold=None` uses the file's.
         The budget is a fraction of the model's layers (not of the rows given), so it caps the per-step
         reuse the same way whatever subset of layers has statistics yet; the most confident rows win,
         ties going to the lower row index so the decision is deterministic.
@@ -106,12 +127,18 @@ def _check_threshold(value, name: str) -> float:
     return float(value)
 
 
-def _check_features(features: torch.Tensor) -> torch.Tensor:
+def _check_features(features: torch.Tensor, names: tuple = POLICY_FEATURE_NAMES) -> torch.Tensor:
     features = torch.as_tensor(features, dtype=torch.float32)
-    if features.ndim != 2 or features.shape[1] != NUM_FEATURES:
-        raise ValueError(f"policy features must have shape (n, {NUM_FEATURES}) in the order "
-                         f"{list(POLICY_FEATURE_NAMES)}, got {tuple(features.shape)}")
+    if features.ndim != 2 or features.shape[1] != len(names):
+        raise ValueError(f"policy features must have shape (n, {len(names)}) in the order "
+                         f"{list(names)}, got {tuple(features.shape)}")
     return features
+
+
+def history_features(age: int, error: float, error_age: int) -> list[float]:
+    """v2's three additions: cache age (steps since the last compute), log of the forecast error measured at
+    that compute (the adaLN-gated effect of dqar.method.error_control) and the age it was measured at."""
+    return [float(age), math.log(max(float(error), 0.0) + _LOG_EPS), float(error_age)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,15 +160,29 @@ def save_policy(policy: ReusePolicy, path: str | Path, info: dict | None = None)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     info = {**policy.info, **(info or {})}
     tensors = {k: v.detach().contiguous().cpu().float() for k, v in policy.state_dict().items()}
-    metadata = {"format": FORMAT, "feature_names": json.dumps(list(POLICY_FEATURE_NAMES)),
+    v1 = policy.feature_set == "v1"
+    fmt = FORMAT if v1 else FORMAT_V2
+    age = policy.max_cache_age
+    if not v1 and (isinstance(age, bool) or not isinstance(age, int) or age < 1):
+        raise ValueError(f"max_cache_age={age!r} is not allowed for a {policy.feature_set} policy: it must record "
+                         "the largest cache age it was trained on, an integer >= 1")
+    metadata = {"format": fmt, "feature_names": json.dumps(list(policy.feature_names)),
                 "threshold": repr(policy.threshold), "info": json.dumps(info, sort_keys=True)}
+    extra = {}
+    if not v1:
+        extra = {"feature_set": policy.feature_set, "max_cache_age": policy.max_cache_age,
+                 "needs": "the attention target (entropy) and, per layer and branch, the cache age and the "
+                          "forecast error measured at the last compute (block probes, installed by apply_dqar)"}
+        metadata.update(feature_set=policy.feature_set, max_cache_age=json.dumps(policy.max_cache_age))
     save_file(tensors, str(st_path), metadata=metadata)
+    n = len(policy.feature_names)
     sidecar = {
-        "format": FORMAT,
+        "format": fmt,
+        **extra,
         "weights": st_path.name,
-        "architecture": f"Linear({NUM_FEATURES},{HIDDEN})+Tanh -> Linear({HIDDEN},{HIDDEN})+Tanh -> "
+        "architecture": f"Linear({n},{HIDDEN})+Tanh -> Linear({HIDDEN},{HIDDEN})+Tanh -> "
                         f"Linear({HIDDEN},1)+Sigmoid",
-        "feature_names": list(POLICY_FEATURE_NAMES),
+        "feature_names": list(policy.feature_names),
         "normalization": {"mean": policy.feature_mean.tolist(), "std": policy.feature_std.tolist()},
         "threshold": policy.threshold,
         "decision": "reuse a layer when p_reuse >= threshold; with a budget b, at most floor(b * num_layers) "
@@ -178,17 +219,20 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise PolicyFileError(f"{where} is not a readable safetensors file ({exc}); policies are stored only "
                               "as .safetensors written by `dqar train-policy`") from None
-    if metadata.get("format") != FORMAT:
-        raise PolicyFileError(f"{where} has format {metadata.get('format')!r}, expected {FORMAT!r}; it was not "
-                              "written by dqar.method.policy.save_policy")
+    if metadata.get("format") not in (FORMAT, FORMAT_V2):
+        raise PolicyFileError(f"{where} has format {metadata.get('format')!r}, expected {FORMAT!r} or "
+                              f"{FORMAT_V2!r}; it was not written by dqar.method.policy.save_policy")
     try:
         names = json.loads(metadata.get("feature_names", "null"))
     except json.JSONDecodeError:
         names = None
-    if not isinstance(names, list) or len(names) != NUM_FEATURES:
+    feature_set, max_age = "v1", None
+    if metadata["format"] == FORMAT_V2:
+        feature_set, max_age = _v2_metadata(where, metadata, names)
+    elif not isinstance(names, list) or len(names) != NUM_FEATURES:
         raise PolicyFileError(f"{where} records features {names!r}: {len(names) if isinstance(names, list) else 0} "
                               f"features, but this DQAR computes {NUM_FEATURES}: {list(POLICY_FEATURE_NAMES)}")
-    if tuple(names) != POLICY_FEATURE_NAMES:
+    elif tuple(names) != POLICY_FEATURE_NAMES:
         raise PolicyFileError(f"{where} expects features in the order {names}, but this DQAR computes "
                               f"{list(POLICY_FEATURE_NAMES)}; retrain the policy with `dqar train-policy`")
     try:
@@ -202,14 +246,15 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     if not isinstance(info, dict):
         raise PolicyFileError(f"{where} has 'info' metadata that is a JSON {type(info).__name__}, not an object; "
                               "it was not written by `dqar train-policy`")
-    policy = ReusePolicy(threshold=threshold, info=info)
+    policy = ReusePolicy(threshold=threshold, info=info, feature_set=feature_set, max_cache_age=max_age)
     expected = policy.state_dict()
     for name, ref in expected.items():
         if name not in tensors:
             raise PolicyFileError(f"{where} lacks tensor {name!r} (expected shape {tuple(ref.shape)})")
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise PolicyFileError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected "
-                                  f"{tuple(ref.shape)} ({NUM_FEATURES} features -> {HIDDEN} -> {HIDDEN} -> 1)")
+                                  f"{tuple(ref.shape)} ({len(policy.feature_names)} features -> {HIDDEN} -> "
+                                  f"{HIDDEN} -> 1)")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise PolicyFileError(f"{where} has unexpected tensor {extra[0]!r}; it is not a DQAR reuse policy")
@@ -225,3 +270,25 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     # Keep the std floor even for a hand-edited file, so inference never divides by zero.
     policy.feature_std.clamp_(min=_MIN_STD)
     return policy.eval()
+
+
+def _v2_metadata(where: str, metadata: dict, names) -> tuple[str, int]:
+    """(feature set, max cache age) of a dqar-policy/2 file, or a PolicyFileError naming what is wrong."""
+    feature_set = metadata.get("feature_set")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PolicyFileError(f"{where} records features {names!r}, not a list of feature names")
+    unknown = [n for n in names if n not in POLICY_FEATURE_SETS["v2"]]
+    if unknown:
+        raise PolicyFileError(f"{where} needs features {unknown} that this DQAR cannot compute; it computes "
+                              f"{list(POLICY_FEATURE_SETS['v2'])}")
+    if feature_set not in POLICY_FEATURE_SETS or tuple(names) != POLICY_FEATURE_SETS[feature_set]:
+        raise PolicyFileError(f"{where} records feature set {feature_set!r} with features {names}; this DQAR "
+                              f"knows the sets {({k: list(v) for k, v in POLICY_FEATURE_SETS.items()})}")
+    try:
+        max_age = json.loads(metadata.get("max_cache_age", "null"))
+    except json.JSONDecodeError:
+        max_age = None
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
+        raise PolicyFileError(f"{where} has max_cache_age {metadata.get('max_cache_age')!r} in its metadata; a v2 "
+                              "policy records the largest cache age it was trained on, an integer >= 1")
+    return feature_set, max_age

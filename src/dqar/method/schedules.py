@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DQARConfig
-from .policy import load_policy
+from .policy import history_features, load_policy
 from .stats import policy_features
 
 # Guards floor() against float error: (0.7 - 0.4) / 0.6 * 0.5 * 28 must give 7, not 6.
@@ -223,7 +223,13 @@ class IntervalSchedule(Schedule):
 
 
 class PolicySchedule(Schedule):
-    """The learned policy: p_reuse per layer from the five seed features, threshold and budget."""
+    """The learned policy: p_reuse per layer from its features, threshold and budget.
+
+    A v1 policy (the seed's five features) plans the layers with a measured entropy. A v2 policy also reads
+    each (layer, branch)'s cache age and the forecast error measured at its last compute (`history`, bound by
+    the controller), and plans only layers with such a measurement whose cache is at most as old as the
+    oldest it was trained on; a planned layer forecasts at the config's `forecast_order` (0 = copy).
+    """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
              "entropy_seed")
@@ -231,14 +237,37 @@ class PolicySchedule(Schedule):
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
         self.policy = policy
+        self.history = None          # ModuleHistory, set by the controller when uses_history
+        where = f"the policy {config.policy_path or '(shipped)'!r}"
+        if "attn" not in config.targets:
+            raise ValueError(f"{where} reads attention entropy, measured only on the attention target, but "
+                             f"targets={config.targets!r}; use targets that include 'attn'")
+        if policy.uses_history and config.mode == "kv":
+            raise ValueError(f"{where} has feature set {policy.feature_set!r}, which reads forecast errors of "
+                             "module outputs; mode='kv' keeps none: use mode='output'")
+
+    @property
+    def uses_history(self) -> bool:
+        return self.policy.uses_history
 
     def plan(self, step, branch, entropies):
         if self.in_warmup(step) or step.snr is None or not entropies:
             return frozenset()
-        layers = sorted(entropies)
-        feats = torch.tensor([policy_features(entropies[i], step.snr, step.latent_norm or 0.0, step.progress,
-                                              step.prompt_length) for i in layers], dtype=torch.float32)
-        mask = self.policy.reuse_mask(feats, num_layers=step.num_layers,
+        base = (step.snr, step.latent_norm or 0.0, step.progress, step.prompt_length)
+        layers, rows = [], []
+        for i in sorted(entropies):
+            row = policy_features(entropies[i], *base)
+            if self.policy.uses_history:
+                age = self.history.age(i, branch, step.step_index)
+                measured = self.history.measured(i, branch)
+                if age is None or measured is None or age > self.policy.max_cache_age:
+                    continue
+                row += history_features(age, *measured)
+            layers.append(i)
+            rows.append(row)
+        if not rows:
+            return frozenset()
+        mask = self.policy.reuse_mask(torch.tensor(rows, dtype=torch.float32), num_layers=step.num_layers,
                                       threshold=self.config.policy_threshold, budget=self.config.policy_budget)
         return frozenset(i for i, m in zip(layers, mask.tolist()) if m)
 

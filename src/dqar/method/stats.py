@@ -62,3 +62,8 @@ def policy_features(entropy: float, snr: float, norm: float, progress: float, pr
 
 
 POLICY_FEATURE_NAMES = ("entropy", "log_snr", "log_norm", "step_progress", "prompt_length")
+# Policy v2 (issue 17): the seed's five, then what a reusing run knows about each (layer, branch): the steps
+# since it last computed, log of the forecast error measured at that compute (the adaLN-gated effect of
+# dqar.method.error_control) and the cache age that error was measured at. Computed in dqar.method.policy.
+POLICY_FEATURE_NAMES_V2 = POLICY_FEATURE_NAMES + ("cache_age", "log_forecast_error", "error_age")
+POLICY_FEATURE_SETS = {"v1": POLICY_FEATURE_NAMES, "v2": POLICY_FEATURE_NAMES_V2}

@@ -1,0 +1,247 @@
+"""Policy v2 (issue 17): cache age and last forecast error as features, rows from runs that forecast."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dqar.harness.policy_v2 import (RefreshSchedule, feature_matrix_v2, fit_policy_v2, label_rows_v2,
+                                    trace_refresh_run)
+from dqar.method.config import DQARConfig
+from dqar.method.hooks import apply_dqar, remove_dqar
+from dqar.method.policy import FORMAT, FORMAT_V2, PolicyFileError, ReusePolicy, load_policy, save_policy
+from dqar.method.stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_NAMES_V2
+from dqar.sampling import sample
+
+LABELS, SEEDS, STEPS = [1, 2], [0, 1], 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _constant_policy(bias: float, max_cache_age: int = 3) -> ReusePolicy:
+    """p_reuse = sigmoid(bias) for every row: a v2 policy whose decisions are hand-checkable."""
+    policy = ReusePolicy(feature_set="v2", max_cache_age=max_cache_age)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()
+        policy.net[4].bias.fill_(bias)
+    return policy
+
+
+def _run(model, policy_file, **config):
+    """Images, summary, controller and, per step and branch, {planned layer: (cache age, measured error)}."""
+    ctl = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(policy_file), warmup=0.0,
+                                       targets=("attn", "mlp"), forecast_order=2, **config))
+    seen, plan = [], ctl.schedule.plan
+
+    def spy(step, branch, entropies):
+        out = plan(step, branch, entropies)
+        h = ctl.schedule.history
+        seen.append({i: (h.age(i, branch, step.step_index), h.measured(i, branch)) for i in out})
+        return out
+
+    ctl.schedule.plan = spy
+    try:
+        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        return images, ctl.summary(), ctl, seen
+    finally:
+        remove_dqar(model)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def test_v2_file_round_trip_records_its_feature_set_and_needs(tmp_path):
+    x = torch.randn(40, len(POLICY_FEATURE_NAMES_V2), generator=torch.Generator().manual_seed(0))
+    fit = fit_policy_v2(x, (x[:, 5] > 0).float(), [k % 4 for k in range(40)], max_cache_age=5, epochs=5)
+    st, js = save_policy(fit.policy, tmp_path / "v2.safetensors")
+    loaded = load_policy(st)
+    assert loaded.feature_set == "v2" and loaded.feature_names == POLICY_FEATURE_NAMES_V2
+    assert loaded.max_cache_age == 5 and loaded.uses_history
+    assert torch.equal(loaded(x), fit.policy(x))
+    with safe_open(str(st), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMAT_V2 and meta["feature_set"] == "v2"
+    assert json.loads(meta["feature_names"]) == list(POLICY_FEATURE_NAMES_V2)
+    card = json.loads(js.read_text())
+    assert card["format"] == FORMAT_V2 and card["feature_set"] == "v2" and card["max_cache_age"] == 5
+    assert card["feature_names"] == list(POLICY_FEATURE_NAMES_V2) and "forecast error" in card["needs"]
+    # The seed's 5-feature format is unchanged.
+    v1, _ = save_policy(ReusePolicy(), tmp_path / "v1.safetensors")
+    with safe_open(str(v1), framework="pt") as f:
+        assert f.metadata()["format"] == FORMAT and "feature_set" not in f.metadata()
+    assert load_policy(v1).feature_set == "v1" and not load_policy(v1).uses_history
+    assert load_policy().feature_names == POLICY_FEATURE_NAMES          # the shipped file stays loadable
+
+
+def _edit(src, dst, **meta_changes):
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"feature_names": json.dumps([*POLICY_FEATURE_NAMES, "cache_age", "log_forecast_error", "magic"])},
+     "needs features ['magic'] that this DQAR cannot compute"),
+    ({"feature_set": "v3"}, "records feature set 'v3'"),
+    ({"max_cache_age": "0"}, "has max_cache_age '0' in its metadata"),
+    ({"max_cache_age": "null"}, "has max_cache_age 'null' in its metadata"),
+    ({"format": "dqar-policy/9"}, "has format 'dqar-policy/9', expected 'dqar-policy/1' or 'dqar-policy/2'"),
+])
+def test_a_v2_file_this_code_cannot_supply_raises_naming_file_and_feature(tmp_path, changes, message):
+    good, _ = save_policy(_constant_policy(0.0), tmp_path / "good.safetensors")
+    bad = _edit(good, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(PolicyFileError) as exc:
+        load_policy(bad)
+    assert str(bad) in str(exc.value) and message in str(exc.value)
+
+
+def test_a_v1_format_file_with_v2_features_is_refused(tmp_path):
+    good, _ = save_policy(_constant_policy(0.0), tmp_path / "good.safetensors")
+    bad = _edit(good, tmp_path / "v1v2.safetensors", format=FORMAT)
+    with pytest.raises(PolicyFileError, match=r"v1v2\.safetensors.*8 features, but this DQAR computes 5"):
+        load_policy(bad)
+
+
+def test_saving_a_v2_policy_without_its_max_age_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_cache_age=None is not allowed for a v2 policy"):
+        save_policy(ReusePolicy(feature_set="v2"), tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="feature_set='v9' is not allowed"):
+        ReusePolicy(feature_set="v9")
+
+
+# ------------------------------------------------------------------------------------------------ in use
+
+def test_v2_forecasts_by_age_and_never_past_its_max_age(model, baseline, tmp_path):
+    """An always-yes policy with max age 2: steps 0-2 fill the order-2 history, then every layer forecasts
+    two steps and computes the third (ages 1, 2 forecast; age 3 > 2 computes)."""
+    path, _ = save_policy(_constant_policy(10.0, max_cache_age=2), tmp_path / "yes.safetensors")
+    images, summary, ctl, seen = _run(model, path)
+    layers, branches = model.config.depth, 2
+    forecast_steps = [s for s in range(STEPS) if s >= 3 and (s - 3) % 3 != 2]
+    per_step = [layers * branches * 2 if s in forecast_steps else 0 for s in range(STEPS)]   # attn + mlp
+    assert summary["events_per_step"] == per_step
+    assert not torch.equal(images, baseline)
+    # What the schedule read: planned layers are 1 or 2 steps old and have a measured error.
+    ages = {a for plans in seen for a, _ in plans.values()}
+    assert ages == {1, 2} and all(m is not None for plans in seen for _, m in plans.values())
+    # A second generation starts from nothing: same images, same events.
+    images2, summary2, _, _ = _run(model, path)
+    assert torch.equal(images, images2) and summary2["events_per_step"] == per_step
+
+
+def test_v2_never_forecasting_restores_the_baseline(model, baseline, tmp_path):
+    path, _ = save_policy(_constant_policy(-10.0), tmp_path / "no.safetensors")
+    images, summary, _, _ = _run(model, path)
+    assert summary["reuse_events"] == 0
+    assert torch.equal(images, baseline)
+
+
+def test_the_history_error_is_error_control_measurement_summed_over_targets(model, tmp_path):
+    path, _ = save_policy(_constant_policy(10.0, max_cache_age=2), tmp_path / "yes.safetensors")
+    ctl = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(path), warmup=0.0,
+                                       targets=("attn", "mlp"), forecast_order=2))
+    try:
+        ctl.begin_step(0, STEPS)
+        assert ctl.needs_effect and ctl.history is ctl.schedule.history
+        sample(model, LABELS, SEEDS, steps=STEPS - 1, cfg_scale=2.0)       # ends at step 10, state still there
+        errors = list(ctl.effect_meter.errors)                # (step, layer, branch, target, age, error)
+        history = dict(ctl.history.error), dict(ctl.history.last_compute)
+        ctl.begin_step(0, STEPS)                              # a new generation forgets it all
+        assert not ctl.history.last_compute and not ctl.history.error and not ctl.effect_meter.errors
+    finally:
+        remove_dqar(model)
+    assert errors and {e[3] for e in errors} == {"attn", "mlp"}
+    # 11 steps: computes at 0, 1, 2, 5, 8; the last error was measured at step 8, age 3.
+    assert set(history[1].values()) == {8}
+    for (layer, branch), (error, age) in history[0].items():
+        mine = [e for e in errors if e[0] == 8 and e[1] == layer and e[2] == branch]
+        assert len(mine) == 2 and age == 3 == mine[0][4]
+        assert error == pytest.approx(mine[0][5] + mine[1][5], rel=1e-12)
+    assert len(history[0]) == model.config.depth * 2
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"targets": ("block",)}, "reads attention entropy, measured only on the attention target"),
+    ({"mode": "kv", "targets": ("attn",), "forecast_order": 0}, "mode='kv' keeps none"),
+])
+def test_v2_where_its_features_cannot_be_measured_is_refused(model, tmp_path, config, message):
+    path, _ = save_policy(_constant_policy(0.0), tmp_path / "p.safetensors")
+    base = dict(schedule="policy", policy_path=str(path), warmup=0.0, targets=("attn", "mlp"), forecast_order=2)
+    with pytest.raises(ValueError, match=message):
+        apply_dqar(model, DQARConfig(**{**base, **config}))
+
+
+# ------------------------------------------------------------------------------------------------ training rows
+
+def test_refresh_runs_give_rows_whose_harm_is_the_measured_error(model):
+    rows = trace_refresh_run(model, LABELS, SEEDS, p_forecast=0.6, max_age=3, run_seed=4, steps=STEPS,
+                             cfg_scale=2.0)
+    assert rows and {r["branch"] for r in rows} == {"cond", "uncond"}
+    assert {int(r["cache_age"]) for r in rows} <= {1, 2, 3} and max(r["cache_age"] for r in rows) > 1
+    assert all(r["harm_age"] == r["cache_age"] and r["harm"] >= 0 for r in rows)
+    assert all(r["step"] >= 3 for r in rows)          # order 2: three computes before a forecast is possible
+    again = trace_refresh_run(model, LABELS, SEEDS, p_forecast=0.6, max_age=3, run_seed=4, steps=STEPS,
+                              cfg_scale=2.0)
+    assert again == rows                                 # seeded, and nothing carried over
+    never = trace_refresh_run(model, LABELS, SEEDS, p_forecast=0.0, max_age=3, run_seed=4, steps=STEPS,
+                              cfg_scale=2.0)
+    assert {r["cache_age"] for r in never} == {1.0} and never[0]["reuse_fraction"] == 0.0
+    x, y = feature_matrix_v2(rows), label_rows_v2(rows, 0.05)
+    assert x.shape == (len(rows), 8) and set(y.tolist()) <= {0.0, 1.0}
+
+
+def test_refresh_schedule_rejects_bad_settings():
+    config = DQARConfig()
+    with pytest.raises(ValueError, match="p_forecast=1.5 is not allowed"):
+        RefreshSchedule(config, 1.5, 3, 0)
+    with pytest.raises(ValueError, match="max_age=0 is not allowed"):
+        RefreshSchedule(config, 0.5, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+def test_train_policy_v2_end_to_end_writes_a_loadable_v2_policy(tmp_path):
+    from dqar.cli import main
+
+    out = tmp_path / "v2"
+    rc = main(["train-policy", "--features", "v2", "--model", "DiT-Tiny", "--out", str(out), "--n-runs", "2",
+               "--per-class", "1", "--steps", "8", "--epochs", "20", "--cfg-scale", "1.5", "--max-age", "3",
+               "--no-progress", "--val-fraction", "0.5"])
+    assert rc == 0
+    policy = load_policy(out / "policy_digits.safetensors")
+    assert policy.feature_set == "v2" and 1 <= policy.max_cache_age <= 3
+    card = json.loads((out / "policy_digits.json").read_text())
+    assert card["feature_names"] == list(POLICY_FEATURE_NAMES_V2) and "--features v2" in card["command"]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert rows and {r["run"] for r in rows} == {0, 1} and {"harm", "label"} <= set(rows[0])
+    again = tmp_path / "again"
+    assert main(["train-policy", "--features", "v2", "--model", "DiT-Tiny", "--out", str(again), "--n-runs", "2",
+                 "--per-class", "1", "--steps", "8", "--epochs", "20", "--cfg-scale", "1.5", "--max-age", "3",
+                 "--no-progress", "--val-fraction", "0.5", "--from", str(out)]) == 0
+    assert torch.equal(load_policy(again / "policy_digits.safetensors").net[0].weight, policy.net[0].weight)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-age", "3"], "--max-age applies only to --features v2"),
+    (["--features", "v2", "--p-forecast", "0.5,2"], "--p-forecast='0.5,2' is not allowed"),
+    (["--features", "v2", "--n-runs", "1"], "--n-runs=1 is not allowed: must be >= 2"),
+    (["--features", "v2", "--label-tolerance", "-1"], "--label-tolerance=-1.0 is not allowed"),
+    (["--features", "v2", "--forecast-order", "3"], "--forecast-order=3 is not allowed"),
+])
+def test_train_policy_v2_bad_values_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    from dqar.cli import main
+
+    assert main(["train-policy", "--model", "DiT-Tiny", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
