@@ -69,12 +69,18 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
         from huggingface_hub.errors import HfHubHTTPError
     except ImportError:  # older huggingface_hub: its HTTP errors are OSErrors already
         HfHubHTTPError = OSError
+    if path.is_dir():
+        _check_model_index(path, spec)
     try:
         pipe = DiffusionPipeline.from_pretrained(spec)
     except (OSError, ConnectionError, HfHubHTTPError) as exc:
         if path.is_dir():
             raise HubModelError(f"cannot load diffusers folder {spec!r}: {exc}") from exc
         raise HubModelError(_offline_message(spec, exc)) from exc
+    except ValueError as exc:
+        # diffusers' own complaint (a component missing or of the wrong class), kept to its first line.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HubModelError(f"cannot load diffusers pipeline {spec!r}: {first}") from exc
     name = type(pipe).__name__
     if name in VIDEO_PIPELINES:
         raise HubModelError(f"model {spec!r} is a {name}, a video pipeline: dqar sample/bench write images, not "
@@ -92,6 +98,24 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
     pipe = pipe.to(device=device, dtype=DTYPES[dtype])
     check_finite_weights(pipe, spec)
     return pipe
+
+
+def _check_model_index(path: Path, spec: str) -> None:
+    """A folder's model_index.json must be JSON naming a scheduler: DQAR reads the denoising steps from it."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HubModelError(f"folder {spec!r}: model_index.json is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(index, dict):
+        raise HubModelError(f"folder {spec!r}: model_index.json is not a JSON object")
+    entry = index.get("scheduler")
+    if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        name = index.get("_class_name", "pipeline")
+        raise HubModelError(f"folder {spec!r}: its {name} has no scheduler (model_index.json 'scheduler' is "
+                            f"{entry!r}), and DQAR reads the denoising steps from it; save the pipeline with its "
+                            "scheduler (pipe.save_pretrained(folder))")
 
 
 def check_finite_weights(pipe, spec: str) -> None:
