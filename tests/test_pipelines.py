@@ -10,7 +10,9 @@ import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.cli import main
+from dqar.method.hooks import get_step_driver
 from dqar.models import hub
+from hub_fixtures import build_tiny_pixart_pipeline
 
 pf = pytest.importorskip("pipeline_fixtures")
 
@@ -20,11 +22,15 @@ REUSE = ["--schedule", "static", "--warmup", "0", "--layers", "1"]
 FAMILIES = {
     "sd3": (pf.build_tiny_sd3_pipeline, ["--max-sequence-length", "8"]),
     "flux": (pf.build_tiny_flux_pipeline, ["--height", "16", "--width", "16", "--max-sequence-length", "8"]),
+    # FLUX.1-schnell's shape: no guidance embedding.
+    "flux-schnell": (lambda folder: pf.build_tiny_flux_pipeline(folder, guidance=False),
+                     ["--height", "16", "--width", "16", "--max-sequence-length", "8"]),
+    "pixart-sigma": (lambda folder: build_tiny_pixart_pipeline(folder, sigma=True), ["--max-sequence-length", "8"]),
     "sana": (pf.build_tiny_sana_pipeline, ["--max-sequence-length", "8"]),
     "hunyuandit": (pf.build_tiny_hunyuandit_pipeline, []),
 }
-CLASS_NAMES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
-               "hunyuandit": "HunyuanDiTPipeline"}
+CLASS_NAMES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-schnell": "FluxPipeline",
+               "sana": "SanaPipeline", "hunyuandit": "HunyuanDiTPipeline", "pixart-sigma": "PixArtSigmaPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +61,18 @@ def test_cli_samples_the_pipeline_reuse_fires_and_repeats(name, folders, tmp_pat
     assert not np.array_equal(cached, plain)          # reuse changed pixels
     np.testing.assert_array_equal(cached, again)      # nothing survived from the first run into the second
     identity = json.loads((tmp_path / "dqar" / "run.json").read_text())["identity"]
-    assert identity["kind"] == "text" and identity["sampler"] == "pipeline" and identity["prompts"] == PROMPTS
+    # PixArt keeps its kind and DDIM default from before the other families came
+    expected = ("pixart", "ddim") if name == "pixart-sigma" else ("text", "pipeline")
+    assert (identity["kind"], identity["sampler"]) == expected and identity["prompts"] == PROMPTS
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_hub_generate_per_image_seeds_and_remove_restores(name, folders):
     pipe = hub.load_pipeline(str(folders[name]))
-    assert type(pipe).__name__ == CLASS_NAMES[name] and hub.pipeline_kind(pipe) == "text"
+    assert type(pipe).__name__ == CLASS_NAMES[name]
+    assert hub.pipeline_kind(pipe) == ("pixart" if name == "pixart-sigma" else "text")
     kw = {"max_sequence_length": 8} if name != "hunyuandit" else {}
-    if name == "flux":
+    if name.startswith("flux"):
         kw.update(height=16, width=16)
     plain = hub.generate(pipe, [3, 4], prompts=PROMPTS, steps=3, cfg_scale=4.0, **kw)
     alone = hub.generate(pipe, [4], prompts=PROMPTS[1:], steps=3, cfg_scale=4.0, **kw)
@@ -91,3 +100,21 @@ def test_cli_bench_times_a_pipeline_against_its_uncached_self(name, extra, folde
     # Scored against the uncached run without an evaluator: reuse changed pixels, so PSNR is finite.
     assert record["quality"]["psnr"] is not None and 0 < record["quality"]["ssim"] < 1
     assert record["quality"]["accuracy"] is None and record["ideal_speedup"] > 1
+
+
+def test_flux_distilled_guidance_and_true_cfg_are_separate_knobs(folders):
+    pipe = hub.load_pipeline(str(folders["flux"]))
+    kw = dict(prompts=PROMPTS[:1], steps=2, max_sequence_length=8, height=16, width=16)
+    base = hub.generate(pipe, [1], cfg_scale=1.0, **kw)
+    assert torch.equal(base, hub.generate(pipe, [1], cfg_scale=1.0, guidance_scale=3.5, **kw))   # the default
+    assert not torch.equal(base, hub.generate(pipe, [1], cfg_scale=1.0, guidance_scale=1.0, **kw))
+    true_cfg = hub.generate(pipe, [1], cfg_scale=3.0, negative_prompt="dog", **kw)
+    assert not torch.equal(base, true_cfg)
+    ctl = apply_dqar(pipe, DQARConfig(schedule="static", warmup=0.0, layer_fraction=1.0))
+    try:
+        hub.generate(pipe, [1], cfg_scale=3.0, negative_prompt="dog", controller=ctl, **kw)
+        assert get_step_driver(pipe).call_branches == ("cond", "uncond")       # two calls per step, two branches
+        hub.generate(pipe, [1], cfg_scale=1.0, controller=ctl, **kw)
+        assert get_step_driver(pipe).call_branches is None                       # learned anew per generation
+    finally:
+        remove_dqar(pipe)
