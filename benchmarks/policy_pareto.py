@@ -1,189 +1,129 @@
-"""Learned policy vs static schedule on the embedded digits DiT: speed/quality points and the Pareto question.
+"""Policy v1 vs policy v2 vs fixed intervals on the shipped embedded DiT, with forecast_pareto's protocol.
 
-    python benchmarks/policy_pareto.py [--n-images 100] [--steps 50] [--thresholds 0.3,0.5,0.7,0.9]
-        [--policy-warmup 0.2] [--static-warmups 0.2,0.4] [--static-layers 0.33,0.66,1.0]
-        [--time-images 5 --time-rounds 2] [--json out/policy_pareto.json] [--threads 2]
+Each policy point is `forecast_pareto.run_one` on the same 100 images (10 per class, seeds 0-99, DDIM 50, CFG
+1.5, one batch): work = executed share of attention+MLP calls (`count_module_calls`), PSNR and FID vs the
+uncached images of the same seeds. Both policies run with the same reuse machinery: targets attention+MLP,
+order-2 forecasts (a planned layer forecasts from its history instead of copying), no warmup. Rows are
+appended to --rows as they finish (a rerun skips finished names); the table puts them next to the
+fixed-interval rows of --fixed (read only) and marks the (lower work, higher PSNR) front.
 
-Every configuration samples the same `--n-images` (class k % 10, seed k: seeds the policy never saw in
-training, which used 10000+) and is scored against the uncached images of the same seeds: FID in the
-evaluator's penultimate features (`EvaluatorFeatures`), PSNR, and the ideal speedup from the controller's FLOP
-accounting (`summary()["ideal_speedup"]`, combined over batches as total FLOPs / computed FLOPs). With
-`--time-rounds > 0` the wall-clock speedup is also measured on `--time-images` images, all configurations and
-the baseline interleaved (dqar.harness.timing.interleaved_timing, median of the rounds).
-A point is "dominated" when some point of the other family is at least as fast (ideal speedup) and at least as
-good (lower FID and higher PSNR), better in one of them.
+    python benchmarks/policy_pareto.py --policy v1=shipped --thresholds 0.3,0.5,0.7,0.9
+    python benchmarks/policy_pareto.py --policy v2=runs/policy_v2/policy_digits.safetensors --thresholds 0.3,0.5,0.7,0.9
+    python benchmarks/policy_pareto.py --table-only          # the table from the rows already measured
+
+Quality only (no timing; see benchmarks/policy_speed.py), so it may share the machine.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
-import torch
-
-from dqar.method.config import DQARConfig
-from dqar.digits.embedded import load_embedded_model, load_evaluator, model_card
-from dqar.harness.metrics import EvaluatorFeatures, feature_stats, frechet_distance_from_stats, psnr
-from dqar.harness.timing import interleaved_timing
-from dqar.method.hooks import apply_dqar, remove_dqar
-from dqar.sampling import sample
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-images", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--batch", type=int, default=50, help="images per sampling call (the policy decides per call)")
-    p.add_argument("--policy", default=None, help="policy file (default: the shipped one)")
-    p.add_argument("--weights", default=None, help="DiT weights file (default: the shipped embedded model)")
-    p.add_argument("--evaluator", default=None, help="evaluator weights file (default: the shipped one)")
-    p.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
-    p.add_argument("--policy-warmup", type=float, default=0.2,
-                   help="warmup under the policy (every schedule keeps one; default 0.2)")
-    p.add_argument("--static-warmups", default="0.2,0.4")
-    p.add_argument("--static-layers", default="0.33,0.66,1.0")
-    p.add_argument("--time-images", type=int, default=5)
-    p.add_argument("--time-rounds", type=int, default=2, help="0 skips the wall-clock timing")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="write every point to this JSON file")
-    return p.parse_args(argv)
-
-
-def configs(args) -> dict[str, DQARConfig]:
-    out = {}
-    for w in floats(args.static_warmups):
-        for l in floats(args.static_layers):
-            out[f"static w{w:g} l{l:g}"] = DQARConfig(schedule="static", warmup=w, layer_fraction=l)
-    for thr in floats(args.thresholds):
-        out[f"policy w{args.policy_warmup:g} thr{thr:g}"] = DQARConfig(
-            schedule="policy", warmup=args.policy_warmup, policy_threshold=thr, policy_path=args.policy)
-    return out
-
-
-@torch.no_grad()
-def generate(model, config, labels, seeds, steps, cfg_scale, batch):
-    """Images, and the combined ideal speedup / reuse fraction over the batches (None for the baseline)."""
-    chunks, flops_total, flops_computed, reused, decided = [], 0.0, 0.0, 0, 0
-    for i in range(0, len(labels), batch):
-        ctl = apply_dqar(model, config) if config is not None else None
-        try:
-            chunks.append(sample(model, labels[i:i + batch], seeds[i:i + batch], steps=steps, cfg_scale=cfg_scale))
-            if ctl is not None:
-                s = ctl.summary()
-                # Every batch has the same FLOP total F; its ideal speedup is F / computed, so summing
-                # F / speedup gives the computed FLOPs of the whole run.
-                n = len(labels[i:i + batch])
-                flops_total += n
-                flops_computed += n / s["ideal_speedup"]
-                reused += s["reuse_events"]
-                decided += s["reuse_events"] + s["compute_events"]
-        finally:
-            if ctl is not None:
-                remove_dqar(model)
-    ideal = flops_total / flops_computed if flops_computed else None
-    return torch.cat(chunks), ideal, (reused / decided if decided else None)
-
-
-def dominated(point: dict, others: list[dict]) -> list[str]:
-    """Names of the points in `others` that are at least as fast and as good, strictly better in one."""
+def contenders(policies: dict, thresholds: list, order: int, warmup: float) -> list:
     out = []
-    for o in others:
-        ge = (o["ideal_speedup"] >= point["ideal_speedup"] and o["fid"] <= point["fid"]
-              and o["psnr"] >= point["psnr"])
-        gt = (o["ideal_speedup"] > point["ideal_speedup"] or o["fid"] < point["fid"] or o["psnr"] > point["psnr"])
-        if ge and gt:
-            out.append(o["name"])
+    for tag, path in policies.items():
+        for t in thresholds:
+            out.append((f"policy-{tag}-thr{t:g}-attn+mlp-o{order}-w{warmup:g}",
+                        dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
+                             warmup=warmup, targets=("attn", "mlp"), forecast_order=order)))
     return out
 
 
-def time_points(model, cfgs, args, cfg_scale) -> dict[str, float]:
-    """Wall-clock speedup of each configuration over the uncached model, all interleaved.
-
-    Each configuration gets its own hooked copy of the model, attached once: attaching profiles the FLOPs
-    on the first forward, which the warm-up run absorbs instead of every timed run.
-    """
-    labels = [k % 10 for k in range(args.time_images)]
-    seeds = list(range(args.time_images))
-    contenders = {"baseline": lambda: sample(model, labels, seeds, steps=args.steps, cfg_scale=cfg_scale)}
-    hooked = []
-    for name, cfg in cfgs.items():
-        m = copy.deepcopy(model)
-        apply_dqar(m, cfg)
-        hooked.append(m)
-        contenders[name] = lambda m=m: sample(m, labels, seeds, steps=args.steps, cfg_scale=cfg_scale)
-    try:
-        res = interleaved_timing(contenders, rounds=args.time_rounds, warmup_runs=1, measure_memory=False)
-    finally:
-        for m in hooked:
-            remove_dqar(m)
-    base = res["baseline"].median
-    return {name: base / r.median for name, r in res.items() if name != "baseline"} | {"_baseline_s": base}
+def read_rows(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, evaluator = load_embedded_model(args.weights), load_evaluator(args.evaluator)
-    if args.cfg_scale is not None:
-        cfg_scale = args.cfg_scale
-    else:
-        card = Path(args.weights).with_name("dit_digits.json") if args.weights else None
-        cfg_scale = float(model_card(card).get("recommended_cfg_scale", 1.5))
-    labels = [k % 10 for k in range(args.n_images)]
-    seeds = list(range(args.n_images))
-    extract = EvaluatorFeatures(evaluator)
-    start = time.perf_counter()
-    ref, _, _ = generate(model, None, labels, seeds, args.steps, cfg_scale, args.batch)
-    ref_stats = feature_stats(extract(ref), "uncached features")
-    print(f"baseline: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    cfgs = configs(args)
-    points = []
-    for name, cfg in cfgs.items():
-        t0 = time.perf_counter()
-        imgs, ideal, frac = generate(model, cfg, labels, seeds, args.steps, cfg_scale, args.batch)
-        fid = frechet_distance_from_stats(feature_stats(extract(imgs), name), ref_stats)
-        points.append({"name": name, "family": name.split()[0], "config": cfg.to_dict(), "ideal_speedup": ideal,
-                       "reuse_fraction": frac, "fid": fid, "psnr": psnr(imgs, ref)})
-        print(f"{name}: ideal {ideal:.3f}x, reuse {frac:.3f}, FID {fid:.3f}, PSNR {points[-1]['psnr']:.2f} dB "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    measured = {}
-    if args.time_rounds > 0:
-        measured = time_points(model, cfgs, args, cfg_scale)
-    for p in points:
-        p["measured_speedup"] = measured.get(p["name"])
-        p["dominated_by"] = dominated(p, [o for o in points if o["family"] != p["family"]])
+def table(policy_rows: list, fixed_rows: list) -> str:
+    """Markdown: every policy row and the fixed-interval rows, by work; * = on the joint front."""
+    rows = policy_rows + [r for r in fixed_rows if r["name"].startswith("interval")]
+    best, front = -float("inf"), set()
+    for r in sorted(rows, key=lambda r: (r["work"], -r["psnr_db"])):
+        if r["psnr_db"] > best:
+            front.add(r["name"])
+            best = r["psnr_db"]
+    lines = ["| contender | work | PSNR dB | FID vs uncached |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["work"]):
+        lines.append(f"| {r['name']}{' *' if r['name'] in front else ''} | {r['work']:.3f} | {r['psnr_db']:.2f} | "
+                     f"{r['fid_vs_uncached']:.4f} |")
+    return "\n".join(lines)
 
-    lines = ["| point | ideal speedup | measured speedup | reuse fraction | FID vs uncached | PSNR (dB) | dominated by |",
-             "|---|---|---|---|---|---|---|"]
-    for p in points:
-        ms = f"{p['measured_speedup']:.2f}x" if p["measured_speedup"] else "n/a"
-        lines.append(f"| {p['name']} | {p['ideal_speedup']:.3f}x | {ms} | {p['reuse_fraction']:.3f} | {p['fid']:.3f} "
-                     f"| {p['psnr']:.2f} | {', '.join(p['dominated_by']) or '-'} |")
-    table = "\n".join(lines)
-    print(table)
-    result = {"date": date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "n_images": args.n_images, "steps": args.steps, "sampler": "ddim", "cfg_scale": cfg_scale,
-              "batch": args.batch, "time_images": args.time_images, "time_rounds": args.time_rounds,
-              "weights": args.weights or "shipped", "policy": args.policy or "shipped",
-              "baseline_time_s": measured.get("_baseline_s"), "points": points,
-              "wall_s": time.perf_counter() - start, "command": " ".join(["python benchmarks/policy_pareto.py",
-                                                                            *(argv if argv is not None else sys.argv[1:])])}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", action="append", default=[],
+                   help="TAG=FILE (or TAG=shipped for the package's policy); repeatable")
+    p.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
+    p.add_argument("--order", type=int, default=2, help="forecast order of a planned layer (default 2)")
+    p.add_argument("--warmup", type=float, default=0.0, help="warmup under the policy (default 0)")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--rows", type=Path, default=ROOT / "docs/policy/v2_rows.jsonl")
+    p.add_argument("--fixed", type=Path, default=ROOT / "docs/forecast/rows.jsonl",
+                   help="forecast_pareto's rows (read only): the fixed-interval contenders")
+    p.add_argument("--reference-cache", type=Path, default=None,
+                   help="safetensors file holding the uncached images (written if missing)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    policies = {}
+    for item in args.policy:
+        tag, sep, path = item.partition("=")
+        if not sep or not tag or not path:
+            p.error(f"--policy={item!r} is not allowed: TAG=FILE or TAG=shipped")
+        policies[tag] = path
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    if not all(0.0 <= t <= 1.0 for t in thresholds):
+        p.error(f"--thresholds={args.thresholds!r} is not allowed: numbers in [0, 1]")
+    if not args.table_only:
+        measure(args, policies, thresholds)
+    print(table(read_rows(args.rows), read_rows(args.fixed)))
     return 0
 
 
+def measure(args, policies: dict, thresholds: list) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(HERE))
+    from forecast_pareto import run_one
+
+    from dqar.digits.embedded import load_embedded_model, load_evaluator
+    from dqar.harness.metrics import EvaluatorFeatures
+    from dqar.sampling import sample
+
+    torch.set_num_threads(args.threads)
+    model = load_embedded_model()
+    labels = [c for c in range(10) for _ in range(args.per_class)]
+    seeds = list(range(len(labels)))
+    features = EvaluatorFeatures(load_evaluator())
+    done = {r["name"] for r in read_rows(args.rows)}
+    todo = [c for c in contenders(policies, thresholds, args.order, args.warmup) if c[0] not in done]
+    if not todo:
+        return
+    cache = args.reference_cache
+    if cache is not None and cache.exists():
+        reference = load_file(str(cache))["images"]
+    else:
+        reference = sample(model, labels, seeds, steps=args.steps, cfg_scale=args.cfg_scale)
+        if cache is not None:
+            save_file({"images": reference.contiguous()}, str(cache))
+    args.rows.parent.mkdir(parents=True, exist_ok=True)
+    for spec in todo:
+        row = run_one(model, labels, seeds, args.steps, args.cfg_scale, reference, features, "dqar", spec, "cpu")
+        row["policy_file"] = policies[spec[0].split("-")[1]]
+        with args.rows.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['name']}: work {row['work']:.3f} PSNR {row['psnr_db']:.2f} dB FID {row['fid_vs_uncached']:.4f} "
+              f"({row['wall_s']:.0f} s)", flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
