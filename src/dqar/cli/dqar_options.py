@@ -124,7 +124,7 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "gate-with": ("gate_with", _optional_str, "AND the gate with: none | static | depth (--schedule gate only)"),
     "cfg-sharing": ("cfg_sharing", _bool, "uncond reuses cond's fresh output when entropies are close"),
     "cfg-sharing-eps": ("cfg_sharing_eps", _float, "entropy difference below which branches share"),
-    "targets": ("targets", _targets, "what to reuse: attn | attn,mlp | mlp | block (the whole block's residual)"),
+    "targets": ("targets", _targets, "what to reuse: attn | attn,mlp | mlp | block (each block's residual) | stack (one residual for all blocks)"),
     "forecast-order": ("forecast_order", _int,
                        "0 reuses the last output; 1 | 2 extrapolate from the last 2 | 3 computed"),
     "interval": ("interval", _int, "interval schedule: compute every N-th step after warmup"),

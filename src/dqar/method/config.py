@@ -15,7 +15,9 @@ SCHEDULES = ("none", "static", "depth", "gate", "policy", "interval", "adaptive"
 ORDERS = ("shallow", "deep", "random")
 SNR_FORMS = ("schedule", "x0")
 GATE_WITH = (None, "static", "depth")
-TARGETS = ("attn", "mlp", "block")
+TARGETS = ("attn", "mlp", "block", "stack")
+# Schedules that decide for a whole step at once, the only ones the stack target can follow.
+STACK_SCHEDULES = ("none", "interval", "adaptive")
 FORECAST_ORDERS = (0, 1, 2)
 CACHE_BITS = (16, 8, 4)
 GRANULARITIES = ("tensor", "channel", "token")
@@ -73,7 +75,10 @@ class DQARConfig:
                recomputes Q and attention (the seeds' failure mode, kept to show it).
     targets    which outputs are cached: "attn" and/or "mlp" (the module output before its adaLN gate), or
                "block" alone (the whole block's residual, output - input: a reuse skips the block's
-               attention, MLP, adaLN modulation and norms).
+               attention, MLP, adaLN modulation and norms), or "stack" alone (one residual for the whole
+               chain of blocks, last output - first input: a reuse skips every block at once; the same
+               images as "block" under a schedule that decides per step, with 1/L of its history; needs
+               schedule "none", "interval" or "adaptive", dqar.method.stack).
     forecast_order  0 reuses the last computed output; 1 / 2 extrapolate from the last 2 / 3 computed
                outputs of that module and branch (Newton divided differences over their step positions,
                dqar.method.forecast); too little history yet means compute (summary()["short_history"]).
@@ -184,9 +189,13 @@ class DQARConfig:
             _fail("targets", t, f"must be a non-empty tuple of distinct names from {', '.join(TARGETS)}")
         if self.mode == "kv" and t != ("attn",):
             _fail("targets", t, "mode='kv' caches attention keys/values only; use targets=('attn',)")
-        if "block" in t and len(t) > 1:
-            _fail("targets", t, "'block' caches the whole block's residual, attention and MLP included; "
-                                "use targets=('block',) alone")
+        for whole in ("block", "stack"):
+            if whole in t and len(t) > 1:
+                _fail("targets", t, f"'{whole}' caches the whole {whole}'s residual, attention and MLP included; "
+                                    f"use targets=('{whole}',) alone")
+        if t == ("stack",) and self.schedule not in STACK_SCHEDULES:
+            _fail("targets", t, f"the stack target skips every block at once, so it follows a schedule that decides "
+                                f"per step: {', '.join(STACK_SCHEDULES)} (schedule={self.schedule!r} decides per layer)")
         if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
             _fail("forecast_order", self.forecast_order, "must be 0 (reuse the last output), 1 or 2 (extrapolate "
                                                          "from the last 2 or 3 computed outputs)")

@@ -59,13 +59,15 @@ class FlopProfiler:
         self._uncounted += self.counter.get_total_flops() - before
         return out
 
-    def module_call(self, target: str, layer: int, run: Callable[[], object], kv_flops: float | None = None):
-        """Run one hooked module inside a measured forward and record its per-branch FLOPs."""
+    def module_call(self, target: str, layer: int, run: Callable[[], object], kv_flops: float | None = None,
+                    accumulate: bool = False):
+        """Run one hooked module inside a measured forward and record its per-branch FLOPs (added to what the
+        entry holds with `accumulate`: the stack target's one entry gathers every block)."""
         before, uncounted_before = self.counter.get_total_flops(), self._uncounted
         out = run()
         per_branch = 1.0 / self._branches
         own = self.counter.get_total_flops() - before - (self._uncounted - uncounted_before)
-        self._acc[(target, layer)] = own * per_branch
+        self._acc[(target, layer)] = own * per_branch + (self._acc.get((target, layer), 0.0) if accumulate else 0.0)
         if kv_flops is not None:
             self._acc[("kv", layer)] = kv_flops * per_branch
         return out

@@ -22,6 +22,7 @@ from .flops import FlopProfiler
 from .layouts import BlockLayout, find_layout
 from .probes import BlockProbe
 from .root import _MISSING, RootHook, _restore_attr, watch_prompt
+from .stack import StackHook, StackState, stack_problem
 from .step import HOOK_ATTR, StepDriver
 from .target import TargetHook
 
@@ -76,6 +77,10 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     ctl = DQARController(config, num_layers=len(blocks))
     driver, flops = StepDriver(ctl), FlopProfiler()
     wrapped, restore = [], []
+    if config.targets == ("stack",):
+        state = StackState(len(blocks))
+        wrapped += [_replace_forward(block, StackHook(ctl, flops, i, block, state)) for i, block in enumerate(blocks)]
+        per_block = []          # nothing else is wrapped
     for layer, (block, modules) in enumerate(zip(blocks, per_block)):
         probe = BlockProbe(block, layout) if ctl.needs_effect else None
         if probe is not None:
@@ -98,6 +103,12 @@ def _is_compiled(model) -> bool:
 def _check_targets(config: DQARConfig, layout: BlockLayout, model, per_block) -> None:
     """Every requested target exists somewhere, and K/V mode only where attention is plain SDPA."""
     name = type(model).__name__
+    if config.targets == ("stack",):
+        problem = stack_problem(layout, layout.blocks(model), model)
+        if problem is not None:
+            raise ValueError(f"DQARConfig.targets=('stack',) cannot run on {name}: {problem}; the stack target needs "
+                             "one chain of single-tensor blocks (use targets=('block',))")
+        return
     for target in config.targets:
         if not any(target in modules for modules in per_block):
             raise ValueError(f"DQARConfig.targets has {target!r}, but no block of {name} has one (looked for "
