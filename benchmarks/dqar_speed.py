@@ -41,6 +41,10 @@ CONFIGS = {
                                                         targets=("block",), forecast_order=2)),
     "block3o2w0": ("interval 3 block, order 2, no warmup", DQARConfig(schedule="interval", interval=3, warmup=0.0,
                                                                     targets=("block",), forecast_order=2)),
+    "stack3o2w0": ("interval 3 stack, order 2, no warmup", DQARConfig(schedule="interval", interval=3, warmup=0.0,
+                                                                    targets=("stack",), forecast_order=2)),
+    "stack4o2w0": ("interval 4 stack, order 2, no warmup", DQARConfig(schedule="interval", interval=4, warmup=0.0,
+                                                                    targets=("stack",), forecast_order=2)),
     "adaptive0.3": ("adaptive (step scope) tolerance 0.3 block, order 2", DQARConfig(
         schedule="adaptive", tolerance=0.3, max_age=6, warmup=0.0, targets=("block",), forecast_order=2)),
     "adaptive0.2": ("adaptive (step scope) tolerance 0.2 block, order 2", DQARConfig(

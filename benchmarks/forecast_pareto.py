@@ -40,13 +40,35 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                                            forecast_order=order)))
         out.append(("static-seed", dict(schedule="static", warmup=0.4, layer_fraction=0.33)))
         out.append(("depth-seed", dict(schedule="depth", warmup=0.4)))
-    if group in ("all", "adaptive"):
+    if group in ("all", "grid"):
+        # Every fixed interval 2-6 at orders 0-2 without warmup: what issue 17's adaptive schedule must beat.
         for targets in (("attn", "mlp"), ("block",)):
-            for order in (2,):
-                for tol in (0.01, 0.02, 0.04):
-                    out.append((f"adaptive{tol:g}-{'+'.join(targets)}-o{order}",
-                                dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.1, targets=targets,
-                                     forecast_order=order)))
+            for order in (0, 1, 2):
+                for interval in (2, 3, 4, 5, 6):
+                    name = f"interval{interval}-{'+'.join(targets)}-o{order}-w0"
+                    out.append((name, dict(schedule="interval", interval=interval, warmup=0.0, targets=targets,
+                                           forecast_order=order)))
+    if group in ("all", "adaptive"):
+        # Step-wide error control (one decision per step from the summed effects), no warmup, max age 6.
+        sweeps = ((("block",), 2, (0.05, 0.1, 0.2, 0.3, 0.6, 1.0)), (("attn", "mlp"), 2, (0.1, 0.2, 0.3, 0.6)),
+                  (("block",), 1, (0.1, 0.3)))
+        for targets, order, tolerances in sweeps:
+            for tol in tolerances:
+                out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o{order}",
+                            dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
+                                 forecast_order=order)))
+    if group in ("all", "stack"):
+        # One residual for the whole stack: intervals as the block target (same images up to rounding), and
+        # the adaptive schedule on the stack's own error (its effect relative to the stack input).
+        for interval in (3, 4):
+            out.append((f"interval{interval}-stack-o2-w0", dict(schedule="interval", interval=interval, warmup=0.0,
+                                                               targets=("stack",), forecast_order=2)))
+        for tol in (0.05, 0.1, 0.2, 0.3, 0.5):
+            out.append((f"adaptive-step{tol:g}-stack-o2", dict(schedule="adaptive", tolerance=tol, max_age=6,
+                                                               warmup=0.0, targets=("stack",), forecast_order=2)))
+        out.append(("adaptive-step0.1-stack-o2-F8D4", dict(schedule="adaptive", tolerance=0.1, max_age=6, warmup=0.0,
+                                                           targets=("stack",), forecast_order=2, cache_bits=8,
+                                                           diff_bits=4, quant_granularity="channel")))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
             for bits, diff_bits in ((8, 8), (4, 4), (8, 4)):
@@ -145,7 +167,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--only", choices=("all", "fixed", "adaptive", "quant", "peers"), default="all")
+    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "quant", "peers"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
