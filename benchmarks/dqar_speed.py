@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-runs", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights and activations dtype (default float32)")
     ap.add_argument("--only", default=None, help=f"comma list of config ids to run besides the baseline: {','.join(CONFIGS)} (default all)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -72,6 +74,7 @@ def main() -> int:
         model = load_embedded_model().to(device)
     else:
         model = build_dit(args.model).randomize_(0).eval().to(device)
+    model = model.to(getattr(torch, args.dtype))
     labels, seeds = [1], [0]
     configs = dict(CONFIGS[w] for w in wanted)
     summaries: dict[str, dict] = {}
@@ -107,7 +110,7 @@ def main() -> int:
                      "ideal_speedup": ideal, "measured_over_ideal": speedup / ideal if ideal else None,
                      "reuse_fraction": s.get("reuse_fraction"), "samples_s": res.samples})
     where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(f"{args.model}, {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; "
+    print(f"{args.model} ({args.dtype}), {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; "
           f"{device.type} ({where}); {date.today()}")
     print("| config | ms/step | (max-min)/median over rounds | speedup vs baseline | ideal speedup "
           "| measured / ideal | reuse fraction |")
