@@ -69,6 +69,14 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
         out.append(("adaptive-step0.1-stack-o2-F8D4", dict(schedule="adaptive", tolerance=0.1, max_age=6, warmup=0.0,
                                                            targets=("stack",), forecast_order=2, cache_bits=8,
                                                            diff_bits=4, quant_granularity="channel")))
+    if group in ("all", "seed"):
+        # The seed's claim "the gate beats static at equal speed", re-tested: the gate (defaults, and forecasting)
+        # next to static schedules of similar work, all on attention as the seeds cache it.
+        for order in (0, 2):
+            out.append((f"gate-seed-o{order}", dict(schedule="gate", forecast_order=order)))
+            for warmup, fraction in ((0.2, 1.0), (0.0, 1.0), (0.4, 1.0)):
+                out.append((f"static-w{warmup:g}-l{fraction:g}-o{order}",
+                            dict(schedule="static", warmup=warmup, layer_fraction=fraction, forecast_order=order)))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
             for bits, diff_bits in ((8, 8), (4, 4), (8, 4)):
@@ -167,7 +175,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "quant", "peers"), default="all")
+    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
