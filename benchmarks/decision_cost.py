@@ -14,7 +14,7 @@ The decision cost is each decision contender's time over `hooks+history` (the sa
 the decisions); the hook cost is `hooks+history` over the plain model. Usage:
 
     python benchmarks/decision_cost.py --model DiT-B/2 --steps 10 --rounds 7
-    python benchmarks/decision_cost.py --model embedded --steps 20 --rounds 7
+    python benchmarks/decision_cost.py --model embedded --n 20 --steps 20 --rounds 7
 """
 from __future__ import annotations
 
@@ -49,12 +49,13 @@ def main() -> int:
     ap.add_argument("--model", default="DiT-B/2", help="a preset (random weights) or 'embedded' (the shipped model)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--n", type=int, default=1, help="images per generation, each with its CFG twin (default 1)")
     ap.add_argument("--targets", default="block", help="what the adaptive and interval contenders cache (default block)")
     ap.add_argument("--forecast-order", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     model = load_embedded_model() if args.model == "embedded" else build_dit(args.model).randomize_(0).eval()
-    labels, seeds = [1], [0]
+    labels, seeds = [i % 10 for i in range(args.n)], list(range(args.n))
 
     def run():
         return sample(model, labels, seeds, steps=args.steps, cfg_scale=1.5)
@@ -89,7 +90,7 @@ def main() -> int:
                      "decision_cost": None if name in ("plain", "hooks+history") else res.median / hooked - 1,
                      "reuse_events": summaries.get(name, {}).get("reuse_events"), "samples_s": res.samples})
     where = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(f"{args.model}, {args.steps} steps, CFG batch 2, {args.rounds} rounds interleaved, median; {where}; {date.today()}")
+    print(f"{args.model}, {args.n} image(s) + CFG, {args.steps} steps, {args.rounds} rounds interleaved, median; {where}; {date.today()}")
     print("| contender | ms/step | (max-min)/median | over plain | decision cost (over hooks+history) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
