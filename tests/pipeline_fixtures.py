@@ -174,3 +174,28 @@ def build_tiny_hunyuandit_pipeline(folder) -> Path:
                               requires_safety_checker=False, text_encoder_2=_t5(t5_tok, 8, seed=3),
                               tokenizer_2=t5_tok)
     return _save(pipe, folder)
+
+
+def build_tiny_wan_pipeline():
+    """WanPipeline in memory (its from_pretrained needs accelerate for the fp32-kept modules): a 1-layer UMT5, a Wan
+    VAE with 16 latent channels (its latent statistics have 16 entries) and a 3-layer Wan transformer. Wan runs
+    classifier-free guidance as two transformer calls per step."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0)).eval()
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=3, rope_max_seq_len=32)
+    _randomize(transformer, seed=5)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

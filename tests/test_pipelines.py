@@ -118,3 +118,28 @@ def test_flux_distilled_guidance_and_true_cfg_are_separate_knobs(folders):
         assert get_step_driver(pipe).call_branches is None                       # learned anew per generation
     finally:
         remove_dqar(pipe)
+
+
+def test_wan_pipeline_two_calls_per_step_reuse_per_branch():
+    # A video pipeline (refused by dqar sample) hooked from Python: its prompt and negative-prompt calls at each step
+    # are two branches; each reuses its own history, as the prompt's call would alone.
+    pipe = pf.build_tiny_wan_pipeline()
+
+    def run():
+        return pipe(prompt=PROMPTS, negative_prompt=["", ""], height=16, width=16, num_frames=5, num_inference_steps=4,
+                    guidance_scale=4.0, max_sequence_length=8, output_type="pt",
+                    generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).frames
+
+    plain = run()
+    ctl = apply_dqar(pipe, DQARConfig(schedule="static", warmup=0.0, layer_fraction=1.0))
+    try:
+        cached = run()
+        s = ctl.summary()
+        branches = {branch for (_, branch, _) in ctl.cache.entries}
+        again = run()
+    finally:
+        remove_dqar(pipe)
+    assert plain.shape == (2, 5, 3, 16, 16) and branches == {"cond", "uncond"}
+    # static over 3 layers at 4 steps: 0, 1, 2, 3 layers reuse, each in both calls
+    assert s["unmatched_timesteps"] == 0 and s["events_per_step"] == [0, 2, 4, 6]
+    assert not torch.equal(cached, plain) and torch.equal(cached, again) and torch.equal(run(), plain)
