@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-jitter", type=float, default=0.0,
                         help="augmentation: random isotropic scale 1 +- this (0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start from this DiT weights file (.safetensors of --preset's shape), or "
+                             "'embedded' for the shipped model, instead of a fresh init (default: fresh)")
     parser.add_argument("--evaluator-epochs", type=int, default=20, help="evaluator CNN epochs (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--only", choices=("both", "dit", "evaluator"), default="both",
@@ -47,6 +50,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
              f"--min-lr-ratio {args.min_lr_ratio:g}", f"--max-shift {args.max_shift}", f"--rotate {args.rotate:g}",
              f"--scale-jitter {args.scale_jitter:g}", f"--ema-decay {args.ema_decay:g}", f"--seed {args.seed}",
              f"--evaluator-epochs {args.evaluator_epochs}"]
+    if args.init_from is not None:
+        parts.append(f"--init-from {args.init_from}")
     if args.threads is not None:
         parts.append(f"--threads {args.threads}")
     if args.only != "both":
@@ -136,6 +141,32 @@ def _write_dit(out, result, args, data_card, env) -> None:
     })
 
 
+def _init_path(spec: str | None) -> str | None:
+    """--init-from as a file path ('embedded': the shipped weights); a missing file is refused here, before
+    anything is written."""
+    from pathlib import Path
+
+    if spec is None:
+        return None
+    if spec == "embedded":
+        from dqar.digits.embedded import DIT_FILE, asset_path
+
+        return str(asset_path(DIT_FILE))
+    if not Path(spec).is_file():
+        raise UsageError(f"--init-from={spec!r} is not a file: give a DiT weights .safetensors or 'embedded'")
+    return spec
+
+
+def _check_init(path: str | None, preset: str) -> None:
+    from dqar.models.io import WeightsError, load_dit
+
+    if path is not None:
+        try:
+            load_dit(path, preset)
+        except WeightsError as exc:
+            raise UsageError(f"--init-from: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import platform
     import sys
@@ -155,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         dit_cfg = DiTTrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  ema_decay=args.ema_decay, seed=args.seed, lr_schedule=args.lr_schedule,
                                  min_lr_ratio=args.min_lr_ratio, max_shift=args.max_shift,
-                                 rotate_deg=args.rotate, scale_jitter=args.scale_jitter)
+                                 rotate_deg=args.rotate, scale_jitter=args.scale_jitter,
+                                 init_from=_init_path(args.init_from))
     except ValueError as exc:
         flags = {"steps=": "--steps=", "batch_size=": "--batch-size=", "preset=": "--preset=",
                  "min_lr_ratio=": "--min-lr-ratio=", "max_shift=": "--max-shift=", "rotate_deg=": "--rotate=",
@@ -166,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
                 message = flag + message[len(field_name):]
                 break
         raise UsageError(message) from None
+    _check_init(dit_cfg.init_from, args.preset)
     setup_torch(argparse.Namespace(threads=args.threads, device="cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .data import DigitsSplit, random_affine, random_shift
 from dqar.models.dit import DIT_PRESETS, DiT, build_dit
+from dqar.models.io import load_dit
 from dqar.sampling import make_scheduler
 
 
@@ -50,6 +51,7 @@ class DiTTrainConfig:
     min_lr_ratio: float = 0.05
     seed: int = 0
     log_every: int = 50
+    init_from: str | None = None               # weights file to start from (fine-tuning) instead of a fresh init
 
     def __post_init__(self):
         if self.preset not in DIT_PRESETS:
@@ -145,7 +147,7 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
     exactly what a run with that many steps returns, so a long run can be stopped at its last checkpoint.
     """
     torch.manual_seed(cfg.seed)                 # weight init draws from the global generator
-    model = build_dit(cfg.preset)
+    model = build_dit(cfg.preset) if cfg.init_from is None else load_dit(cfg.init_from, cfg.preset)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     if tuple(data.images.shape[1:]) != shape:
         raise ValueError(f"training images have shape {tuple(data.images.shape[1:])} but preset "

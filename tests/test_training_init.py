@@ -1,0 +1,38 @@
+"""Fine-tuning from a weights file: `train_dit(init_from=...)` and `dqar train-model --init-from`."""
+import pytest
+import torch
+
+from dqar.cli import main
+from dqar.digits.data import load_split
+from dqar.digits.training import DiTTrainConfig, train_dit
+from dqar.models import build_dit, save_dit
+
+
+def _small(split, n=8):
+    return type(split)(images=split.images[:n], labels=split.labels[:n])
+
+
+def test_training_starts_from_the_given_weights(tmp_path):
+    start = build_dit("DiT-Digits").randomize_(3, std=0.05)
+    path = save_dit(start, tmp_path / "start.safetensors")
+    data = _small(load_split("train"))
+    common = dict(steps=1, batch_size=4, lr=1e-12, warmup_steps=1, log_every=1)
+    tuned = train_dit(data, DiTTrainConfig(init_from=str(path), **common), progress=False)
+    fresh = train_dit(data, DiTTrainConfig(**common), progress=False)
+    for name, p in start.state_dict().items():
+        # lr 1e-12: one step leaves the weights where they started (the EMA starts there too)
+        torch.testing.assert_close(tuned.model.state_dict()[name], p, rtol=0, atol=1e-9)
+        torch.testing.assert_close(tuned.ema.state_dict()[name], p, rtol=0, atol=1e-9)
+    assert not torch.equal(fresh.model.state_dict()["blocks.0.attn.qkv.weight"],
+                           start.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_a_missing_or_mismatched_init_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1",
+                 "--init-from", str(tmp_path / "nope.safetensors")])
+    assert code == 2 and "--init-from=" in capsys.readouterr().err and not out.exists()
+    tiny = save_dit(build_dit("DiT-Tiny").randomize_(0), tmp_path / "tiny.safetensors")
+    code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--init-from", str(tiny)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init-from:" in err and "tiny.safetensors" in err and not out.exists()
