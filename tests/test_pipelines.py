@@ -143,3 +143,14 @@ def test_wan_pipeline_two_calls_per_step_reuse_per_branch():
     # static over 3 layers at 4 steps: 0, 1, 2, 3 layers reuse, each in both calls
     assert s["unmatched_timesteps"] == 0 and s["events_per_step"] == [0, 2, 4, 6]
     assert not torch.equal(cached, plain) and torch.equal(cached, again) and torch.equal(run(), plain)
+
+
+def test_cli_samples_flux_in_bfloat16_with_a_cache_of_half_the_bytes(folders, tmp_path):
+    # True CFG on (two calls per step); the cache is kept in the model's dtype, so bf16 halves it.
+    options = [*FAMILIES["flux"][1], "--cfg-scale", "3", *REUSE]
+    images, fp32 = _sample(folders["flux"], tmp_path / "fp32", *options)
+    images16, bf16 = _sample(folders["flux"], tmp_path / "bf16", *options, "--dtype", "bfloat16")
+    assert bf16["reuse_events"] == fp32["reuse_events"] > 0 and bf16["unmatched_timesteps"] == 0
+    assert bf16["peak_cache_bytes"] * 2 == fp32["peak_cache_bytes"]
+    # (the pixels themselves drift by tens of grey levels in bf16 on these random weights: not compared)
+    assert images16.shape == images.shape and images16.dtype == np.uint8
