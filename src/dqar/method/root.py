@@ -144,9 +144,10 @@ class RootHook:
             self.ctl.active, self._suspended = False, True
         if not self._warned_repeat:
             self._warned_repeat = True
-            warnings.warn(f"DQAR: the transformer was called a second time at step {index} with a batch that "
-                          "already held both CFG halves; such calls run uncached (counted in "
-                          "summary()['unmatched_timesteps'])", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"DQAR: the transformer was called a second time at step {index}, and that call cannot "
+                          "be a CFG branch of its own (the step's batch held both halves already, or the generation "
+                          "had ended); such calls run uncached (counted in summary()['unmatched_timesteps'])",
+                          RuntimeWarning, stacklevel=4)
 
     def _end_step_from_output(self, info: StepInfo, x, out):
         sample = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
