@@ -199,3 +199,50 @@ def build_tiny_wan_pipeline():
                        transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_cogvideox_pipeline(folder) -> Path:
+    """CogVideoXPipeline: a T5 (d_model 16), a CogVideoX VAE with 8x spatial and 4x temporal compression, and a
+    3-layer CogVideoX transformer; 9 frames of 16x16 make 3 latent frames of 2x2."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    tokenizer = build_tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=16, num_layers=3,
+                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=8)
+    _randomize(transformer, seed=5)
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                       rescale_betas_zero_snr=True)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=_t5(tokenizer, 16, seed=3), vae=vae,
+                             transformer=transformer, scheduler=scheduler)
+    return _save(pipe, folder)
+
+
+def build_tiny_ltx_pipeline(folder) -> Path:
+    """LTXPipeline: a T5 (d_model 16), an LTX VAE with 4x spatial and temporal compression (32x32 x 9 frames make
+    8x8 x 3 latents) and a 3-layer LTX transformer, with its flow-matching Euler scheduler."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    tokenizer = build_tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1, patch_size_t=1,
+                                encoder_causal=True, decoder_causal=False)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=3, caption_channels=16)
+    _randomize(transformer, seed=5)
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5(tokenizer, 16, seed=3),
+                       tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, folder)

@@ -18,7 +18,7 @@ pf = pytest.importorskip("pipeline_fixtures")
 
 PROMPTS = ["a photo of a cat", "red dog"]
 REUSE = ["--schedule", "static", "--warmup", "0", "--layers", "1"]
-# Per family: its builder and the options a tiny model needs (short text, Flux's size).
+# Per family: its builder and the options a tiny model needs (short text, Flux's size, video frames).
 FAMILIES = {
     "sd3": (pf.build_tiny_sd3_pipeline, ["--max-sequence-length", "8"]),
     "flux": (pf.build_tiny_flux_pipeline, ["--height", "16", "--width", "16", "--max-sequence-length", "8"]),
@@ -28,9 +28,22 @@ FAMILIES = {
     "pixart-sigma": (lambda folder: build_tiny_pixart_pipeline(folder, sigma=True), ["--max-sequence-length", "8"]),
     "sana": (pf.build_tiny_sana_pipeline, ["--max-sequence-length", "8"]),
     "hunyuandit": (pf.build_tiny_hunyuandit_pipeline, []),
+    # Video: each sample is one image of its 9 frames side by side.
+    "cogvideox": (pf.build_tiny_cogvideox_pipeline,
+                  ["--height", "16", "--width", "16", "--num-frames", "9", "--max-sequence-length", "8"]),
+    "ltx": (pf.build_tiny_ltx_pipeline,
+            ["--height", "32", "--width", "32", "--num-frames", "9", "--max-sequence-length", "8"]),
 }
+# (height, width) of a sample as written: Sana's sizes are multiples of 32; a video is a filmstrip of 9 frames.
+SHAPES = {"sana": (32, 32), "cogvideox": (16, 9 * 16), "ltx": (32, 9 * 32)}
 CLASS_NAMES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-schnell": "FluxPipeline",
-               "sana": "SanaPipeline", "hunyuandit": "HunyuanDiTPipeline", "pixart-sigma": "PixArtSigmaPipeline"}
+               "sana": "SanaPipeline", "hunyuandit": "HunyuanDiTPipeline", "pixart-sigma": "PixArtSigmaPipeline",
+               "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline"}
+
+
+def _keywords(options: list) -> dict:
+    """['--max-sequence-length', '8', ...] -> {'max_sequence_length': 8, ...} for hub.generate."""
+    return {k[2:].replace("-", "_"): int(v) for k, v in zip(options[::2], options[1::2])}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +68,7 @@ def test_cli_samples_the_pipeline_reuse_fires_and_repeats(name, folders, tmp_pat
     plain, none_stats = _sample(folder, tmp_path / "none", "--schedule", "none", *options)
     cached, stats = _sample(folder, tmp_path / "dqar", *REUSE, *options)
     again, _ = _sample(folder, tmp_path / "again", *REUSE, *options)
-    side = 32 if name == "sana" else 16               # Sana's sizes are multiples of 32
-    assert plain.shape == (2, side, side, 3) and plain.dtype == np.uint8 and none_stats is None
+    assert plain.shape == (2, *SHAPES.get(name, (16, 16)), 3) and plain.dtype == np.uint8 and none_stats is None
     assert stats["reuse_events"] > 0 and stats["unmatched_timesteps"] == 0 and stats["images"] == 2
     assert not np.array_equal(cached, plain)          # reuse changed pixels
     np.testing.assert_array_equal(cached, again)      # nothing survived from the first run into the second
@@ -71,12 +83,13 @@ def test_hub_generate_per_image_seeds_and_remove_restores(name, folders):
     pipe = hub.load_pipeline(str(folders[name]))
     assert type(pipe).__name__ == CLASS_NAMES[name]
     assert hub.pipeline_kind(pipe) == ("pixart" if name == "pixart-sigma" else "text")
-    kw = {"max_sequence_length": 8} if name != "hunyuandit" else {}
-    if name.startswith("flux"):
-        kw.update(height=16, width=16)
+    kw = _keywords(FAMILIES[name][1])
     plain = hub.generate(pipe, [3, 4], prompts=PROMPTS, steps=3, cfg_scale=4.0, **kw)
     alone = hub.generate(pipe, [4], prompts=PROMPTS[1:], steps=3, cfg_scale=4.0, **kw)
-    assert torch.equal(alone[0], plain[1])            # image k depends on its own seed and prompt only
+    # Image k depends on its own seed and prompt only; LTX's VAE sums in another order at batch 1, which moves a
+    # few thousandths of a percent of its pixels by one grey level.
+    diff = int((alone[0].int() - plain[1].int()).abs().max())
+    assert diff == 0 or (name == "ltx" and diff == 1)
     ctl = apply_dqar(pipe, DQARConfig(schedule="static", warmup=0.0, layer_fraction=1.0))
     try:
         cached = hub.generate(pipe, [3, 4], prompts=PROMPTS, steps=3, cfg_scale=4.0, controller=ctl, **kw)
@@ -140,6 +153,9 @@ def test_wan_pipeline_two_calls_per_step_reuse_per_branch():
     finally:
         remove_dqar(pipe)
     assert plain.shape == (2, 5, 3, 16, 16) and branches == {"cond", "uncond"}
+    strip = hub.generate(pipe, [1, 2], prompts=PROMPTS, steps=2, cfg_scale=4.0, height=16, width=16, num_frames=5,
+                         max_sequence_length=8)
+    assert strip.shape == (2, 16, 5 * 16, 3)          # the frames side by side, as dqar sample writes them
     # static over 3 layers at 4 steps: 0, 1, 2, 3 layers reuse, each in both calls
     assert s["unmatched_timesteps"] == 0 and s["events_per_step"] == [0, 2, 4, 6]
     assert not torch.equal(cached, plain) and torch.equal(cached, again) and torch.equal(run(), plain)

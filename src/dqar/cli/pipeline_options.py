@@ -1,5 +1,6 @@
-"""Options of the diffusers text-to-image pipelines (SD3, Flux, Sana, PixArt, HunyuanDiT), shared by `dqar sample`
-and `dqar bench`: prompts, Flux's distilled guidance, image size, text length, and the scheduler choice.
+"""Options of the diffusers text-to-image and text-to-video pipelines (SD3, Flux, Sana, PixArt, HunyuanDiT, CogVideoX,
+Wan, LTX-Video), shared by `dqar sample` and `dqar bench`: prompts, Flux's distilled guidance, image size, frames,
+text length, and the scheduler choice.
 
 Argparse only here (no torch), so `dqar --help` stays fast; the checks that need the loaded pipeline run in
 `resolve_pipeline_options` and name the option, its value and what the model takes.
@@ -15,14 +16,15 @@ SAMPLER_CHOICES = ("ddim", "dpm", "pipeline")
 # Options that only text-to-image pipelines take: (attribute, option) pairs.
 TEXT_ONLY = (("prompt", "--prompt"), ("prompts_file", "--prompts-file"), ("negative_prompt", "--negative-prompt"),
              ("guidance_scale", "--guidance-scale"), ("height", "--height"), ("width", "--width"),
-             ("max_sequence_length", "--max-sequence-length"))
+             ("max_sequence_length", "--max-sequence-length"), ("num_frames", "--num-frames"))
 
 
 def add_sampler_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
                         help="scheduler: ddim, dpm (DPM-Solver++ 2M, built from the model's betas) or pipeline (the "
-                             "scheduler a diffusers pipeline was saved with). Default: pipeline for SD3, Flux, Sana "
-                             "and HunyuanDiT (flow-matching models take only that), ddim otherwise")
+                             "scheduler a diffusers pipeline was saved with). Default: pipeline for SD3, Flux, Sana, "
+                             "HunyuanDiT and the video pipelines (flow-matching models take only that), ddim for DiT "
+                             "and PixArt")
 
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
                         help="image height in pixels for text pipelines (default: the transformer's native size; "
                              "Flux: its pipeline's default, 1024 on the released models)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default as --height)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video for CogVideoX, Wan and LTX-Video (default: the pipeline's own, 49, 81 "
+                             "and 161); each video is written as one image, its frames side by side")
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="text tokens the pipeline's T5/Gemma encoder reads (default: the pipeline's own: "
                              "PixArt 120, SD3 256, Flux 512, Sana 300; HunyuanDiT's are fixed)")
@@ -85,7 +90,7 @@ def resolve_pipeline_options(args, pipe, cfg_scale: float) -> dict:
     ones given (the rest keep each pipeline's default, and stay out of the run's identity)."""
     from dqar.models.pipelines import PipelineOptionError, check_options
 
-    options = {k: getattr(args, k) for k in ("guidance_scale", "height", "width", "max_sequence_length")
+    options = {k: getattr(args, k) for k in ("guidance_scale", "height", "width", "max_sequence_length", "num_frames")
                if getattr(args, k, None) is not None}
     try:
         check_options(pipe, cfg_scale=cfg_scale, negative_prompt=args.negative_prompt, **options)

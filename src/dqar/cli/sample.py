@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("--model also takes a diffusers pipeline: a hub id such as facebook/DiT-XL-2-256 or "
                      "black-forest-labs/FLUX.1-dev (needs the hub or its local cache) or a local folder with "
                      "model_index.json: DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, "
-                     "StableDiffusion3Pipeline, FluxPipeline, SanaPipeline or HunyuanDiTPipeline (video pipelines "
-                     "are refused). Sampling runs under DQAR unless --schedule none.")
+                     "StableDiffusion3Pipeline, FluxPipeline, SanaPipeline, HunyuanDiTPipeline, or the video "
+                     "pipelines CogVideoXPipeline, WanPipeline, LTXPipeline (each video is one PNG, its frames side "
+                     "by side). Sampling runs under DQAR unless --schedule none.")
     count = parser.add_mutually_exclusive_group()
     # torchrun parses the whole command line with abbreviations on, so `--n` (a prefix of its --nnodes,
     # --nproc-per-node, --node-rank, ...) is refused there as ambiguous: --per-class is the spelling that

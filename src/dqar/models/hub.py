@@ -1,5 +1,6 @@
-"""Hugging Face diffusers models: load a `DiTPipeline` or a text-to-image pipeline (PixArt-alpha/-Sigma, SD3, Flux,
-Sana, HunyuanDiT; their call details are in `dqar.models.pipelines`) and sample with per-image seeds.
+"""Hugging Face diffusers models: load a `DiTPipeline` or a text-conditional pipeline (PixArt-alpha/-Sigma, SD3, Flux,
+Sana, HunyuanDiT, and the video pipelines CogVideoX, Wan, LTX-Video; their call details are in
+`dqar.models.pipelines`) and sample with per-image seeds.
 
 A model spec is a hub id (`facebook/DiT-XL-2-256`) or a local folder holding `model_index.json` (what
 `save_pretrained` writes). Both go through `DiffusionPipeline.from_pretrained`, so the tests, which load
@@ -16,8 +17,7 @@ from typing import Sequence
 import torch
 
 from dqar.method.noise import is_flow_matching
-from dqar.models.pipelines import (TEXT_FAMILIES, VIDEO_PIPELINES, check_options, generate_text, prompt_token_counts,
-                                   text_family)
+from dqar.models.pipelines import TEXT_FAMILIES, check_options, generate_text, prompt_token_counts, text_family
 from dqar.sampling import to_uint8
 
 SUPPORTED = ("DiTPipeline", *TEXT_FAMILIES)
@@ -80,12 +80,10 @@ def load_pipeline(spec: str, *, device: torch.device | str = "cpu", dtype: str =
     except ValueError as exc:
         # diffusers' own complaint (a component missing or of the wrong class), kept to its first line.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HubModelError(f"cannot load diffusers pipeline {spec!r}: {first}") from exc
+        hint = ("; this model keeps some modules in float32 and needs accelerate to load: pip install -e \".[hub]\""
+                if "low_cpu_mem_usage" in first else "")
+        raise HubModelError(f"cannot load diffusers pipeline {spec!r}: {first}{hint}") from exc
     name = type(pipe).__name__
-    if name in VIDEO_PIPELINES:
-        raise HubModelError(f"model {spec!r} is a {name}, a video pipeline: dqar sample/bench write images, not "
-                            "frames (DQAR hooks its transformer from Python: apply_dqar(pipe, config)); supported "
-                            f"pipelines: {', '.join(SUPPORTED)}")
     if name not in SUPPORTED:
         raise HubModelError(f"model {spec!r} is a {name}; supported pipelines: {', '.join(SUPPORTED)}")
     if getattr(pipe, "scheduler", None) is None:
@@ -151,7 +149,7 @@ def set_sampler(pipe, sampler: str) -> None:
 
 
 def pipeline_kind(pipe) -> str:
-    """'dit' (class-conditional), 'pixart' or 'text' (the other text-to-image families)."""
+    """'dit' (class-conditional), 'pixart' or 'text' (the other text-to-image and text-to-video families)."""
     name = type(pipe).__name__
     if name == "DiTPipeline":
         return "dit"

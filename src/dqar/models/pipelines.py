@@ -1,4 +1,4 @@
-"""How each text-to-image diffusers pipeline is called: its guidance, prompt length, text length and size options.
+"""How each text-to-image and text-to-video diffusers pipeline is called: guidance, prompt length, text length, size.
 
 `dqar.models.hub` loads a pipeline and samples class-conditional DiT itself; every text-conditional family goes
 through `generate_text` here, so a family is one `TextFamily` entry. Image k comes from its own CPU generator
@@ -8,6 +8,10 @@ Guidance: `cfg_scale` is classifier-free guidance in each pipeline's own sense (
 exception: its `guidance_scale` feeds the distilled guidance embedding of FLUX.1-dev (one call per step), and
 classifier-free guidance is its `true_cfg_scale`, which runs the transformer a second time per step on the
 negative prompt; `dqar sample --guidance-scale` sets the first, `--cfg-scale` the second.
+
+Video pipelines (CogVideoX, Wan, LTX-Video) return each sample as a filmstrip: its frames side by side, left to
+right, in one image of width frames x width, so the sample folders, PNGs and npz of `dqar sample` hold them
+as they hold images.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class TextFamily:
     fixed: dict = field(default_factory=dict)   # call arguments always passed
     distilled_guidance: bool = False            # Flux: guidance_scale is the embedded guidance, CFG is true_cfg_scale
     size_multiple: int | None = None            # what the pipeline's own check wants; None: twice the VAE factor
+    video: bool = False                         # returns frames (a filmstrip per sample here); takes num_frames
 
 
 # clean_caption needs bs4/ftfy and rewrites the text after its tokens were counted; resolution binning only knows
@@ -47,9 +52,11 @@ TEXT_FAMILIES = {
     "SanaPipeline": TextFamily("Sana", 4.5, ("tokenizer",), 300, fixed=_PLAIN_TEXT, size_multiple=32),
     "HunyuanDiTPipeline": TextFamily("HunyuanDiT", 5.0, ("tokenizer",), 77, takes_length=False,
                                      fixed={"use_resolution_binning": False}, size_multiple=16),
+    # Sizes and frame counts default to each pipeline's own (CogVideoX 720x480 x 49, Wan 832x480 x 81, LTX 704x512 x 161).
+    "CogVideoXPipeline": TextFamily("CogVideoX", 6.0, ("tokenizer",), 226, size_multiple=8, video=True),
+    "WanPipeline": TextFamily("Wan", 5.0, ("tokenizer",), 512, size_multiple=16, video=True),
+    "LTXPipeline": TextFamily("LTX-Video", 3.0, ("tokenizer",), 128, size_multiple=32, video=True),
 }
-# Their transformers are hooked by apply_dqar, but `dqar sample` / `bench` write images, not frames.
-VIDEO_PIPELINES = ("CogVideoXPipeline", "WanPipeline", "LTXPipeline")
 FLUX_DEFAULT_GUIDANCE = 3.5
 
 
@@ -82,7 +89,7 @@ def prompt_token_counts(pipe, prompts: Sequence[str], max_sequence_length: int |
 
 def check_options(pipe, *, cfg_scale: float, negative_prompt: str = "", guidance_scale: float | None = None,
                   max_sequence_length: int | None = None, height: int | None = None,
-                  width: int | None = None) -> None:
+                  width: int | None = None, num_frames: int | None = None) -> None:
     """Refuse, before any step, an option this family does not take (one line naming it and what applies)."""
     name = type(pipe).__name__
     family = text_family(pipe)
@@ -101,6 +108,12 @@ def check_options(pipe, *, cfg_scale: float, negative_prompt: str = "", guidance
             raise PipelineOptionError(f"--max-sequence-length does not apply to {name}: its text lengths are fixed")
         if max_sequence_length < 1:
             raise PipelineOptionError(f"--max-sequence-length={max_sequence_length} is not allowed: must be >= 1")
+    if num_frames is not None:
+        if not family.video:
+            raise PipelineOptionError(f"--num-frames is for video pipelines (CogVideoX, Wan, LTX-Video); {name} "
+                                      "makes images")
+        if num_frames < 1:
+            raise PipelineOptionError(f"--num-frames={num_frames} is not allowed: must be >= 1")
     multiple = family.size_multiple or 2 * int(getattr(pipe, "vae_scale_factor", 1) or 1)
     for option, value in (("--height", height), ("--width", width)):
         if value is not None and (value < 1 or value % multiple):
@@ -110,7 +123,7 @@ def check_options(pipe, *, cfg_scale: float, negative_prompt: str = "", guidance
 
 def call_arguments(pipe, prompts: Sequence[str], *, cfg_scale: float, negative_prompt: str = "",
                    guidance_scale: float | None = None, max_sequence_length: int | None = None,
-                   height: int | None = None, width: int | None = None) -> dict:
+                   height: int | None = None, width: int | None = None, num_frames: int | None = None) -> dict:
     """The keyword arguments of `pipe(...)` for these prompts, guidance and size (generators and steps aside)."""
     family = text_family(pipe)
     kw = dict(family.fixed)
@@ -127,7 +140,10 @@ def call_arguments(pipe, prompts: Sequence[str], *, cfg_scale: float, negative_p
     if family.takes_length:
         kw["max_sequence_length"] = max_sequence_length or family.text_length
     native_h, native_w = native_size(pipe)
-    kw["height"], kw["width"] = height or native_h, width or native_w
+    # None leaves the size to the pipeline (Wan and LTX have numbers as defaults, not None).
+    for key, value in (("height", height or native_h), ("width", width or native_w), ("num_frames", num_frames)):
+        if value is not None:
+            kw[key] = value
     return kw
 
 
@@ -135,14 +151,20 @@ def call_arguments(pipe, prompts: Sequence[str], *, cfg_scale: float, negative_p
 def generate_text(pipe, seeds: Sequence[int], prompts: Sequence[str], *, steps: int, cfg_scale: float,
                   negative_prompt: str = "", controller=None, guidance_scale: float | None = None,
                   max_sequence_length: int | None = None, height: int | None = None,
-                  width: int | None = None) -> torch.Tensor:
-    """One image per seed, float (N, C, H, W) in [0, 1]; under DQAR the batch's longest prompt is announced to
-    the hooked pipeline's step driver first (one batch shares one gate threshold)."""
+                  width: int | None = None, num_frames: int | None = None) -> torch.Tensor:
+    """One image per seed, float (N, C, H, W) in [0, 1] (a video's frames side by side: W = frames x width);
+    under DQAR the batch's longest prompt is announced to the hooked pipeline's step driver first (one batch
+    shares one gate threshold)."""
     kw = call_arguments(pipe, prompts, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
                         guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, height=height,
-                        width=width)
+                        width=width, num_frames=num_frames)
     driver = get_step_driver(pipe) if controller is not None else None
     if driver is not None:
         driver.announce(prompt_length=max(prompt_token_counts(pipe, prompts, kw.get("max_sequence_length"))))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    return pipe(generator=generators, num_inference_steps=steps, output_type="pt", **kw).images
+    out = pipe(generator=generators, num_inference_steps=steps, output_type="pt", **kw)
+    if not text_family(pipe).video:
+        return out.images
+    frames = out.frames                                    # (N, F, C, H, W)
+    n, f, c, h, w = frames.shape
+    return frames.permute(0, 2, 3, 1, 4).reshape(n, c, h, f * w)
