@@ -101,7 +101,7 @@ def test_hub_generate_per_image_seeds_and_remove_restores(name, folders):
     assert torch.equal(hub.generate(pipe, [3, 4], prompts=PROMPTS, steps=3, cfg_scale=4.0, **kw), plain)
 
 
-@pytest.mark.parametrize("name, extra", [("sd3", []), ("flux", ["--cfg-scale", "3"])])
+@pytest.mark.parametrize("name, extra", [("sd3", []), ("flux", ["--cfg-scale", "3"]), ("cogvideox", [])])
 def test_cli_bench_times_a_pipeline_against_its_uncached_self(name, extra, folders, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(folders[name]), "--prompt", PROMPTS[0], "--n", "2", "--steps", "3",
