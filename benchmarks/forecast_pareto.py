@@ -50,8 +50,8 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                                            forecast_order=order)))
     if group in ("all", "adaptive"):
         # Step-wide error control (one decision per step from the summed effects), no warmup, max age 6.
-        sweeps = ((("block",), 2, (0.05, 0.1, 0.2, 0.3, 0.6, 1.0)), (("attn", "mlp"), 2, (0.1, 0.2, 0.3, 0.6)),
-                  (("block",), 1, (0.1, 0.3)))
+        sweeps = ((("block",), 2, (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)),
+                  (("attn", "mlp"), 2, (0.1, 0.15, 0.2, 0.3, 0.4, 0.6)), (("block",), 1, (0.1, 0.3)))
         for targets, order, tolerances in sweeps:
             for tol in tolerances:
                 out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o{order}",
@@ -134,6 +134,33 @@ def pareto(rows: list[dict]) -> list[dict]:
     return front
 
 
+def is_fixed(row: dict) -> bool:
+    """A DQAR schedule that does not look at the run: interval, static, depth (issue 17's yardstick)."""
+    return row["kind"] == "dqar" and (row.get("config") or {}).get("schedule") in ("interval", "static", "depth")
+
+
+def dynamic_vs_fixed(rows: list[dict], window: float = 0.03) -> list[str]:
+    """Markdown rows: each adaptive/gate/policy contender against the best fixed schedule (by PSNR, and
+    the lowest FID) within +-window of its work share; '-' where no fixed schedule is that close."""
+    fixed = [r for r in rows if is_fixed(r) and math.isfinite(r["psnr_db"])]
+    lines = ["| dynamic contender | work | PSNR dB | FID | best fixed by PSNR within +-0.03 | its PSNR | "
+             "lowest FID of a fixed one there | higher PSNR and lower FID |", "|---|---|---|---|---|---|---|---|"]
+    dynamic = [r for r in rows if r["kind"] == "dqar" and not is_fixed(r) and math.isfinite(r["psnr_db"])]
+    for r in sorted(dynamic, key=lambda r: (r["name"].split("-")[0], r["work"])):
+        near = [f for f in fixed if abs(f["work"] - r["work"]) <= window + 1e-9]
+        if not near:
+            lines.append(f"| {r['name']} | {r['work']:.3f} | {r['psnr_db']:.2f} | {r['fid_vs_uncached']:.3f} | - | - | - | "
+                         "no fixed schedule this close |")
+            continue
+        best = max(near, key=lambda f: f["psnr_db"])
+        fid = min(f["fid_vs_uncached"] for f in near)
+        wins = r["psnr_db"] > best["psnr_db"] and r["fid_vs_uncached"] < fid
+        lines.append(f"| {r['name']} | {r['work']:.3f} | {r['psnr_db']:.2f} | {r['fid_vs_uncached']:.3f} | "
+                     f"{best['name']} ({best['work']:.3f}) | {best['psnr_db']:.2f} | {fid:.3f} | "
+                     f"{'**yes**' if wins else 'no'} |")
+    return lines
+
+
 def write_report(rows: list[dict], out: Path, meta: dict) -> None:
     front = {r["name"] for r in pareto(rows)}
     lines = [f"# Quality vs work on the same weights ({meta['images']} images, DDIM {meta['steps']}, "
@@ -149,6 +176,7 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
                      f"({c['attn']:.2f}, {c['mlp']:.2f}, {c['block']:.2f}) | {r['psnr_db']:.2f} | "
                      f"{r['fid_vs_uncached']:.3f} | {r.get('ideal_speedup') or float('nan'):.2f} | "
                      f"{cache / 2**20 if cache else float('nan'):.1f} |")
+    lines += ["", "## Dynamic schedules against the fixed ones at equal work (issue 17)", ""] + dynamic_vs_fixed(rows)
     (out / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     import matplotlib
     matplotlib.use("Agg")
