@@ -10,6 +10,7 @@ output in its `taylor_factors_dtype` (bfloat16 by default), which is the column 
 
 Shapes (per image; batch 1):
 - DiT-XL/2: 28 blocks, 256 tokens, hidden 1152, CFG (2 branches); attention + MLP outputs cached (56 modules).
+- DiT-XL/2 block target (28 block residuals) and stack target (one residual for the whole stack).
 - Flux-dev: 19 double-stream blocks (image 4096 and text 512 tokens) and 38 single-stream blocks (4608 tokens),
   hidden 3072, guidance-distilled (1 branch); the whole-block residual cached (57 blocks, both streams).
 """
@@ -30,6 +31,8 @@ def shapes() -> dict:
     return {
         "DiT-XL/2 (attn+mlp, CFG, fp32 weights)": (torch.float32, 2, [((1, 256, 1152), 28 * 2)]),
         "DiT-XL/2 (attn+mlp, CFG, bf16 weights)": (torch.bfloat16, 2, [((1, 256, 1152), 28 * 2)]),
+        "DiT-XL/2 (block residuals, CFG, bf16 weights)": (torch.bfloat16, 2, [((1, 256, 1152), 28)]),
+        "DiT-XL/2 (stack residual, CFG, bf16 weights)": (torch.bfloat16, 2, [((1, 256, 1152), 1)]),
         "Flux-dev (block residuals, bf16)": (torch.bfloat16, 1, [((1, 4096, 3072), 19), ((1, 512, 3072), 19),
                                                                   ((1, 4608, 3072), 38)]),
     }
