@@ -22,7 +22,7 @@ TEXT_ONLY = (("prompt", "--prompt"), ("prompts_file", "--prompts-file"), ("negat
 def add_sampler_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
                         help="scheduler: ddim, dpm (DPM-Solver++ 2M, built from the model's betas) or pipeline (the "
-                             "scheduler a diffusers pipeline was saved with). Default: pipeline for SD3, Flux, Sana, "
+                             "scheduler a diffusers pipeline was saved with); default: pipeline for SD3, Flux, Sana, "
                              "HunyuanDiT and the video pipelines (flow-matching models take only that), ddim for DiT "
                              "and PixArt")
 
