@@ -66,7 +66,7 @@ def test_a_pipeline_without_a_scheduler_is_refused(folders, tmp_path, capsys):
     assert "StableDiffusion3Pipeline has no scheduler" in last and "DQAR reads the denoising steps" in last
     pipe = hub.load_pipeline(str(folders["sd3"]))
     pipe.scheduler = None
-    with pytest.raises(ValueError, match="needs the scheduler"):
+    with pytest.raises(ValueError, match="on a StableDiffusion3Pipeline whose scheduler is None needs the scheduler"):
         apply_dqar(pipe, DQARConfig())
 
 

@@ -67,9 +67,11 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     layout = find_layout(model)
     if layout.drives_itself and scheduler is None and pipe_scheduler is None:
         # Without one no step would ever begin and the model would run uncached without a word.
+        where = (f"a {type(pipe).__name__} whose scheduler is None" if pipe is not None
+                 else f"a bare {type(model).__name__}")
         raise ValueError(
-            f"apply_dqar on a bare {type(model).__name__} needs the scheduler that drives it: pass the "
-            "pipeline (apply_dqar(pipe, config)) or apply_dqar(transformer, config, scheduler=pipe.scheduler)")
+            f"apply_dqar on {where} needs the scheduler that drives its transformer: pass a pipeline with "
+            "its scheduler (apply_dqar(pipe, config)) or apply_dqar(transformer, config, scheduler=...)")
     blocks = layout.blocks(model)
     per_block = [layout.targets(block) for block in blocks]
     _check_targets(config, layout, model, per_block)
