@@ -12,6 +12,7 @@ targets it has (a Flux single-stream block has no MLP target).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -145,11 +146,27 @@ def _check_csb_topk(config: DQARConfig, layout: BlockLayout, per_block) -> None:
                          f"channels, so a count must be in 1..{channels} (or a fraction < 1)")
 
 
-def _replace_forward(module: nn.Module, hook) -> tuple[nn.Module, object]:
-    """Install `hook` as the instance's forward; returns what to put back on removal."""
+def _replace_forward(module: nn.Module, hook) -> tuple[nn.Module, object, object]:
+    """Install `hook` as the instance's forward; returns (module, what to put back on removal, the hook)."""
     previous = module.__dict__.get("forward", _MISSING)
     module.forward = hook
-    return module, previous
+    return module, previous, hook
+
+
+def _unwrap(module: nn.Module, previous, hook) -> None:
+    """Take `hook` out of `module`'s forward. Usually it is the forward itself; a wrapper installed on top of it
+    later (accelerate's offload hook: `enable_model_cpu_offload` after apply_dqar) keeps the forward it
+    wrapped in `_old_forward`, and there it is replaced by what the hook replaced, so the wrapper stays."""
+    if module.__dict__.get("forward") is hook:
+        _restore_attr(module, "forward", previous)
+    elif module.__dict__.get("_old_forward") is hook:
+        module._old_forward = previous if previous is not _MISSING else type(module).forward.__get__(module)
+    else:
+        # Wrapped by something unknown: the hook stays in its chain, inert (the controller is reset below,
+        # and an inactive controller makes every hook call the original forward).
+        warnings.warn(f"DQAR: the forward of this {type(module).__name__} was wrapped again after apply_dqar by "
+                      "something DQAR does not know; its hook is left in that chain, inactive", RuntimeWarning,
+                      stacklevel=3)
 
 
 def get_controller(model_or_pipeline) -> DQARController | None:
@@ -171,8 +188,8 @@ def remove_dqar(model_or_pipeline) -> None:
     found = model.__dict__.pop(HOOK_ATTR, None)
     if found is None:
         raise RuntimeError(f"DQAR is not applied to this {type(model).__name__}")
-    for module, previous in found.wrapped:
-        _restore_attr(module, "forward", previous)
+    for module, previous, hook in found.wrapped:
+        _unwrap(module, previous, hook)
     for undo in found.restore:
         undo()
     found.controller.reset()
