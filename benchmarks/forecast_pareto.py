@@ -74,7 +74,7 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
         # next to static schedules of similar work, all on attention as the seeds cache it.
         for order in (0, 2):
             out.append((f"gate-seed-o{order}", dict(schedule="gate", forecast_order=order)))
-            for warmup, fraction in ((0.2, 1.0), (0.0, 1.0), (0.4, 1.0)):
+            for warmup, fraction in ((0.4, 0.33), (0.4, 0.66)):
                 out.append((f"static-w{warmup:g}-l{fraction:g}-o{order}",
                             dict(schedule="static", warmup=warmup, layer_fraction=fraction, forecast_order=order)))
     if group in ("all", "quant"):
