@@ -245,3 +245,18 @@ def test_train_policy_v2_bad_values_exit_2_before_any_work(tmp_path, capsys, arg
     assert main(["train-policy", "--model", "DiT-Tiny", "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_step_scaled_labels_divide_by_the_steps_median_one_step_harm():
+    from dqar.harness.policy_v2 import default_tolerance, step_scales
+
+    rows = [{"step": 3, "cache_age": 1, "harm": 0.01}, {"step": 3, "cache_age": 1, "harm": 0.03},
+            {"step": 3, "cache_age": 2, "harm": 0.05}, {"step": 9, "cache_age": 1, "harm": 0.5},
+            {"step": 9, "cache_age": 2, "harm": 0.6}, {"step": 8, "cache_age": 2, "harm": 0.4}]
+    scales = step_scales(rows)
+    assert scales == {3: 0.03, 9: 0.5, 8: 0.5}              # step 8 has no age-1 row: the nearest step's
+    assert label_rows_v2(rows, 1.5, scales).tolist() == [1, 1, 0, 1, 1, 1]
+    assert label_rows_v2(rows, 0.1).tolist() == [1, 1, 1, 0, 0, 0]
+    assert default_tolerance(rows, scales=scales) == pytest.approx(1.2)   # scaled age-2 harms 5/3, 1.2, 0.8
+    with pytest.raises(ValueError, match="no rows at cache age 1"):
+        step_scales([{"step": 3, "cache_age": 2, "harm": 0.1}])

@@ -13,7 +13,7 @@ import math
 from . import UsageError
 
 V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", "max_age": 6, "forecast_order": 2,
-               "label_tolerance": None, "warmup": 0.0}
+               "label_tolerance": None, "warmup": 0.0, "label_scale": "none"}
 
 
 def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
                         help="v2: label 1 where the measured harm <= this (default: the median harm at cache age 2, "
                              "as harmful as a typical forecast of a fixed interval 3)")
     parser.add_argument("--warmup", type=float, default=None, help=f"v2: warmup of the training runs (default {d['warmup']:g})")
+    parser.add_argument("--label-scale", choices=("none", "step"), default=None,
+                        help="v2: 'step' divides each harm by its step's median one-step harm before labelling, "
+                             f"'none' labels the raw harm (default {d['label_scale']})")
 
 
 def v2_settings(args: argparse.Namespace) -> dict:
@@ -72,7 +75,8 @@ def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
              f"--n-runs {s['n_runs']}", f"--per-class {s['per_class']}", f"--first-seed {args.first_seed}",
              f"--steps {args.steps}", f"--sampler {args.sampler}", f"--cfg-scale {cfg_scale:g}",
              f"--p-forecast {','.join(f'{p:g}' for p in s['p_forecast'])}", f"--max-age {s['max_age']}",
-             f"--forecast-order {s['forecast_order']}", f"--warmup {s['warmup']:g}", f"--threshold {args.threshold:g}",
+             f"--forecast-order {s['forecast_order']}", f"--warmup {s['warmup']:g}", f"--label-scale {s['label_scale']}",
+             f"--threshold {args.threshold:g}",
              f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--l2 {args.l2:g}",
              f"--val-fraction {args.val_fraction:g}", f"--seed {args.seed}"]
     if s["label_tolerance"] is not None:
@@ -151,8 +155,9 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
     if not rows:
         raise UsageError("the training runs produced no rows (too few steps for the forecast order?)")
     t_rows = time.perf_counter() - start
-    tol = s["label_tolerance"] if s["label_tolerance"] is not None else pv.default_tolerance(rows)
-    y = pv.label_rows_v2(rows, tol)
+    scales = pv.step_scales(rows) if s["label_scale"] == "step" else None
+    tol = s["label_tolerance"] if s["label_tolerance"] is not None else pv.default_tolerance(rows, scales=scales)
+    y = pv.label_rows_v2(rows, tol, scales)
     for r, lab in zip(rows, y.tolist()):
         r["label"] = int(lab)
     pt.write_jsonl(out / "rows.jsonl", rows)
@@ -167,8 +172,10 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
                        "p_forecast": s["p_forecast"], "warmup": s["warmup"]},
         "labels": {"rule": "1 if harm <= tolerance; harm = the adaLN-gated effect of forecasting there given the "
                            "actual history, max over the batch, summed over the layer's targets "
-                           "(ErrorControl.observe)", "tolerance": tol,
-                   "tolerance_from": "given" if s["label_tolerance"] is not None else "median harm at cache age 2"},
+                           "(ErrorControl.observe)" + ("; divided by the step's median one-step harm"
+                                                      if scales else ""), "tolerance": tol,
+                   "scale": s["label_scale"], "step_scales": {str(k): v for k, v in sorted((scales or {}).items())},
+                   "tolerance_from": "given" if s["label_tolerance"] is not None else "median (scaled) harm at cache age 2"},
         "use_with": {"schedule": "policy", "targets": ["attn", "mlp"], "forecast_order": s["forecast_order"],
                      "warmup": s["warmup"]},
         "signal_auc": pv.signal_auc(rows, y),

@@ -13,7 +13,8 @@ last measured forecast error, which exist only in runs that reuse. So the rows c
    summed over the layer's targets. One row = the features the policy would have seen when it planned that
    step (the seed's five, then cache age, log of the error measured at the previous compute, and that
    compute's age) + `harm`, the error measured now.
-3. `label_rows_v2`: label 1 (forecasting there is safe) when harm <= `tolerance`.
+3. `label_rows_v2`: label 1 (forecasting there is safe) when harm <= `tolerance`, optionally with the harm
+   divided by its step's typical one-step harm (`step_scales`, label scale "step").
 4. `fit_policy_v2`: the seed's MLP on the v2 features (policy_training's split and AUC helpers).
 """
 from __future__ import annotations
@@ -121,15 +122,40 @@ def feature_matrix_v2(rows: Sequence[dict]) -> torch.Tensor:
     return torch.tensor([[r[name] for name in POLICY_FEATURE_NAMES_V2] for r in rows], dtype=torch.float32)
 
 
-def label_rows_v2(rows: Sequence[dict], tolerance: float) -> torch.Tensor:
-    """(N,) labels: 1 where the measured harm of forecasting there is within `tolerance`."""
-    return torch.tensor([1.0 if r["harm"] <= tolerance else 0.0 for r in rows])
+def step_scales(rows: Sequence[dict]) -> dict[int, float]:
+    """Per step, the median harm of its one-step forecasts (cache age 1); a step without one takes the nearest
+    step's. Dividing by it asks "is forecasting here cheap *for this step*": the raw harm grows about 30-fold
+    from the first to the last steps, while an early error travels through every later step."""
+    by_step: dict[int, list] = {}
+    for r in rows:
+        if r["cache_age"] == 1:
+            by_step.setdefault(int(r["step"]), []).append(r["harm"])
+    if not by_step:
+        raise ValueError("no rows at cache age 1 to scale the harm by; use label scale 'none'")
+    med = {k: sorted(v)[len(v) // 2] for k, v in by_step.items()}
+    steps = sorted(med)
+    out = {}
+    for step in {int(r["step"]) for r in rows}:
+        near = min(steps, key=lambda k: (abs(k - step), k))
+        out[step] = max(med[near], 1e-12)
+    return out
 
 
-def default_tolerance(rows: Sequence[dict], age: int = 2) -> float:
-    """The median harm of the rows at cache age `age`: as harmful as a typical forecast at that age (2 is the
-    oldest forecast of a fixed interval 3)."""
-    harms = sorted(r["harm"] for r in rows if r["cache_age"] == age)
+def scaled_harm(rows: Sequence[dict], scales: dict[int, float] | None) -> list[float]:
+    """Each row's harm, divided by its step's scale (scales=None: the raw harm)."""
+    return [r["harm"] / scales[int(r["step"])] if scales else r["harm"] for r in rows]
+
+
+def label_rows_v2(rows: Sequence[dict], tolerance: float, scales: dict[int, float] | None = None) -> torch.Tensor:
+    """(N,) labels: 1 where the measured harm of forecasting there (scaled per step with `scales`) is within
+    `tolerance`."""
+    return torch.tensor([1.0 if h <= tolerance else 0.0 for h in scaled_harm(rows, scales)])
+
+
+def default_tolerance(rows: Sequence[dict], age: int = 2, scales: dict[int, float] | None = None) -> float:
+    """The median (scaled) harm of the rows at cache age `age`: as harmful as a typical forecast at that age (2
+    is the oldest forecast of a fixed interval 3)."""
+    harms = sorted(h for r, h in zip(rows, scaled_harm(rows, scales)) if r["cache_age"] == age)
     if not harms:
         raise ValueError(f"no rows at cache age {age} to set the label tolerance from; pass one explicitly")
     return float(harms[len(harms) // 2])
