@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dqar.harness.signal_analysis import FITS, evaluate, fit_coefficients, groups_of, markdown_tables
+from dqar.harness.signal_analysis import (FITS, age_growth, evaluate, fit_coefficients, groups_of, growth_table,
+                                          markdown_tables)
 from dqar.harness.signal_study import TARGETS, run_study
 
 _TEXT = ("target", "branch")
+_INT = ("step", "layer", "order", "seed", "class_label")
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -41,7 +43,8 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def read_rows(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
-        return [{k: (v if k in _TEXT else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (v if k in _TEXT else int(v) if k in _INT else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def main(argv=None) -> int:
@@ -86,10 +89,13 @@ def main(argv=None) -> int:
     results = evaluate(rows, args.psnr_threshold)
     fits = {g: {name: fit_coefficients(sub, feats) for name, feats in FITS.items()}
             for g, sub in groups_of(rows).items()}
+    growth = age_growth(rows)
     meta["psnr_threshold"] = args.psnr_threshold
-    (out / "signal_results.json").write_text(json.dumps({"meta": meta, "results": results, "fits": fits}, indent=1))
+    (out / "signal_results.json").write_text(json.dumps({"meta": meta, "results": results, "fits": fits,
+                                                         "age_growth": growth}, indent=1))
     columns = [c for c in results if c == "all" or " o" in c]
-    table = markdown_tables(results, columns)
+    table = markdown_tables(results, columns) + "\n**Growth of the gated error with cache age** (median of " \
+        "now_gated / rate_gated; error control assumes a^(k+1))\n\n" + growth_table(growth)
     head = (f"Signal study: {meta.get('rows')} rows ({meta.get('positions')} positions x {len(meta.get('seeds', []))} "
             f"seeds), harmful = single-position PSNR < {args.psnr_threshold:g} dB vs uncached.\n\n")
     (out / "signal_study.md").write_text(head + table)

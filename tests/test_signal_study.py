@@ -129,3 +129,12 @@ def test_study_end_to_end(model):
     assert set(results) >= {"all", "attn", "block", "attn o0", "block o2"} and results["all"]["n"] == len(rows)
     table = sa.markdown_tables(results, ["all", "attn o0"])
     assert "| last_gated |" in table and "now_gated (oracle)" in table
+    growth = sa.age_growth(rows)
+    assert set(growth) == {"attn o0", "attn o2", "block o0", "block o2"} and set(growth["attn o2"]) == {1, 2}
+    assert "| block o2 | " in sa.growth_table(growth)
+
+
+def test_age_growth_is_the_median_ratio():
+    rows = [{"target": "mlp", "order": 2, "age": 3, "now_gated": v, "rate_gated": 1.0, "psnr": p}
+            for v, p in ((2.0, 80.0), (4.0, 90.0), (9.0, 70.0))]
+    assert sa.age_growth(rows) == {"mlp o2": {3: {"now_over_rate": 4.0, "median_psnr": 80.0, "n": 3}}}

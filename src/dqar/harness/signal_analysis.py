@@ -113,6 +113,39 @@ def evaluate(rows: Sequence[dict], psnr_threshold: float, signals: Sequence[str]
     return out
 
 
+def age_growth(rows: Sequence[dict]) -> dict:
+    """{"target oK": {age: {"now_over_rate", "median_psnr", "n"}}}: how the gated forecast error grows with age.
+
+    now_over_rate = median over rows of now_gated / rate_gated, the error of the age-a forecast actually used
+    at step s over the error an age-1 forecast made at the last compute s-a: what error control's a^(k+1) law
+    predicts to be a^(k+1)."""
+    out = {}
+    for t in dict.fromkeys(r["target"] for r in rows):
+        for k in sorted({int(r["order"]) for r in rows}):
+            cells = {}
+            for a in sorted({int(r["age"]) for r in rows}):
+                sub = [r for r in rows if r["target"] == t and r["order"] == k and r["age"] == a]
+                if sub:
+                    ratio = [r["now_gated"] / r["rate_gated"] for r in sub if r["rate_gated"] > 0]
+                    cells[a] = {"now_over_rate": float(np.median(ratio)),
+                                "median_psnr": float(np.median([r["psnr"] for r in sub])), "n": len(sub)}
+            if cells:
+                out[f"{t} o{k}"] = cells
+    return out
+
+
+def growth_table(growth: dict) -> str:
+    ages = sorted({a for cells in growth.values() for a in cells})
+    lines = ["| target, order | " + " | ".join(f"age {a}: error x (a^(k+1)), median PSNR" for a in ages) + " |",
+             "|---|" + "---|" * len(ages)]
+    for name, cells in growth.items():
+        k = int(name.rsplit("o", 1)[1])
+        row = [f"{cells[a]['now_over_rate']:.2f} ({a ** (k + 1)}), {cells[a]['median_psnr']:.1f} dB" if a in cells
+               else "-" for a in ages]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v: float | None, signed: bool) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
