@@ -138,3 +138,16 @@ def test_age_growth_is_the_median_ratio():
     rows = [{"target": "mlp", "order": 2, "age": 3, "now_gated": v, "rate_gated": 1.0, "psnr": p}
             for v, p in ((2.0, 80.0), (4.0, 90.0), (9.0, 70.0))]
     assert sa.age_growth(rows) == {"mlp o2": {3: {"now_over_rate": 4.0, "median_psnr": 80.0, "n": 3}}}
+
+
+def test_age_one_copy_matches_the_policy_calibration(model, traj):
+    """Order 0, age 1, attention: the same measurement as policy_training's single-position reuse through DQAR."""
+    from dqar.harness.policy_training import generate_with_single_reuse
+
+    pos = ss.Position(7, 2, "attn", "uncond", 0, 1)
+    images = ss.resume(model, traj, pos.step, [pos])
+    dqar_img, events = generate_with_single_reuse(model, LABELS, SEEDS, step=7, layer=2, branch="uncond",
+                                                  steps=STEPS, cfg_scale=CFG)
+    assert events == 1
+    torch.testing.assert_close(per_image_mse(images[1], images[0]), per_image_mse(dqar_img, traj.image),
+                               rtol=1e-4, atol=0)
