@@ -24,13 +24,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def contenders(policies: dict, thresholds: list, order: int, warmup: float) -> list:
+def contenders(policies: dict, thresholds: list, order: int, warmup: float, targets=("attn", "mlp")) -> list:
     out = []
     for tag, path in policies.items():
         for t in thresholds:
-            out.append((f"policy-{tag}-thr{t:g}-attn+mlp-o{order}-w{warmup:g}",
+            out.append((f"policy-{tag}-thr{t:g}-{'+'.join(targets)}-o{order}-w{warmup:g}",
                         dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
-                             warmup=warmup, targets=("attn", "mlp"), forecast_order=order)))
+                             warmup=warmup, targets=tuple(targets), forecast_order=order)))
     return out
 
 
@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
     p.add_argument("--order", type=int, default=2, help="forecast order of a planned layer (default 2)")
     p.add_argument("--warmup", type=float, default=0.0, help="warmup under the policy (default 0)")
+    p.add_argument("--targets", default="attn,mlp", help="comma list of targets (default attn,mlp)")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -105,7 +106,8 @@ def measure(args, policies: dict, thresholds: list) -> None:
     seeds = list(range(len(labels)))
     features = EvaluatorFeatures(load_evaluator())
     done = {r["name"] for r in read_rows(args.rows)}
-    todo = [c for c in contenders(policies, thresholds, args.order, args.warmup) if c[0] not in done]
+    targets = tuple(t for t in args.targets.split(",") if t)
+    todo = [c for c in contenders(policies, thresholds, args.order, args.warmup, targets) if c[0] not in done]
     if not todo:
         return
     cache = args.reference_cache

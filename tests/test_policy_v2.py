@@ -260,3 +260,20 @@ def test_step_scaled_labels_divide_by_the_steps_median_one_step_harm():
     assert default_tolerance(rows, scales=scales) == pytest.approx(1.2)   # scaled age-2 harms 5/3, 1.2, 0.8
     with pytest.raises(ValueError, match="no rows at cache age 1"):
         step_scales([{"step": 3, "cache_age": 2, "harm": 0.1}])
+
+
+def test_train_policy_v2_max_cache_age_caps_the_policy_and_keeps_every_row(tmp_path):
+    from dqar.cli import main
+
+    common = ["train-policy", "--features", "v2", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class", "1",
+              "--steps", "10", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "4", "--no-progress",
+              "--val-fraction", "0.5", "--p-forecast", "0.9"]
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cap"), "--max-cache-age", "2", "--from", str(tmp_path / "all")]) == 0
+    every = [json.loads(line) for line in (tmp_path / "all" / "rows.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (tmp_path / "cap" / "rows.jsonl").read_text().splitlines()]
+    assert max(r["cache_age"] for r in every) > 2
+    assert kept == every
+    capped, full = (load_policy(tmp_path / d / "policy_digits.safetensors") for d in ("cap", "all"))
+    assert capped.max_cache_age == 2 and full.max_cache_age == max(r["cache_age"] for r in every)
+    assert torch.equal(capped.net[0].weight, full.net[0].weight)

@@ -13,7 +13,7 @@ import math
 from . import UsageError
 
 V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", "max_age": 6, "forecast_order": 2,
-               "label_tolerance": None, "warmup": 0.0, "label_scale": "none"}
+               "label_tolerance": None, "warmup": 0.0, "label_scale": "none", "max_cache_age": None}
 
 
 def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
                         help="v2: label 1 where the measured harm <= this (default: the median harm at cache age 2, "
                              "as harmful as a typical forecast of a fixed interval 3)")
     parser.add_argument("--warmup", type=float, default=None, help=f"v2: warmup of the training runs (default {d['warmup']:g})")
+    parser.add_argument("--max-cache-age", type=int, default=None,
+                        help="v2: the oldest cache the policy may forecast from, recorded in the file; every row "
+                             "still trains the MLP (default: the oldest in the rows, --max-age)")
     parser.add_argument("--label-scale", choices=("none", "step"), default=None,
                         help="v2: 'step' divides each harm by its step's median one-step harm before labelling, "
                              f"'none' labels the raw harm (default {d['label_scale']})")
@@ -57,8 +60,8 @@ def v2_settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"--p-forecast={s['p_forecast']!r} is not allowed: a comma list of numbers in [0, 1]") from None
     if not s["p_forecast"] or not all(0.0 <= p <= 1.0 for p in s["p_forecast"]):
         raise UsageError(f"--p-forecast={args.p_forecast!r} is not allowed: a comma list of numbers in [0, 1]")
-    for name, low in (("n_runs", 2), ("per_class", 1), ("max_age", 1)):
-        if s[name] < low:
+    for name, low in (("n_runs", 2), ("per_class", 1), ("max_age", 1), ("max_cache_age", 1)):
+        if s[name] is not None and s[name] < low:
             raise UsageError(f"--{name.replace('_', '-')}={s[name]} is not allowed: must be >= {low}")
     if s["forecast_order"] not in (0, 1, 2):
         raise UsageError(f"--forecast-order={s['forecast_order']} is not allowed: must be 0, 1 or 2")
@@ -81,6 +84,8 @@ def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
              f"--val-fraction {args.val_fraction:g}", f"--seed {args.seed}"]
     if s["label_tolerance"] is not None:
         parts.append(f"--label-tolerance {s['label_tolerance']:g}")
+    if s["max_cache_age"] is not None:
+        parts.append(f"--max-cache-age {s['max_cache_age']}")
     if args.from_dir:
         parts.append(f"--from {args.from_dir}")
     if args.threads is not None:
@@ -162,6 +167,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
         r["label"] = int(lab)
     pt.write_jsonl(out / "rows.jsonl", rows)
     max_age = int(max(r["cache_age"] for r in rows))
+    if s["max_cache_age"] is not None:
+        max_age = min(max_age, s["max_cache_age"])
     info = {
         "feature_set": "v2",
         "trained_on": {"model": described, "weights_file_sha256": _file_sha256(args.model), "sampler": args.sampler,
