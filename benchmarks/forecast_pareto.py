@@ -48,6 +48,14 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                     name = f"interval{interval}-{'+'.join(targets)}-o{order}-w0"
                     out.append((name, dict(schedule="interval", interval=interval, warmup=0.0, targets=targets,
                                            forecast_order=order)))
+    if group in ("all", "grid"):
+        # Fixed intervals with a warmup land between the no-warmup ones (work 0.44-0.66), where the adaptive
+        # schedule's middle tolerances fall.
+        for targets in (("attn", "mlp"), ("block",)):
+            for interval, warmup in ((3, 0.2), (2, 0.2), (2, 0.3)):
+                out.append((f"interval{interval}-{'+'.join(targets)}-o2-w{warmup:g}",
+                            dict(schedule="interval", interval=interval, warmup=warmup, targets=targets,
+                                 forecast_order=2)))
     if group in ("all", "adaptive"):
         # Step-wide error control (one decision per step from the summed effects), no warmup, max age 6.
         sweeps = ((("block",), 2, (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)),
