@@ -146,3 +146,13 @@ def test_layers_the_schedule_can_never_reuse_take_the_fast_path(model):
     assert ctl.cached_layers == frozenset({0, 1})
     assert {layer for step, layer in asked if step > 0} == {0, 1}
     assert s["reuse_events"] + s["compute_events"] == STEPS * 4 * 2 and s["reuse_events"] > 0
+
+
+def test_a_live_controllers_config_cannot_be_swapped():
+    from dqar import DQARConfig
+    from dqar.method.controller import DQARController
+
+    ctl = DQARController(DQARConfig(schedule="static", csb_topk=4, cache_bits=8), num_layers=4)
+    with pytest.raises(AttributeError, match="cannot change on a live controller"):
+        ctl.config = DQARConfig(schedule="none")
+    assert ctl.config.schedule == "static"

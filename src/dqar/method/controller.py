@@ -71,7 +71,7 @@ class DQARController:
     def __init__(self, config: DQARConfig, num_layers: int, branches: tuple[str, ...] = ("cond",)):
         if not isinstance(config, DQARConfig):
             raise TypeError(f"config must be a DQARConfig, got {type(config).__name__}")
-        self.config = config
+        self._config = config
         self.num_layers = num_layers
         self.default_branches = branches
         self.schedule = build_schedule(config)
@@ -105,6 +105,17 @@ class DQARController:
         self.error_control = None
         self._bind_history()
         self.reset()
+
+    @property
+    def config(self) -> DQARConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value) -> None:
+        # The schedule, the CSB tracker and the error control are built from the config: a new one would
+        # reach some parts and not others.
+        raise AttributeError("DQARController.config cannot change on a live controller (its schedule, CSB tracker "
+                             "and error control were built from it): remove_dqar and apply_dqar with the new config")
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
