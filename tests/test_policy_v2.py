@@ -79,7 +79,30 @@ def test_v2_file_round_trip_records_its_feature_set_and_needs(tmp_path):
     with safe_open(str(v1), framework="pt") as f:
         assert f.metadata()["format"] == FORMAT and "feature_set" not in f.metadata()
     assert load_policy(v1).feature_set == "v1" and not load_policy(v1).uses_history
-    assert load_policy().feature_names == POLICY_FEATURE_NAMES          # the shipped file stays loadable
+    # The shipped file is v2 (docs/POLICY.md, "Policy v2"): forecasts at most 2 steps old, threshold 0.9.
+    shipped = load_policy()
+    assert shipped.feature_names == POLICY_FEATURE_NAMES_V2 and shipped.max_cache_age == 2 and shipped.threshold == 0.9
+
+
+def test_the_seeds_five_feature_policy_stays_loadable_and_usable():
+    """The previous shipped policy (format dqar-policy/1), kept in docs/policy, still runs as before."""
+    from pathlib import Path
+
+    from dqar.digits.embedded import load_embedded_model
+
+    v1 = Path(__file__).resolve().parents[1] / "docs" / "policy" / "policy_digits_v1.safetensors"
+    policy = load_policy(v1)
+    assert policy.feature_set == "v1" and policy.feature_names == POLICY_FEATURE_NAMES
+    model = load_embedded_model()
+    ctl = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(v1)))
+    try:
+        images = sample(model, [3, 7], [0, 1], steps=20, cfg_scale=1.5)
+        summary = ctl.summary()
+    finally:
+        remove_dqar(model)
+    assert summary["reuse_events"] > 0 and sum(summary["events_per_step"][:8]) == 0     # warmup 0.4
+    assert ctl.history is None and not ctl.needs_effect                                 # v1 reads no history
+    assert torch.isfinite(images).all()
 
 
 def _edit(src, dst, **meta_changes):
