@@ -157,10 +157,13 @@ def _unwrap(module: nn.Module, previous, hook) -> None:
     """Take `hook` out of `module`'s forward. Usually it is the forward itself; a wrapper installed on top of it
     later (accelerate's offload hook: `enable_model_cpu_offload` after apply_dqar) keeps the forward it
     wrapped in `_old_forward`, and there it is replaced by what the hook replaced, so the wrapper stays."""
-    if module.__dict__.get("forward") is hook:
+    current = module.__dict__.get("forward", _MISSING)
+    if current is hook:
         _restore_attr(module, "forward", previous)
     elif module.__dict__.get("_old_forward") is hook:
         module._old_forward = previous if previous is not _MISSING else type(module).forward.__get__(module)
+    elif current is previous:
+        return                  # someone already put back what the hook replaced
     else:
         # Wrapped by something unknown: the hook stays in its chain, inert (the controller is reset below,
         # and an inactive controller makes every hook call the original forward).
