@@ -8,7 +8,8 @@ the time over the plain model is pure overhead, split by what is added:
   refreshes), with the block probes that read the block input norms and gates;
 - `gate`: the seed's entropy + SNR gate, entropy measured on every attention call (tau0 so small that it
   never passes);
-- `policy`: the shipped policy's features and MLP on every layer (threshold 1.0: it never reuses).
+- `policy`: the shipped policy's features and MLP on every layer (threshold 1.0 and a budget of less than
+  one layer: it never reuses).
 
 The decision cost is each decision contender's time over `hooks+history` (the same cache work without
 the decisions); the hook cost is `hooks+history` over the plain model. Usage:
@@ -40,7 +41,9 @@ def configs(targets: tuple, order: int) -> dict[str, DQARConfig]:
         "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, **common),
         # The gate and the policy read attention entropy, so they decide on attention (and keep its history).
         "gate": DQARConfig(schedule="gate", tau0=1e-6, warmup=0.0, forecast_order=order),
-        "policy": DQARConfig(schedule="policy", policy_threshold=1.0, warmup=0.0, forecast_order=order),
+        # Threshold 1.0 alone can pass (a float32 sigmoid reaches 1.0); a budget below one layer never does.
+        "policy": DQARConfig(schedule="policy", policy_threshold=1.0, policy_budget=0.01, warmup=0.0,
+                             forecast_order=order),
     }
 
 
