@@ -94,9 +94,11 @@ class StackHook:
         residual = out - stack_input
         branches = ctl.branches
         chunks = residual.chunk(len(branches)) if len(branches) > 1 else (residual,)
-        # The error control weighs a forecast's error against the stack input it is added to.
-        norms = (stack_input.detach().float().flatten(1).norm(dim=1)
-                 if ctl.error_control is not None else None)
+        # The error control weighs a forecast's error against the stack's own contribution, its residual: against
+        # the stack input (noise-dominated early, large late) it under-weighs the last steps, where an error
+        # lands in the image with little left to correct it (on the embedded model 43.8 dB at work 0.34
+        # against 50.0 dB at 0.32 for the residual, 20 images).
+        norms = residual.detach().float().flatten(1).norm(dim=1) if ctl.error_control is not None else None
         start = 0
         for branch, chunk in zip(branches, chunks):
             stop = start + chunk.shape[0]
