@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         reuse = ""
         if s:
             ideal = f"{s['ideal_speedup']:.3f}x" if s["ideal_speedup"] else "n/a"
-            reuse = (f"; reused {s['reuse_events']} of {s['reuse_events'] + s['compute_events']} module calls, "
+            # The stack target decides once per step and branch for the whole chain of blocks.
+            unit = "stack passes" if config.targets == ("stack",) else "module calls"
+            reuse = (f"; reused {s['reuse_events']} of {s['reuse_events'] + s['compute_events']} {unit}, "
                      f"cache {s['cache_mb']:.3f} MB, ideal speedup {ideal}")
         print(f"wrote {len(paths)} images to {args.out} and the grid {grid}; "
               f"{result['ms_per_step']:.1f} ms/step{reuse}", file=sys.stderr)
