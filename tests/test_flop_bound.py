@@ -94,3 +94,27 @@ def test_measuring_entropy_does_not_change_the_flop_bound(model):
     s = _summary(model, DQARConfig(**PATTERN, record_entropy=True))
     assert s["reuse_events"] == 24
     assert s["ideal_speedup"] == pytest.approx(TOTAL / (TOTAL - 24 * 2 * ATTN), rel=1e-12)
+
+
+def test_a_second_apply_reuses_the_profile_and_cfg_does_not_share_it(model, monkeypatch):
+    import dqar.method.flops as flops_module
+
+    fresh = build_dit("DiT-Tiny").randomize_(1, std=0.2).eval()       # no profile measured for it yet
+    made = []
+    real = flops_module.FlopCounterMode
+    monkeypatch.setattr(flops_module, "FlopCounterMode", lambda *a, **k: made.append(1) or real(*a, **k))
+    first = _summary(fresh, DQARConfig(**PATTERN))
+    assert len(made) == 1
+    second = _summary(fresh, DQARConfig(**PATTERN))
+    assert len(made) == 1                                                  # measured once for both generations
+    assert second["ideal_speedup"] == first["ideal_speedup"] == pytest.approx(TOTAL / (TOTAL - 24 * 2 * ATTN))
+    # Four images without guidance: the same batch shape (4, 1, 8, 8) as two with CFG, but one branch of 4
+    # images, so it gets its own profile (FLOPs per branch double).
+    ctl = apply_dqar(fresh, DQARConfig(**PATTERN))
+    try:
+        sample(fresh, [1, 7, 2, 3], [3, 4, 5, 6], steps=STEPS, cfg_scale=1.0)
+        s = ctl.summary()
+    finally:
+        remove_dqar(fresh)
+    assert len(made) == 2
+    assert s["reuse_events"] == 12 and s["ideal_speedup"] == pytest.approx(TOTAL / (TOTAL - 12 * 4 * ATTN))

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import DQARConfig
 from .controller import DQARController
-from .flops import FlopProfiler
+from .flops import FlopProfiler, shared_profiles
 from .layouts import BlockLayout, find_layout
 from .probes import BlockProbe
 from .root import _MISSING, RootHook, _restore_attr, watch_prompt
@@ -78,7 +78,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
     _check_targets(config, layout, model, per_block)
     _check_csb_topk(config, layout, per_block)
     ctl = DQARController(config, num_layers=len(blocks))
-    driver, flops = StepDriver(ctl), FlopProfiler()
+    driver, flops = StepDriver(ctl), FlopProfiler(shared_profiles(model, config.targets))
     wrapped, restore = [], []
     if config.targets == ("stack",):
         state = StackState(len(blocks))

@@ -1,4 +1,4 @@
-"""The wrapper around the model's own forward: the FLOP profile once per input shape, and for diffusers models
+"""The wrapper around the model's own forward: the FLOP profile once per input shape and branch count, and for diffusers models
 the step, its noise level and the CFG batch order, read from the timestep the pipeline passes.
 
 The bookkeeping runs outside torch.compile (`torch.compiler.disable`): it is Python state that changes every
@@ -56,7 +56,8 @@ class RootHook:
         info = self._step_from_timestep(x, args, kwargs) if self.layout.drives_itself else None
         if info is not None:
             self.driver.begin(info)
-        key = tuple(x.shape)
+        # The same batch is b images under CFG or 2b without: per-branch FLOPs differ, so both are in the key.
+        key = (tuple(x.shape), len(self.ctl.branches))
         try:
             if key in self.flops.profiles:
                 self.ctl.count_forward(self.flops.profiles[key])
