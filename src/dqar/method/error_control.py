@@ -71,10 +71,13 @@ class ErrorControl:
             return
         gate, input_norm = effect
         age = step_index - previous.steps[-1]
-        delta = extrapolate(previous, step_index, self.order, torch.float32) - fresh.float()
+        forecast = extrapolate(previous, step_index, self.order, torch.float32)
+        # A forecast of order >= 1 is a new float32 tensor, worked on in place; order 0 returns the cache's own.
+        owned = self.order >= 1 and previous.d1 is not None and forecast.dtype == torch.float32
+        delta = forecast.sub_(fresh) if owned else forecast - fresh.float()
         if gate is not None:
-            delta = delta * gate.float().unsqueeze(1)                 # (n, T, D) * (n, 1, D)
-        error = float((delta.flatten(1).norm(dim=1) / (input_norm + _TINY)).max())
+            delta.mul_(gate.unsqueeze(1))                              # (n, T, D) * (n, 1, D)
+        error = float((torch.linalg.vector_norm(delta.flatten(1), dim=1) / (input_norm + _TINY)).max())
         self.errors.append((step_index, key[0], key[1], key[2], age, error))
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
         constant = error / remainder_factor(step_index, used)

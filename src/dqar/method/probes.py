@@ -16,7 +16,10 @@ from .layouts import BlockLayout
 
 class BlockProbe:
     def __init__(self, block: nn.Module, layout: BlockLayout):
-        self.input_norm: torch.Tensor | None = None     # (N,) per-sample ||x|| of the block input
+        self._input: torch.Tensor | None = None           # the block input, until its norm is asked for
+        self._input_version = 0
+        self._input_norm: torch.Tensor | None = None
+        self._eager = False                                # a block that changed its input in place: norm on entry
         self.gates: dict[str, torch.Tensor] = {}          # target -> (N, D) adaLN gate
         self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True)]
         source = layout.gate_source(block) if layout.gate_source is not None else None
@@ -26,9 +29,25 @@ class BlockProbe:
                 lambda _module, _args, out: self.gates.update(read(out))))
 
     def _record_input(self, _module, args, kwargs):
+        # The norm is formed only when a module of the block computes and measures: a block whose modules
+        # all forecast never needs it.
         x = args[0] if args else kwargs["hidden_states"]
-        self.input_norm = x.detach().float().flatten(1).norm(dim=1)
+        self._input, self._input_version, self._input_norm = x, x._version, None
         self.gates = {}
+        if self._eager:
+            _ = self.input_norm
+
+    @property
+    def input_norm(self) -> torch.Tensor | None:
+        """(N,) per-sample ||x|| of the block input of the current forward."""
+        if self._input_norm is None and self._input is not None:
+            if self._input._version != self._input_version:
+                # Written in place since the block began: this once the norm is of the changed tensor, and from
+                # the next forward on it is taken on entry.
+                self._eager = True
+            self._input_norm = torch.linalg.vector_norm(self._input.detach().float().flatten(1), dim=1)
+            self._input = None
+        return self._input_norm
 
     def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""
