@@ -12,7 +12,13 @@ the time over the plain model is pure overhead, split by what is added:
   one layer: it never reuses).
 
 The decision cost is each decision contender's time over `hooks+history` (the same cache work without
-the decisions); the hook cost is `hooks+history` over the plain model. Usage:
+the decisions); the hook cost is `hooks+history` over the plain model. On a shared 2-core machine two whole
+runs differ by 10% from one round to the next, more than the 2% asked for, so the script also measures the
+decision work inside each run (`--share-runs`): every function that does decision work is timed with
+`time.perf_counter` around its call (statistics: attention entropy, the error measurement, the block
+probes; the step's plan: features and the policy MLP; each module's reuse test), and its share of that
+same run's wall time is reported (median and range over the runs). Numerator and denominator come from one
+run, so machine drift cancels. Usage:
 
     python benchmarks/decision_cost.py --model DiT-B/2 --steps 10 --rounds 7
     python benchmarks/decision_cost.py --model embedded --n 20 --steps 20 --rounds 7
@@ -22,12 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
+import time
 from datetime import date
 
 import torch
 
+import dqar.method.target as target_module
 from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.method.controller import DQARController
+from dqar.method.error_control import ErrorControl
+from dqar.method.probes import BlockProbe
 from dqar.digits.embedded import load_embedded_model
 from dqar.harness.timing import Contender, interleaved_timing
 from dqar.models import build_dit
@@ -47,6 +59,76 @@ def configs(targets: tuple, order: int) -> dict[str, DQARConfig]:
     }
 
 
+class DecisionTimers:
+    """Wall time inside the decision functions, patched in for one run and put back after it. A call made
+    from inside another timed call (the policy's error measurement calls the error control) counts once."""
+
+    PATCHED = ((DQARController, "begin_step"), (DQARController, "should_reuse"), (DQARController, "_measure"),
+               (ErrorControl, "observe"), (BlockProbe, "_record_input"), (target_module, "attention_entropy"))
+
+    def __init__(self):
+        self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, []
+        self.by_function: dict[str, float] = {}
+
+    def _timed(self, fn):
+        label = fn.__name__
+
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                self.seconds += spent
+                self.by_function[label] = self.by_function.get(label, 0.0) + spent
+                self.calls += 1
+                self._depth -= 1
+        return timed
+
+    def __enter__(self):
+        for owner, name in self.PATCHED:
+            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+            self._saved.append((owner, name, original))
+            setattr(owner, name, self._timed(original))
+        norm = BlockProbe.__dict__["input_norm"]
+        self._saved.append((BlockProbe, "input_norm", norm))
+        BlockProbe.input_norm = property(self._timed(norm.fget))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved = []
+
+
+def decision_shares(run, model, configs: dict, runs: int) -> dict:
+    """Per contender: the decision functions' share of each run's wall time (runs after one warm-up run)."""
+    out = {}
+    for name, config in configs.items():
+        shares, calls, parts = [], 0, {}
+        for i in range(runs + 1):
+            apply_dqar(model, config)
+            try:
+                with DecisionTimers() as timers:
+                    start = time.perf_counter()
+                    run()
+                    wall = time.perf_counter() - start
+            finally:
+                remove_dqar(model)
+            if i:
+                shares.append(timers.seconds / wall)
+                calls = timers.calls
+                for label, spent in timers.by_function.items():
+                    parts.setdefault(label, []).append(spent / wall)
+        out[name] = {"median": statistics.median(shares), "min": min(shares), "max": max(shares),
+                     "timed_calls_per_run": calls, "shares": shares,
+                     "by_function": {k: statistics.median(v) for k, v in parts.items()}}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DiT-B/2", help="a preset (random weights) or 'embedded' (the shipped model)")
@@ -55,6 +137,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1, help="images per generation, each with its CFG twin (default 1)")
     ap.add_argument("--targets", default="block", help="what the adaptive and interval contenders cache (default block)")
     ap.add_argument("--forecast-order", type=int, default=2)
+    ap.add_argument("--share-runs", type=int, default=5,
+                    help="runs per contender for the in-run decision share (0: skip that part)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     model = load_embedded_model() if args.model == "embedded" else build_dit(args.model).randomize_(0).eval()
@@ -99,9 +183,22 @@ def main() -> int:
     for r in rows:
         cost = f"{r['decision_cost']:+.1%}" if r["decision_cost"] is not None else "-"
         print(f"| {r['contender']} | {r['ms_per_step']:.1f} | {r['spread']:.1%} | {r['over_plain']:+.1%} | {cost} |")
+    shares = {}
+    if args.share_runs:
+        chosen = configs(tuple(args.targets.split(",")), args.forecast_order)
+        shares = decision_shares(run, model, {k: v for k, v in chosen.items() if k != "hooks+history"},
+                                 args.share_runs)
+        print(f"\nDecision work inside each run ({args.share_runs} runs per contender after a warm-up run): time in "
+              "the decision functions / the run's wall time")
+        print("| contender | share of the run (median) | min..max | timed calls per run | by function |")
+        print("|---|---:|---:|---:|---|")
+        for name, r in shares.items():
+            parts = ", ".join(f"{k} {v:.2%}" for k, v in sorted(r["by_function"].items(), key=lambda kv: -kv[1]))
+            print(f"| {name} | {r['median']:.2%} | {r['min']:.2%}..{r['max']:.2%} | {r['timed_calls_per_run']} | {parts} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows,
+                       "decision_share": shares}, f, indent=1)
     return 0
 
 

@@ -80,7 +80,7 @@ class PatchEmbed(nn.Module):
         self.num_patches = (input_size // patch_size) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)                           # (N, T, D)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()                         # (N, T, D)
 
 
 #################################################################################
