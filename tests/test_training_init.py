@@ -36,3 +36,41 @@ def test_a_missing_or_mismatched_init_file_is_refused_before_anything_is_written
     code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--init-from", str(tiny)])
     err = capsys.readouterr().err
     assert code == 2 and "--init-from:" in err and "tiny.safetensors" in err and not out.exists()
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the DiT in diffusion_loss: keeps the noised input and returns zeros."""
+
+    def forward(self, x, t, y, generator=None):
+        self.x, self.t = x, t
+        return torch.zeros_like(x)
+
+
+def test_augmentation_from_a_timestep_keeps_the_clean_images_below_it():
+    from dqar.digits.training import diffusion_loss, training_alphas_cumprod
+
+    acp = training_alphas_cumprod()
+    clean, augmented = torch.zeros(64, 1, 4, 4), torch.ones(64, 1, 4, 4)
+    y = torch.zeros(64, dtype=torch.long)
+    runs = {}
+    for below in (0, 300):
+        rec = _Recorder()
+        diffusion_loss(rec, augmented, y, acp, torch.Generator().manual_seed(0), clean=clean, clean_below=below)
+        runs[below] = rec
+    assert torch.equal(runs[0].t, runs[300].t)                    # the same draws either way
+    t = runs[0].t
+    assert (t < 300).any() and (t >= 300).any()
+    a = acp[t].sqrt().view(-1, 1, 1, 1)
+    # x_t = a x0 + s eps: the difference between the runs is a * (augmented - clean) exactly where t < 300.
+    diff = runs[0].x - runs[300].x
+    torch.testing.assert_close(diff, torch.where((t < 300).view(-1, 1, 1, 1), a.expand_as(diff), torch.zeros_like(diff)))
+
+
+@pytest.mark.parametrize("value", [-1, 1000, 2.5, True])
+def test_a_bad_augment_from_t_is_refused(value, tmp_path, capsys):
+    with pytest.raises(ValueError, match="augment_from_t="):
+        DiTTrainConfig(augment_from_t=value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = tmp_path / "run"
+        code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--augment-from-t", str(value)])
+        assert code == 2 and "--augment-from-t=" in capsys.readouterr().err and not out.exists()

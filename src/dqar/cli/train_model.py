@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", type=float, default=0.0, help="augmentation: random rotation +-degrees (0)")
     parser.add_argument("--scale-jitter", type=float, default=0.0,
                         help="augmentation: random isotropic scale 1 +- this (0)")
+    parser.add_argument("--augment-from-t", type=int, default=0,
+                        help="augment only examples noised at timestep >= this (0..999; 0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start from this DiT weights file (.safetensors of --preset's shape), or "
@@ -50,6 +52,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
              f"--min-lr-ratio {args.min_lr_ratio:g}", f"--max-shift {args.max_shift}", f"--rotate {args.rotate:g}",
              f"--scale-jitter {args.scale_jitter:g}", f"--ema-decay {args.ema_decay:g}", f"--seed {args.seed}",
              f"--evaluator-epochs {args.evaluator_epochs}"]
+    if args.augment_from_t:
+        parts.append(f"--augment-from-t {args.augment_from_t}")
     if args.init_from is not None:
         parts.append(f"--init-from {args.init_from}")
     if args.threads is not None:
@@ -133,7 +137,8 @@ def _write_dit(out, result, args, data_card, env) -> None:
                      "lr_schedule": ("linear warmup, then constant (DiT)" if result.config.lr_schedule == "constant"
                                      else f"linear warmup, then cosine decay to {result.config.min_lr_ratio:g} x lr"),
                      "augmentation": {"max_shift_px": result.config.max_shift, "rotate_deg": result.config.rotate_deg,
-                                      "scale_jitter": result.config.scale_jitter},
+                                      "scale_jitter": result.config.scale_jitter,
+                                      "from_timestep": result.config.augment_from_t},
                      "final_loss_definition": "mean training MSE over the last 10% of steps",
                      "loss_log": "dit_loss.csv beside the weights in the --out folder",
                      "command": command, "environment": env},
@@ -187,11 +192,12 @@ def run(args: argparse.Namespace) -> int:
                                  ema_decay=args.ema_decay, seed=args.seed, lr_schedule=args.lr_schedule,
                                  min_lr_ratio=args.min_lr_ratio, max_shift=args.max_shift,
                                  rotate_deg=args.rotate, scale_jitter=args.scale_jitter,
-                                 init_from=_init_path(args.init_from))
+                                 augment_from_t=args.augment_from_t, init_from=_init_path(args.init_from))
     except ValueError as exc:
         flags = {"steps=": "--steps=", "batch_size=": "--batch-size=", "preset=": "--preset=",
                  "min_lr_ratio=": "--min-lr-ratio=", "max_shift=": "--max-shift=", "rotate_deg=": "--rotate=",
-                 "scale_jitter=": "--scale-jitter=", "ema_decay=": "--ema-decay=", "lr=": "--lr="}
+                 "scale_jitter=": "--scale-jitter=", "ema_decay=": "--ema-decay=", "lr=": "--lr=",
+                 "augment_from_t=": "--augment-from-t="}
         message = str(exc)
         for field_name, flag in flags.items():
             if message.startswith(field_name):

@@ -47,6 +47,9 @@ class DiTTrainConfig:
     max_shift: int = 0
     rotate_deg: float = 0.0                    # affine jitter: rotation drawn uniformly in +-rotate_deg
     scale_jitter: float = 0.0                  # affine jitter: isotropic scale drawn in 1 +- scale_jitter
+    # Augment only examples noised at timestep >= augment_from_t; below it the model sees the exact scans,
+    # so its last denoising steps learn their pixel grid while the noisy ones keep the augmentation's variety.
+    augment_from_t: int = 0
     lr_schedule: str = "constant"              # "constant" (DiT) or "cosine" (decay to min_lr_ratio * lr)
     min_lr_ratio: float = 0.05
     seed: int = 0
@@ -74,6 +77,10 @@ class DiTTrainConfig:
             raise ValueError(f"scale_jitter={self.scale_jitter!r} is not allowed: must be in [0, 0.5)")
         if self.max_shift < 0:
             raise ValueError(f"max_shift={self.max_shift!r} is not allowed: must be >= 0")
+        if isinstance(self.augment_from_t, bool) or not isinstance(self.augment_from_t, int) \
+                or not 0 <= self.augment_from_t < 1000:
+            raise ValueError(f"augment_from_t={self.augment_from_t!r} is not allowed: must be an integer timestep "
+                             "in [0, 1000)")
 
 
 @dataclass
@@ -111,10 +118,16 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def diffusion_loss(model: DiT, x0: torch.Tensor, y: torch.Tensor, acp: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM 'simple' loss DiT uses)."""
+                   generator: torch.Generator, clean: torch.Tensor | None = None,
+                   clean_below: int = 0) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM 'simple' loss DiT uses).
+
+    With `clean`, examples drawn at a timestep below `clean_below` use `clean` (the unaugmented images) in
+    place of `x0`; the random draws are the same either way."""
     n = x0.shape[0]
     t = torch.randint(0, acp.shape[0], (n,), generator=generator)
+    if clean is not None and clean_below > 0:
+        x0 = torch.where((t < clean_below).view(n, 1, 1, 1), clean, x0)
     noise = torch.randn(x0.shape, generator=generator)
     a = acp[t].sqrt().view(n, 1, 1, 1)
     s = (1 - acp[t]).sqrt().view(n, 1, 1, 1)
@@ -172,7 +185,8 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = diffusion_loss(model, x0, data.labels[idx], acp, gen)
+        loss = diffusion_loss(model, x0, data.labels[idx], acp, gen, clean=data.images[idx],
+                              clean_below=cfg.augment_from_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
