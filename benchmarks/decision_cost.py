@@ -41,7 +41,7 @@ from dqar.method.controller import DQARController
 from dqar.method.error_control import ErrorControl
 from dqar.method.probes import BlockProbe
 from dqar.digits.embedded import load_embedded_model
-from dqar.harness.timing import Contender, interleaved_timing
+from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
 
@@ -150,19 +150,14 @@ def main() -> int:
     reference = run()
     summaries: dict[str, dict] = {}
 
-    def contender(name, config):
-        holder = {}
-
-        def setup():
-            holder["ctl"] = apply_dqar(model, config)
-
-        def teardown(images):
-            summaries[name] = holder["ctl"].summary()
-            remove_dqar(model)
+    def unchanged(name):
+        def check(images):
             if not torch.equal(images, reference):
                 raise RuntimeError(f"{name} changed the images: it reused something, so it does not time decisions")
+        return check
 
-        return Contender(fn=run, setup=setup, teardown=teardown)
+    def contender(name, config):
+        return dqar_contender(model, config, run, summaries, name, check=unchanged(name))
 
     contenders = {"plain": run}
     contenders.update({name: contender(name, c) for name, c in configs(tuple(args.targets.split(",")),

@@ -17,9 +17,9 @@ from datetime import date
 
 import torch
 
-from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar import DQARConfig
 from dqar.digits.embedded import load_embedded_model
-from dqar.harness.timing import Contender, interleaved_timing
+from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
 
@@ -80,16 +80,7 @@ def main() -> int:
     summaries: dict[str, dict] = {}
 
     def contender(name, config):
-        holder = {}
-
-        def setup():
-            holder["ctl"] = apply_dqar(model, config)
-
-        def teardown(_):
-            summaries[name] = holder["ctl"].summary()
-            remove_dqar(model)
-
-        return Contender(fn=run, setup=setup, teardown=teardown)
+        return dqar_contender(model, config, run, summaries, name)
 
     def run():
         return sample(model, labels, seeds, steps=args.steps, cfg_scale=1.5, device=device)

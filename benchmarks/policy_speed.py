@@ -24,9 +24,9 @@ from datetime import date
 
 import torch
 
-from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar import DQARConfig
 from dqar.digits.embedded import load_embedded_model
-from dqar.harness.timing import Contender, interleaved_timing
+from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.sampling import sample
 
 
@@ -90,16 +90,7 @@ def main(argv=None) -> int:
         return sample(model, labels, seeds, steps=args.steps, cfg_scale=args.cfg_scale)
 
     def contender(name, config):
-        holder = {}
-
-        def setup():
-            holder["ctl"] = apply_dqar(model, config)
-
-        def teardown(_):
-            summaries[name] = holder["ctl"].summary()
-            remove_dqar(model)
-
-        return Contender(fn=run, setup=setup, teardown=teardown)
+        return dqar_contender(model, config, run, summaries, name)
 
     contenders = {"plain": run, **{name: contender(name, cfg) for name, cfg in configs(args).items()}}
     results = interleaved_timing(contenders, rounds=args.rounds, warmup_runs=args.warmup_runs, measure_memory=False)

@@ -250,8 +250,8 @@ def test_bad_metadata_raises_naming_the_file(tmp_path, changes, message):
 
 
 @pytest.mark.parametrize("tensor, value, message", [
-    ("net.0.weight", float("nan"), "tensor 'net.0.weight' has 1 NaN or inf values"),
-    ("feature_mean", float("inf"), "tensor 'feature_mean' has 1 NaN or inf values"),
+    ("net.0.weight", float("nan"), "tensor 'net.0.weight' has 1 non-finite values of 320 (1 NaN, 0 inf)"),
+    ("feature_mean", float("inf"), "tensor 'feature_mean' has 1 non-finite values of 5 (0 NaN, 1 inf)"),
     ("feature_std", -2.0, "tensor 'feature_std' has a negative entry -2"),
 ])
 def test_nonfinite_or_negative_std_tensors_raise_naming_the_file(tmp_path, tensor, value, message):

@@ -319,13 +319,26 @@ def run(args: argparse.Namespace) -> int:
     say(f"training on {len(rows)} rows ({float(y.mean()):.1%} labelled reuse-safe)")
     fit = pt.fit_policy(pt.feature_matrix(rows), y, [r["seed"] for r in rows], val_fraction=args.val_fraction,
                         epochs=args.epochs, lr=args.lr, l2=args.l2, threshold=args.threshold, seed=args.seed)
-    metrics = fit.metrics()
-    info["validation"] = {"accuracy": metrics["val_accuracy"], "auc": metrics["val_auc"],
-                          "positive_rate": metrics["val_positive_rate"], "rows": metrics["n_val"],
-                          "seeds": metrics["val_seeds"], "train_accuracy": metrics["train_accuracy"]}
     seconds = time.perf_counter() - start
-    info["wall_seconds"] = {"trace_and_calibration": round(t_trace, 1), "compounding": round(t_calib, 1),
-                           "total": round(seconds, 1)}
+    notes = [f"delta: per-position PSNR >= {delta.position_psnr:.1f} dB <=> rel_change <= {delta.rel_change_max:.4g}; "
+             f"Spearman(rel_change, PSNR) = {calibration.spearman_rel_vs_psnr:.3f}"]
+    return write_policy_report(fit, info, out, args, say, group_name="seeds", notes=notes,
+                               wall_seconds={"trace_and_calibration": round(t_trace, 1),
+                                             "compounding": round(t_calib, 1), "total": round(seconds, 1)})
+
+
+def write_policy_report(fit, info: dict, out: Path, args, say, *, group_name: str, wall_seconds: dict,
+                        notes: list[str] = ()) -> int:
+    """Save a trained policy with its card (validation metrics, wall time) and report.json, install it if
+    asked, and tell the user (JSON on stdout with --json)."""
+    import json
+
+    from dqar.method.policy import save_policy
+
+    m = fit.metrics()
+    info["validation"] = {"accuracy": m["val_accuracy"], "auc": m["val_auc"], "positive_rate": m["val_positive_rate"],
+                          "rows": m["n_val"], group_name: m["val_seeds"], "train_accuracy": m["train_accuracy"]}
+    info["wall_seconds"] = wall_seconds
     st_path, json_path = save_policy(fit.policy, out / "policy_digits.safetensors", info)
     report = {"policy": str(st_path), "card": str(json_path), **info}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -333,13 +346,13 @@ def run(args: argparse.Namespace) -> int:
         report["installed"] = [str(p) for p in install_policy(st_path, json_path)]
     if args.json:
         print(json.dumps(report))
-    else:
-        v = info["validation"]
-        auc = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
-        say(f"delta: per-position PSNR >= {delta.position_psnr:.1f} dB <=> rel_change <= {delta.rel_change_max:.4g}; "
-            f"Spearman(rel_change, PSNR) = {calibration.spearman_rel_vs_psnr:.3f}")
-        say(f"validation accuracy {v['accuracy']:.3f}, AUC {auc} (positive rate {v['positive_rate']:.3f}); "
-            f"wrote {st_path} and {json_path} in {seconds:.0f} s")
+        return 0
+    for line in notes:
+        say(line)
+    v = info["validation"]
+    auc = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
+    say(f"validation accuracy {v['accuracy']:.3f}, AUC {auc} (positive rate {v['positive_rate']:.3f}); "
+        f"wrote {st_path} and {json_path} in {wall_seconds['total']:.0f} s")
     return 0
 
 

@@ -126,17 +126,15 @@ def read_rows(from_dir: str, s: dict, steps: int) -> list:
 
 
 def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool, progress_cls) -> int:
-    import json
     import time
     from datetime import date
     from pathlib import Path
 
     from dqar.harness import policy_training as pt
     from dqar.harness import policy_v2 as pv
-    from dqar.method.policy import save_policy
 
     from .common import resolve_model
-    from .train_policy import _file_sha256, install_policy
+    from .train_policy import _file_sha256, write_policy_report
 
     start = time.perf_counter()
     rows = read_rows(args.from_dir, s, args.steps) if args.from_dir else None
@@ -195,20 +193,5 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
     fit = pv.fit_policy_v2(pv.feature_matrix_v2(rows), y, [r["run"] for r in rows], max_cache_age=max_age,
                            val_fraction=args.val_fraction, epochs=args.epochs, lr=args.lr, l2=args.l2,
                            threshold=args.threshold, seed=args.seed)
-    m = fit.metrics()
-    info["validation"] = {"accuracy": m["val_accuracy"], "auc": m["val_auc"], "positive_rate": m["val_positive_rate"],
-                          "rows": m["n_val"], "runs": m["val_seeds"], "train_accuracy": m["train_accuracy"]}
-    info["wall_seconds"] = {"rows": round(t_rows, 1), "total": round(time.perf_counter() - start, 1)}
-    st_path, json_path = save_policy(fit.policy, out / "policy_digits.safetensors", info)
-    report = {"policy": str(st_path), "card": str(json_path), **info}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.install:
-        report["installed"] = [str(p) for p in install_policy(st_path, json_path)]
-    if args.json:
-        print(json.dumps(report))
-    else:
-        v = info["validation"]
-        auc = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
-        say(f"validation accuracy {v['accuracy']:.3f}, AUC {auc} (positive rate {v['positive_rate']:.3f}); "
-            f"wrote {st_path} and {json_path}")
-    return 0
+    return write_policy_report(fit, info, out, args, say, group_name="runs",
+                               wall_seconds={"rows": round(t_rows, 1), "total": round(time.perf_counter() - start, 1)})

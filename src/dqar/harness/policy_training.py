@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -370,6 +370,18 @@ def fit_policy(features: torch.Tensor, labels: torch.Tensor, groups: Sequence[in
     groups = list(range(features.shape[0])) if groups is None else [int(g) for g in groups]
     if len(groups) != features.shape[0]:
         raise ValueError(f"got {len(groups)} group ids for {features.shape[0]} rows")
+    return train_split_by_group(lambda: ReusePolicy(threshold=threshold, info=info), features, labels, groups,
+                                val_fraction=val_fraction, epochs=epochs, lr=lr, l2=l2, threshold=threshold,
+                                seed=seed)
+
+
+def train_split_by_group(make_policy: Callable[[], ReusePolicy], features: torch.Tensor, labels: torch.Tensor,
+                         groups: Sequence[int], *, val_fraction: float, epochs: int, lr: float, l2: float,
+                         threshold: float, seed: int) -> FitResult:
+    """The recipe every policy trains with: rows split by group, the MLP initialised under `seed` by
+    `make_policy`, its normalisation from the training rows, full-batch Adam on BCE + l2 * sum of squared
+    weights (biases excluded), then accuracy at `threshold` and ROC AUC on both parts."""
+    groups = [int(g) for g in groups]
     train_ids, val_ids = split_by_group(groups, val_fraction, seed)
     val_set = set(val_ids)
     is_val = torch.tensor([g in val_set for g in groups])
@@ -377,7 +389,7 @@ def fit_policy(features: torch.Tensor, labels: torch.Tensor, groups: Sequence[in
     xv, yv = features[is_val], labels[is_val]
 
     torch.manual_seed(seed)
-    policy = ReusePolicy(threshold=threshold, info=info)
+    policy = make_policy()
     policy.set_normalization(xt)
     weights = [p for n, p in policy.named_parameters() if n.endswith("weight")]
     opt = torch.optim.Adam(policy.parameters(), lr=lr)

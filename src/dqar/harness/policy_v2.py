@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from dqar.harness.policy_training import FitResult, binary_auc, split_by_group
+from dqar.harness.policy_training import FitResult, binary_auc, train_split_by_group
 from dqar.method.config import DQARConfig
 from dqar.method.hooks import apply_dqar, remove_dqar
 from dqar.method.policy import ReusePolicy, history_features
@@ -171,39 +171,10 @@ def fit_policy_v2(features: torch.Tensor, labels: torch.Tensor, groups: Sequence
     if features.ndim != 2 or features.shape[0] != labels.shape[0] or len(groups) != labels.shape[0]:
         raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)} and {len(groups)} groups "
                          "must have one row each")
-    train_ids, val_ids = split_by_group(groups, val_fraction, seed)
-    val_set = set(val_ids)
-    is_val = torch.tensor([int(g) in val_set for g in groups])
-    xt, yt, xv, yv = features[~is_val], labels[~is_val], features[is_val], labels[is_val]
-    torch.manual_seed(seed)
-    policy = ReusePolicy(threshold=threshold, info=info, feature_set="v2", max_cache_age=max_cache_age)
-    policy.set_normalization(xt)
-    weights = [p for n, p in policy.named_parameters() if n.endswith("weight")]
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    bce = torch.nn.BCEWithLogitsLoss()
-    loss = torch.tensor(float("nan"))
-    policy.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)           # a 64-wide MLP: intra-op threads only add contention
-    try:
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = bce(policy.logits(xt), yt) + l2 * sum(w.pow(2).sum() for w in weights)
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    policy.eval()
-    with torch.no_grad():
-        train_acc = float(((policy(xt) >= threshold).float() == yt).float().mean())
-        val_acc = val_auc = val_pos = None
-        if xv.shape[0]:
-            pv = policy(xv)
-            val_acc = float(((pv >= threshold).float() == yv).float().mean())
-            val_auc = binary_auc(pv, yv)
-            val_pos = float(yv.mean())
-    return FitResult(policy, train_acc, val_acc, val_auc, val_pos, train_ids, val_ids, int(xt.shape[0]),
-                     int(xv.shape[0]), float(loss.detach()))
+    return train_split_by_group(
+        lambda: ReusePolicy(threshold=threshold, info=info, feature_set="v2", max_cache_age=max_cache_age),
+        features, labels, groups, val_fraction=val_fraction, epochs=epochs, lr=lr, l2=l2, threshold=threshold,
+        seed=seed)
 
 
 def signal_auc(rows: Sequence[dict], labels: torch.Tensor) -> dict:

@@ -148,6 +148,26 @@ def _as_contender(name: str, value) -> Contender:
     raise TypeError(f"contender {name!r} is a {type(value).__name__}: expected a callable or a Contender")
 
 
+def dqar_contender(model, config, run: Callable[[], Any], summaries: dict, name: str,
+                   check: Callable[[Any], None] | None = None) -> Contender:
+    """`run` with DQAR applied to `model` under `config`: applied before each call and removed after it
+    (untimed), the controller's summary kept in `summaries[name]`; `check(output)` runs last."""
+    from dqar.method.hooks import apply_dqar, remove_dqar
+
+    holder = {}
+
+    def setup():
+        holder["ctl"] = apply_dqar(model, config)
+
+    def teardown(output):
+        summaries[name] = holder["ctl"].summary()
+        remove_dqar(model)
+        if check is not None:
+            check(output)
+
+    return Contender(fn=run, setup=setup, teardown=teardown)
+
+
 def _sync(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -205,27 +205,18 @@ def shipped_policy_path() -> Path:
 
 def load_policy(path: str | Path | None = None) -> ReusePolicy:
     """A ReusePolicy from a file written by `save_policy`; None loads the shipped digits policy."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from ..models.io import WeightsError, read_safetensors
 
     st_path = shipped_policy_path() if path is None else _paths(path)[0]
     where = f"policy file {str(st_path)!r}"
-    if not st_path.is_file():
-        raise PolicyFileError(f"{where} does not exist")
     try:
-        with safe_open(str(st_path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(st_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PolicyFileError(f"{where} is not a readable safetensors file ({exc}); policies are stored only "
-                              "as .safetensors written by `dqar train-policy`") from None
+        tensors, metadata = read_safetensors(st_path, "policy")       # refuses NaN / inf tensors too
+    except WeightsError as exc:
+        raise PolicyFileError(f"{exc}; policies are written by `dqar train-policy`") from None
     if metadata.get("format") not in (FORMAT, FORMAT_V2):
         raise PolicyFileError(f"{where} has format {metadata.get('format')!r}, expected {FORMAT!r} or "
                               f"{FORMAT_V2!r}; it was not written by dqar.method.policy.save_policy")
-    try:
-        names = json.loads(metadata.get("feature_names", "null"))
-    except json.JSONDecodeError:
-        names = None
+    names = _json_or_none(metadata, "feature_names")
     feature_set, max_age = "v1", None
     if metadata["format"] == FORMAT_V2:
         feature_set, max_age = _v2_metadata(where, metadata, names)
@@ -258,11 +249,6 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise PolicyFileError(f"{where} has unexpected tensor {extra[0]!r}; it is not a DQAR reuse policy")
-    for name in sorted(tensors):
-        if not bool(torch.isfinite(tensors[name]).all()):
-            bad = int((~torch.isfinite(tensors[name])).sum())
-            raise PolicyFileError(f"{where}: tensor {name!r} has {bad} NaN or inf values; the policy would decide "
-                                  "nothing sensible (every comparison with NaN is false)")
     if bool((tensors["feature_std"] < 0).any()):
         raise PolicyFileError(f"{where}: tensor 'feature_std' has a negative entry "
                               f"{tensors['feature_std'].min().item():g}; a standard deviation is >= 0")
@@ -270,6 +256,14 @@ def load_policy(path: str | Path | None = None) -> ReusePolicy:
     # Keep the std floor even for a hand-edited file, so inference never divides by zero.
     policy.feature_std.clamp_(min=_MIN_STD)
     return policy.eval()
+
+
+def _json_or_none(metadata: dict, key: str):
+    """A metadata entry decoded from JSON; None when it is absent or not JSON (the caller says what is wrong)."""
+    try:
+        return json.loads(metadata.get(key, "null"))
+    except json.JSONDecodeError:
+        return None
 
 
 def _v2_metadata(where: str, metadata: dict, names) -> tuple[str, int]:
@@ -284,10 +278,7 @@ def _v2_metadata(where: str, metadata: dict, names) -> tuple[str, int]:
     if feature_set not in POLICY_FEATURE_SETS or tuple(names) != POLICY_FEATURE_SETS[feature_set]:
         raise PolicyFileError(f"{where} records feature set {feature_set!r} with features {names}; this DQAR "
                               f"knows the sets {({k: list(v) for k, v in POLICY_FEATURE_SETS.items()})}")
-    try:
-        max_age = json.loads(metadata.get("max_cache_age", "null"))
-    except json.JSONDecodeError:
-        max_age = None
+    max_age = _json_or_none(metadata, "max_cache_age")
     if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
         raise PolicyFileError(f"{where} has max_cache_age {metadata.get('max_cache_age')!r} in its metadata; a v2 "
                               "policy records the largest cache age it was trained on, an integer >= 1")
