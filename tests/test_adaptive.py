@@ -6,6 +6,7 @@ from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.cache import CacheEntry
 from dqar.method.error_control import ErrorControl
 from dqar.method.forecast import advance
+from dqar.method.hooks import HOOK_ATTR
 from dqar.method.quant import store
 from dqar.sampling import sample
 
@@ -133,13 +134,17 @@ def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, t
         s1 = ctl.summary()
         second = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
         s2 = ctl.summary()
+        # The block probes let go of each block's input when the block returns (no activation outlives it).
+        probes = [undo.__self__ for undo in model.__dict__[HOOK_ATTR].restore if hasattr(undo, "__self__")]
+        assert len(probes) == len(model.blocks) and all(p._input is None for p in probes)
     finally:
         remove_dqar(model)
     assert s1["reuse_events"] > 0 and not torch.equal(first, baseline)
     assert torch.equal(first, second) and s1["events_per_step"] == s2["events_per_step"]
     assert s1["forecast_error"] == s2["forecast_error"]
     # Removal takes the block probes away too.
-    assert all(not b._forward_pre_hooks and not b.adaLN_modulation._forward_hooks for b in model.blocks)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks and not b.adaLN_modulation._forward_hooks
+               for b in model.blocks)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -21,7 +21,8 @@ class BlockProbe:
         self._input_norm: torch.Tensor | None = None
         self._eager = False                                # a block that changed its input in place: norm on entry
         self.gates: dict[str, torch.Tensor] = {}          # target -> (N, D) adaLN gate
-        self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True)]
+        self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True),
+                         block.register_forward_hook(self._release_input)]
         source = layout.gate_source(block) if layout.gate_source is not None else None
         if source is not None:
             module, read = source
@@ -36,6 +37,11 @@ class BlockProbe:
         self.gates = {}
         if self._eager:
             _ = self.input_norm
+
+    def _release_input(self, _module, _args, _out):
+        # The modules measured inside the block's forward; holding its input past it would keep one activation
+        # per block alive until the next step.
+        self._input = None
 
     @property
     def input_norm(self) -> torch.Tensor | None:
