@@ -102,16 +102,32 @@ def augmented_floor(evaluator, train_images: torch.Tensor, real_test_feats: torc
             for name, x in (("unshifted", base), ("shift1", shifted), ("shift1_affine", jittered))}
 
 
+def nearest_distance_median(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Median over `images` of the pixel L2 distance to the nearest `reference` image (16x16, [-1, 1])."""
+    return float(torch.cdist(images.flatten(1).double(), reference.flatten(1).double()).min(dim=1).values.median())
+
+
+def feature_spread(feats: torch.Tensor) -> float:
+    """Total variance (trace of the covariance) of evaluator features: how varied a set of images is."""
+    return float(feats.double().var(dim=0).sum())
+
+
 def score(model, evaluator, real_test_feats, per_class, steps, cfg_scale, batch, check=None,
-          train_feats=None) -> dict:
+          train_feats=None, train_images=None) -> dict:
     start = time.perf_counter()
     images, labels = generate(model, per_class, steps, cfg_scale, batch)
     wall = time.perf_counter() - start
     acc = float((evaluator.predict(images) == labels).double().mean())
     per_class_acc = [float((evaluator.predict(images[labels == c]) == c).double().mean()) for c in range(10)]
-    fid = frechet_distance(features(evaluator, images).double(), real_test_feats)
+    gen_feats = features(evaluator, images).double()
+    fid = frechet_distance(gen_feats, real_test_feats)
     row = {"cfg_scale": cfg_scale, "samples": len(labels), "steps": steps, "sampler": "ddim",
-           "accuracy": acc, "per_class_accuracy": per_class_acc, "fid_vs_test": fid, "sampling_wall_s": wall}
+           "accuracy": acc, "per_class_accuracy": per_class_acc, "fid_vs_test": fid, "sampling_wall_s": wall,
+           # Diversity vs fidelity: spread below the test digits' = too uniform; nearest-training distance above
+           # theirs = samples that no real digit resembles as closely as real digits resemble each other.
+           "feature_spread_over_test": feature_spread(gen_feats) / feature_spread(real_test_feats)}
+    if train_images is not None:
+        row["nearest_train_px_median"] = nearest_distance_median(images, train_images)
     if train_feats is not None:
         row["fid_floor_same_n"] = floor_at(train_feats, real_test_feats, len(labels))
         row["fid_over_floor"] = fid / row["fid_floor_same_n"]
@@ -175,7 +191,8 @@ def main(argv=None) -> int:
                "independent_accuracy_real_test": float((check.predict(to_8x8(test.images)) == test.labels.numpy())
                                                        .mean()),
                "feature_space": "evaluator penultimate layer (128-d)", "threads": torch.get_num_threads(),
-               "evaluator_accuracy_real_test": float((evaluator.predict(test.images) == test.labels).double().mean())}
+               "evaluator_accuracy_real_test": float((evaluator.predict(test.images) == test.labels).double().mean()),
+               "real_test_nearest_train_px_median": nearest_distance_median(test.images, train.images)}
     print(f"FID floor (real train vs real test): {floor:.3f}", file=sys.stderr)
 
     if args.augmented_floor:
@@ -188,7 +205,8 @@ def main(argv=None) -> int:
 
     sweep = []
     for scale in [float(s) for s in args.sweep.split(",") if s.strip()]:
-        row = score(model, evaluator, real_test, args.sweep_per_class, args.steps, scale, args.batch, check, real_train)
+        row = score(model, evaluator, real_test, args.sweep_per_class, args.steps, scale, args.batch, check, real_train,
+                    train.images)
         sweep.append(row)
         print(f"sweep cfg {scale}: accuracy {row['accuracy']:.3f} (independent {row['independent_accuracy']:.3f})  "
               f"FID {row['fid_vs_test']:.3f} (floor at this n {row['fid_floor_same_n']:.3f})  "
@@ -198,7 +216,8 @@ def main(argv=None) -> int:
 
     main_run = None
     if not args.skip_main:
-        main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch, check, real_train)
+        main_run = score(model, evaluator, real_test, args.per_class, args.steps, args.cfg_scale, args.batch, check,
+                         real_train, train.images)
         results["main"] = main_run
         print(f"main cfg {args.cfg_scale}: accuracy {main_run['accuracy']:.4f} (independent "
               f"{main_run['independent_accuracy']:.4f})  FID {main_run['fid_vs_test']:.3f} (floor at this n "
