@@ -110,14 +110,15 @@ def decision_shares(run, model, configs: dict, runs: int) -> dict:
     for name, config in configs.items():
         shares, calls, parts = [], 0, {}
         for i in range(runs + 1):
-            apply_dqar(model, config)
-            try:
-                with DecisionTimers() as timers:
+            # Patched before apply_dqar: the block probes bind their pre-hook when they are installed.
+            with DecisionTimers() as timers:
+                apply_dqar(model, config)
+                try:
                     start = time.perf_counter()
                     run()
                     wall = time.perf_counter() - start
-            finally:
-                remove_dqar(model)
+                finally:
+                    remove_dqar(model)
             if i:
                 shares.append(timers.seconds / wall)
                 calls = timers.calls
