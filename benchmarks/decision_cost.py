@@ -37,11 +37,11 @@ import torch
 
 import dqar.method.target as target_module
 from dqar import DQARConfig, apply_dqar, remove_dqar
+from dqar.digits.embedded import load_embedded_model
+from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.method.controller import DQARController
 from dqar.method.error_control import ErrorControl
 from dqar.method.probes import BlockProbe
-from dqar.digits.embedded import load_embedded_model
-from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.models import build_dit
 from dqar.sampling import sample
 
