@@ -159,3 +159,14 @@ def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, t
 def test_bad_adaptive_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DQARConfig(**kwargs)
+
+
+def test_adaptive_under_inference_mode_makes_the_same_images(model):
+    # Inference-mode tensors keep no version counter: the block probes take the input norm on entry there.
+    config = DQARConfig(schedule="adaptive", warmup=0.0, tolerance=5.0, max_age=4, forecast_order=1,
+                        targets=("attn", "mlp"))
+    images, summary, _ = run(model, config)
+    with torch.inference_mode():
+        again, summary_again, _ = run(model, config)
+    assert summary["reuse_events"] > 0 and summary_again["reuse_events"] == summary["reuse_events"]
+    assert torch.equal(images, again)

@@ -33,10 +33,12 @@ class BlockProbe:
         # The norm is formed only when a module of the block computes and measures: a block whose modules
         # all forecast never needs it.
         x = args[0] if args else kwargs["hidden_states"]
-        self._input, self._input_version, self._input_norm = x, x._version, None
         self.gates = {}
-        if self._eager:
-            _ = self.input_norm
+        if self._eager or x.is_inference():
+            # An inference-mode tensor keeps no version counter, so an in-place write could not be noticed.
+            self._input, self._input_norm = None, self._norm(x)
+            return
+        self._input, self._input_version, self._input_norm = x, x._version, None
 
     def _release_input(self, _module, _args, _out):
         # The modules measured inside the block's forward; holding its input past it would keep one activation
@@ -51,9 +53,13 @@ class BlockProbe:
                 # Written in place since the block began: this once the norm is of the changed tensor, and from
                 # the next forward on it is taken on entry.
                 self._eager = True
-            self._input_norm = torch.linalg.vector_norm(self._input.detach().float().flatten(1), dim=1)
+            self._input_norm = self._norm(self._input)
             self._input = None
         return self._input_norm
+
+    @staticmethod
+    def _norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x.detach().float().flatten(1), dim=1)
 
     def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""
