@@ -72,8 +72,9 @@ class ErrorControl:
         gate, input_norm = effect
         age = step_index - previous.steps[-1]
         forecast = extrapolate(previous, step_index, self.order, torch.float32)
-        # A forecast of order >= 1 is a new float32 tensor, worked on in place; order 0 returns the cache's own.
-        owned = self.order >= 1 and previous.d1 is not None and forecast.dtype == torch.float32
+        # A forecast from stored differences is a new tensor, worked on in place; a copy forecast (order 0, or
+        # no difference stored yet) is the cache's own tensor and must not be written.
+        owned = self.order >= 1 and previous.d1 is not None
         delta = forecast.sub_(fresh) if owned else forecast - fresh.float()
         if gate is not None:
             delta.mul_(gate.unsqueeze(1))                              # (n, T, D) * (n, 1, D)
