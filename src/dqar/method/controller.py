@@ -15,7 +15,7 @@ import torch
 from .cache import CacheEntry, ReuseCache
 from .config import DQARConfig
 from .error_control import ErrorControl
-from .forecast import advance, extrapolate, points
+from .forecast import advance, differences, extrapolate, points
 from .quant import SalienceTracker, store
 from .schedules import StepState, build_schedule
 from .stats import x0_snr
@@ -250,12 +250,14 @@ class DQARController:
                 return store(t, bits, cfg.quant_granularity, salient(layer_id, name, t, bits, step_index))
 
             previous = self.cache.get(layer_id, branch, target)
+            # The new differences serve both the cache and the error measurement (the forecast's miss).
+            diffs = differences(previous, output, step_index, cfg.forecast_order)
             if self.error_control is not None:
-                self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect)
+                self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
             if self.history is not None:
-                self._measure(layer_id, branch, target, previous, output, step_index, effect)
+                self._measure(layer_id, branch, target, previous, output, step_index, effect, diffs)
             entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
-                                                                    cfg.forecast_order, keep)
+                                                                    cfg.forecast_order, keep, diffs)
         if keys is not None:
             # CSB applies to K and V too: their channels are the head dimension.
             kb, vb = cfg.resolved_kv_bits
@@ -265,10 +267,10 @@ class DQARController:
         self.cache.put(entry)
         return entry
 
-    def _measure(self, layer_id, branch, target, previous, output, step_index, effect) -> None:
+    def _measure(self, layer_id, branch, target, previous, output, step_index, effect, diffs) -> None:
         errors = self.effect_meter.errors
         n = len(errors)
-        self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect)
+        self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
         self.history.computed(layer_id, branch, step_index, (errors[-1][5], errors[-1][4]) if len(errors) > n else None)
 
     # ------------------------------------------------------------------ accounting

@@ -1,7 +1,8 @@
 """The adaptive schedule's error control, as an adaptive ODE solver picks its step size.
 
-Whenever a module computes, the forecast its cache would have given for this step is one fused
-multiply-add away, so its error is measured for free:
+Whenever a module computes, the error of the forecast its cache would have given for this step is
+known at the price of one pass over the output (Newton's remainder is the divided difference the fresh
+output completes, dqar.method.forecast.forecast_miss):
 
     e = max over images of || g * (forecast - fresh) || / || x ||
 
@@ -29,7 +30,7 @@ import math
 import torch
 
 from .config import DQARConfig
-from .forecast import extrapolate
+from .forecast import differences, forecast_miss
 
 _TINY = 1e-12
 _STEP_KEY = ("step",)
@@ -62,8 +63,10 @@ class ErrorControl:
             key = _STEP_KEY
         return step_index < self._refresh_at.get(key, step_index)
 
-    def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect) -> None:
-        """Measure the forecast error at a compute and plan this key's (or this step's) next refresh."""
+    def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect,
+                diffs: tuple | None = None) -> None:
+        """Measure the forecast error at a compute and plan this key's (or this step's) next refresh.
+        `diffs`: this compute's forecast.differences(...), when the caller formed them for the cache."""
         if self.per_step:
             self._close_step(step_index)
         if previous is None or previous.output is None or effect is None or effect[1] is None:
@@ -71,14 +74,17 @@ class ErrorControl:
             return
         gate, input_norm = effect
         age = step_index - previous.steps[-1]
-        forecast = extrapolate(previous, step_index, self.order, torch.float32)
-        # A forecast from stored differences is a new tensor, worked on in place; a copy forecast (order 0, or
-        # no difference stored yet) is the cache's own tensor and must not be written.
-        owned = self.order >= 1 and previous.d1 is not None
-        delta = forecast.sub_(fresh) if owned else forecast - fresh.float()
-        if gate is not None:
-            delta.mul_(gate.unsqueeze(1))                              # (n, T, D) * (n, 1, D)
-        error = float((torch.linalg.vector_norm(delta.flatten(1), dim=1) / (input_norm + _TINY)).max())
+        if diffs is None:
+            diffs = differences(previous, fresh, step_index, self.order)
+        miss, factor = forecast_miss(previous, fresh, step_index, self.order, diffs)
+        if gate is None:
+            norms = torch.linalg.vector_norm(miss.flatten(1), dim=1)
+        else:
+            # ||g * miss|| per image without the product tensor: sum over channels of g^2 times the channel's
+            # squared norm over tokens (one pass over the miss instead of two).
+            per_channel = torch.linalg.vector_norm(miss.flatten(1, -2), dim=1)           # (n, D)
+            norms = torch.linalg.vector_norm(per_channel.mul_(gate), dim=1)
+        error = float((norms / (input_norm + _TINY)).max()) * abs(factor)
         self.errors.append((step_index, key[0], key[1], key[2], age, error))
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
         constant = error / remainder_factor(step_index, used)

@@ -25,11 +25,11 @@ FORECAST_ORDERS = (0, 1, 2)
 Store = Callable[[torch.Tensor, str], object]     # (tensor, slot name) -> stored payload
 
 
-def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store) -> tuple:
-    """(output, d1, d2, steps) after `fresh` was computed at `step`, given the previous cache entry (or None):
-    the new stored F(s2) and, for order >= 1, the new stored differences and the positions behind them."""
+def differences(previous, fresh: torch.Tensor, step: int, order: int) -> tuple:
+    """(d1, d2) that a compute of `fresh` at `step` adds to the previous entry's history, in the work dtype
+    and not yet stored (None where the order or the history has none)."""
     if order == 0 or previous is None or previous.output is None:
-        return store(fresh, "output"), None, None, (step,)
+        return None, None
     s2 = previous.steps[-1]
     if step <= s2:
         raise ValueError(f"a computed output at step {step} does not follow the last one at step {s2}")
@@ -38,12 +38,43 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store) 
     d1 = torch.sub(fresh.to(work), previous.output.dequantize().to(work)).div_(step - s2)
     d2 = None
     if order >= 2 and previous.d1 is not None:
-        s1 = previous.steps[-2]
-        d2 = torch.sub(d1, previous.d1.dequantize().to(work)).div_(step - s1)
+        d2 = torch.sub(d1, previous.d1.dequantize().to(work)).div_(step - previous.steps[-2])
+    return d1, d2
+
+
+def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store, diffs: tuple | None = None) -> tuple:
+    """(output, d1, d2, steps) after `fresh` was computed at `step`, given the previous cache entry (or None):
+    the new stored F(s2) and, for order >= 1, the new stored differences and the positions behind them.
+    `diffs` are differences(...) of the same arguments, when the caller already formed them."""
+    d1, d2 = differences(previous, fresh, step, order) if diffs is None else diffs
+    if d1 is None:
+        return store(fresh, "output"), None, None, (step,)
     steps = (previous.steps + (step,))[-(order + 1):]
     # Stored in the model's dtype, as the output is: a bf16 model keeps a bf16 history at 16 bits.
     d1, d2 = d1.to(fresh.dtype), None if d2 is None else d2.to(fresh.dtype)
     return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
+
+
+def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple) -> tuple:
+    """(m, c) with fresh - forecast = c * m, the forecast being extrapolate(previous, step, order).
+
+    Newton's remainder is the next divided difference: a forecast of order k misses the fresh output by
+    prod over its k + 1 points of (step - p) times the difference of order k + 1 that the fresh output
+    completes, which `diffs` (this compute's differences(...)) already holds or is one subtraction from.
+    So the miss costs at most one pass over the output, not a forecast and a subtraction."""
+    d1, d2 = diffs
+    s2 = previous.steps[-1]
+    if order == 0 or previous.d1 is None:                       # the forecast was F(s2) itself
+        if d1 is not None:
+            return d1, float(step - s2)
+        work = torch.promote_types(fresh.dtype, torch.float32)
+        return torch.sub(fresh.to(work), previous.output.dequantize().to(work)), 1.0
+    s1 = previous.steps[-2]
+    if order == 1 or previous.d2 is None:                       # the forecast was a line through s1, s2
+        if d2 is not None:
+            return d2, float((step - s2) * (step - s1))
+        return torch.sub(d1, previous.d1.dequantize().to(d1.dtype)), float(step - s2)
+    return torch.sub(d2, previous.d2.dequantize().to(d2.dtype)), float((step - s2) * (step - s1))
 
 
 def points(entry) -> int:
