@@ -56,7 +56,8 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store, 
 
 
 def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple) -> tuple:
-    """(m, c) with fresh - forecast = c * m, the forecast being extrapolate(previous, step, order).
+    """(m, c, new) with fresh - forecast = c * m, the forecast being extrapolate(previous, step, order);
+    new: m is a tensor of its own (else it is one of `diffs`, which the cache will keep: not to be written).
 
     Newton's remainder is the next divided difference: a forecast of order k misses the fresh output by
     prod over its k + 1 points of (step - p) times the difference of order k + 1 that the fresh output
@@ -66,15 +67,15 @@ def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: t
     s2 = previous.steps[-1]
     if order == 0 or previous.d1 is None:                       # the forecast was F(s2) itself
         if d1 is not None:
-            return d1, float(step - s2)
+            return d1, float(step - s2), False
         work = torch.promote_types(fresh.dtype, torch.float32)
-        return torch.sub(fresh.to(work), previous.output.dequantize().to(work)), 1.0
+        return torch.sub(fresh.to(work), previous.output.dequantize().to(work)), 1.0, True
     s1 = previous.steps[-2]
     if order == 1 or previous.d2 is None:                       # the forecast was a line through s1, s2
         if d2 is not None:
-            return d2, float((step - s2) * (step - s1))
-        return torch.sub(d1, previous.d1.dequantize().to(d1.dtype)), float(step - s2)
-    return torch.sub(d2, previous.d2.dequantize().to(d2.dtype)), float((step - s2) * (step - s1))
+            return d2, float((step - s2) * (step - s1)), False
+        return torch.sub(d1, previous.d1.dequantize().to(d1.dtype)), float(step - s2), True
+    return torch.sub(d2, previous.d2.dequantize().to(d2.dtype)), float((step - s2) * (step - s1)), True
 
 
 def points(entry) -> int:
