@@ -1,0 +1,113 @@
+"""What limits the embedded model's FID: tests of two fixes that need no training.
+
+    python benchmarks/embedded_fid_probes.py [--per-class 100] [--threads 2] [--json out.json]
+
+The samples (seeds 0..N-1, DDIM 50, CFG 1.5, as `embedded_quality.py`) are scored three ways against the
+held-out digits in the evaluator's features:
+
+- as generated;
+- projected onto the data's own manifold: every training image is an exact bilinear 2x upsampling of an 8x8
+  scan, a linear map U (256 x 64), so the least-squares projection U pinv(U) leaves a real digit unchanged
+  (checked) and removes only what no upsampled scan can hold; also with the 8x8 values rounded to the scans'
+  17 grey levels;
+- sampled again with DDIM's x0 clipping (`clip_sample=True`, diffusers' default for pixel-space models; the
+  harness samples without it, as DiT does).
+
+It also splits FID into its mean and covariance terms and compares each class's feature spread with the
+held-out digits'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import embedded_quality  # noqa: E402  (the sampling and feature helpers of the quality benchmark)
+import dqar.sampling as sampling  # noqa: E402
+from dqar.digits.data import IMAGE_SIZE, load_split  # noqa: E402
+from dqar.digits.embedded import load_embedded_model, load_evaluator  # noqa: E402
+from dqar.harness.metrics import frechet_distance  # noqa: E402
+
+
+def upsampling_matrix() -> torch.Tensor:
+    """U (256, 64): the data pipeline's bilinear 2x upsampling (align_corners=False) as a matrix."""
+    basis = torch.eye(64, dtype=torch.float64).reshape(64, 1, 8, 8)
+    up = torch.nn.functional.interpolate(basis, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return up.reshape(64, IMAGE_SIZE * IMAGE_SIZE).T
+
+
+def project(images: torch.Tensor, grey_levels: bool = False) -> torch.Tensor:
+    """Least-squares projection of [-1, 1] images onto the upsampled 8x8 scans (optionally on 17 grey levels)."""
+    u = upsampling_matrix()
+    scans = ((images.double() + 1) / 2).flatten(1) @ torch.linalg.pinv(u).T          # (N, 64) in [0, 1]
+    if grey_levels:
+        scans = (scans * 16).round().clamp(0, 16) / 16
+    return ((scans @ u.T) * 2 - 1).clamp(-1, 1).reshape(images.shape).float()
+
+
+def clipped_ddim(sampler: str, *args, **kwargs):
+    from diffusers import DDIMScheduler
+
+    scheduler = ORIGINAL_SCHEDULER(sampler, *args, **kwargs)
+    if sampler != "ddim":
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config, clip_sample=True)
+
+
+ORIGINAL_SCHEDULER = sampling.make_scheduler
+
+
+def fid_terms(a: torch.Tensor, b: torch.Tensor) -> dict:
+    mean_term = float((a.mean(0) - b.mean(0)).pow(2).sum())
+    fid = frechet_distance(a, b)
+    return {"fid": fid, "mean_term": mean_term, "covariance_term": fid - mean_term}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.per_class < 1:
+        ap.error(f"--per-class={args.per_class} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, evaluator = load_embedded_model(), load_evaluator()
+    test, train = load_split("test"), load_split("train")
+    test_feats = embedded_quality.features(evaluator, test.images).double()
+    feats = lambda x: embedded_quality.features(evaluator, x).double()                # noqa: E731
+
+    images, labels = embedded_quality.generate(model, args.per_class, 50, 1.5, 100)
+    gen = feats(images)
+    out = {"samples": len(labels), "as_generated": fid_terms(gen, test_feats),
+           "projected": frechet_distance(feats(project(images)), test_feats),
+           "projected_grey_levels": frechet_distance(feats(project(images, True)), test_feats),
+           "projection_moves_real_digits_max": float((project(train.images) - train.images).abs().max()),
+           "off_manifold_rms": float((project(images) - images.clamp(-1, 1)).pow(2).mean().sqrt()),
+           "pixels_outside_range": float((images.abs() > 1).double().mean()),
+           "per_class_spread_gen_over_test": [
+               float(gen[labels == c].var(0).sum() / test_feats[test.labels == c].var(0).sum()) for c in range(10)]}
+    idx = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))[:len(labels)]
+    out["real_train_same_n"] = fid_terms(feats(train.images[idx]), test_feats)
+
+    sampling.make_scheduler = clipped_ddim
+    try:
+        clipped, _ = embedded_quality.generate(model, args.per_class, 50, 1.5, 100)
+    finally:
+        sampling.make_scheduler = ORIGINAL_SCHEDULER
+    out["clip_sample"] = {"fid": frechet_distance(feats(clipped), test_feats),
+                          "accuracy": float((evaluator.predict(clipped) == labels).double().mean())}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
