@@ -31,6 +31,7 @@ import torch
 
 from .config import DQARConfig
 from .forecast import differences, forecast_miss
+from .stats import per_sample_norm
 
 _TINY = 1e-12
 _STEP_KEY = ("step",)
@@ -81,7 +82,7 @@ class ErrorControl:
             # (n, T, D) * (n, 1, D); a miss the cache keeps (a new difference) is not written. (A norm over the
             # tokens first, then the gate, would skip this pass but reduces over a strided dimension: 15x slower.)
             miss = miss.mul_(gate.unsqueeze(1)) if new else miss * gate.unsqueeze(1)
-        norms = torch.linalg.vector_norm(miss.flatten(1), dim=1)
+        norms = per_sample_norm(miss)
         # A handful of images: the ratio and its maximum in Python cost less than three more tensor ops.
         error = max(a / (b + _TINY) for a, b in zip(norms.tolist(), input_norm.tolist())) * abs(factor)
         self.errors.append((step_index, key[0], key[1], key[2], age, error))

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .layouts import BlockLayout
+from .stats import per_sample_norm
 
 
 class BlockProbe:
@@ -59,9 +60,7 @@ class BlockProbe:
 
     @staticmethod
     def _norm(x: torch.Tensor) -> torch.Tensor:
-        # Reduced over every non-batch dimension in place of flatten(1), which copies a non-contiguous stream
-        # (diffusers' patch embedding hands the blocks a transposed view): 8x the cost of the norm.
-        return torch.linalg.vector_norm(x.detach().float(), dim=tuple(range(1, x.dim())))
+        return per_sample_norm(x)
 
     def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""

@@ -47,9 +47,16 @@ def x0_snr(x0: torch.Tensor, xt: torch.Tensor) -> float:
     return float(x0.pow(2).sum() / ((xt.float() - x0).pow(2).sum() + SNR_EPS))
 
 
+def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    """(N,) L2 norm of each sample, in float32 at least. Reduced over the non-batch dimensions rather than
+    after flatten(1), which copies a non-contiguous tensor (diffusers' patch embedding hands the blocks a
+    transposed view): 8x the cost of the norm."""
+    return torch.linalg.vector_norm(x.detach().float(), dim=tuple(range(1, x.dim())))
+
+
 def latent_norm(x: torch.Tensor) -> float:
     """Mean per-sample L2 norm of the current latent."""
-    return float(x.float().flatten(1).norm(dim=1).mean())
+    return float(per_sample_norm(x).mean())
 
 
 def policy_features(entropy: float, snr: float, norm: float, progress: float, prompt_length: int) -> list[float]:
