@@ -74,3 +74,34 @@ def test_a_bad_augment_from_t_is_refused(value, tmp_path, capsys):
         out = tmp_path / "run"
         code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--augment-from-t", str(value)])
         assert code == 2 and "--augment-from-t=" in capsys.readouterr().err and not out.exists()
+
+
+def test_min_snr_weighting_scales_each_example_by_min_snr_gamma_over_snr():
+    from dqar.digits.training import diffusion_loss, training_alphas_cumprod
+
+    acp = training_alphas_cumprod()
+    x0 = torch.linspace(-1, 1, 64 * 16).view(64, 1, 4, 4)
+    y = torch.zeros(64, dtype=torch.long)
+    losses = {}
+    for gamma in (0.0, 5.0):
+        rec = _Recorder()                                       # predicts zeros: the error is the noise itself
+        losses[gamma] = diffusion_loss(rec, x0, y, acp, torch.Generator().manual_seed(0), min_snr_gamma=gamma)
+    t = rec.t
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, acp.shape[0], (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)                  # the same draws diffusion_loss made
+    snr = acp[t] / (1 - acp[t])
+    per_example = noise.pow(2).mean(dim=(1, 2, 3))
+    assert (snr > 5).any() and (snr < 5).any()                  # both sides of the cap are exercised
+    torch.testing.assert_close(losses[0.0], per_example.mean())
+    torch.testing.assert_close(losses[5.0], (per_example * torch.minimum(snr, torch.tensor(5.0)) / snr).mean())
+    assert losses[5.0] < losses[0.0]
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_bad_min_snr_gamma_is_refused(value, tmp_path, capsys):
+    with pytest.raises(ValueError, match="min_snr_gamma="):
+        DiTTrainConfig(min_snr_gamma=value)
+    out = tmp_path / "run"
+    code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--min-snr-gamma", str(value)])
+    assert code == 2 and "--min-snr-gamma=" in capsys.readouterr().err and not out.exists()

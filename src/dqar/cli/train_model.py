@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="augmentation: random isotropic scale 1 +- this (0)")
     parser.add_argument("--augment-from-t", type=int, default=0,
                         help="augment only examples noised at timestep >= this (0..999; 0: all)")
+    parser.add_argument("--min-snr-gamma", type=float, default=0.0,
+                        help="weight each example's loss by min(SNR, gamma) / SNR (Min-SNR; 0: unweighted, DiT's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, timesteps (0)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start from this DiT weights file (.safetensors of --preset's shape), or "
@@ -54,6 +56,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
              f"--evaluator-epochs {args.evaluator_epochs}"]
     if args.augment_from_t:
         parts.append(f"--augment-from-t {args.augment_from_t}")
+    if args.min_snr_gamma:
+        parts.append(f"--min-snr-gamma {args.min_snr_gamma:g}")
     if args.init_from is not None:
         parts.append(f"--init-from {args.init_from}")
     if args.threads is not None:
@@ -139,6 +143,8 @@ def _write_dit(out, result, args, data_card, env) -> None:
                      "augmentation": {"max_shift_px": result.config.max_shift, "rotate_deg": result.config.rotate_deg,
                                       "scale_jitter": result.config.scale_jitter,
                                       "from_timestep": result.config.augment_from_t},
+                     "loss_weighting": (f"min(SNR, {result.config.min_snr_gamma:g}) / SNR (Min-SNR)"
+                                        if result.config.min_snr_gamma else "none (DiT's simple loss)"),
                      "final_loss_definition": "mean training MSE over the last 10% of steps",
                      "loss_log": "dit_loss.csv beside the weights in the --out folder",
                      "command": command, "environment": env},
@@ -192,12 +198,13 @@ def run(args: argparse.Namespace) -> int:
                                  ema_decay=args.ema_decay, seed=args.seed, lr_schedule=args.lr_schedule,
                                  min_lr_ratio=args.min_lr_ratio, max_shift=args.max_shift,
                                  rotate_deg=args.rotate, scale_jitter=args.scale_jitter,
-                                 augment_from_t=args.augment_from_t, init_from=_init_path(args.init_from))
+                                 augment_from_t=args.augment_from_t, min_snr_gamma=args.min_snr_gamma,
+                                 init_from=_init_path(args.init_from))
     except ValueError as exc:
         flags = {"steps=": "--steps=", "batch_size=": "--batch-size=", "preset=": "--preset=",
                  "min_lr_ratio=": "--min-lr-ratio=", "max_shift=": "--max-shift=", "rotate_deg=": "--rotate=",
                  "scale_jitter=": "--scale-jitter=", "ema_decay=": "--ema-decay=", "lr=": "--lr=",
-                 "augment_from_t=": "--augment-from-t="}
+                 "augment_from_t=": "--augment-from-t=", "min_snr_gamma=": "--min-snr-gamma="}
         message = str(exc)
         for field_name, flag in flags.items():
             if message.startswith(field_name):

@@ -50,6 +50,10 @@ class DiTTrainConfig:
     # Augment only examples noised at timestep >= augment_from_t; below it the model sees the exact scans,
     # so its last denoising steps learn their pixel grid while the noisy ones keep the augmentation's variety.
     augment_from_t: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): each example's epsilon MSE weighted by
+    # min(SNR_t, gamma) / SNR_t, so the near-clean timesteps, whose gradients conflict with the rest and barely
+    # move the sample, stop dominating. 0 keeps DiT's unweighted "simple" loss.
+    min_snr_gamma: float = 0.0
     lr_schedule: str = "constant"              # "constant" (DiT) or "cosine" (decay to min_lr_ratio * lr)
     min_lr_ratio: float = 0.05
     seed: int = 0
@@ -81,6 +85,9 @@ class DiTTrainConfig:
                 or not 0 <= self.augment_from_t < 1000:
             raise ValueError(f"augment_from_t={self.augment_from_t!r} is not allowed: must be an integer timestep "
                              "in [0, 1000)")
+        if not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0.0):
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} is not allowed: must be a finite number >= 0 "
+                             "(0: unweighted loss)")
 
 
 @dataclass
@@ -119,11 +126,12 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def diffusion_loss(model: DiT, x0: torch.Tensor, y: torch.Tensor, acp: torch.Tensor,
                    generator: torch.Generator, clean: torch.Tensor | None = None,
-                   clean_below: int = 0) -> torch.Tensor:
+                   clean_below: int = 0, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM 'simple' loss DiT uses).
 
     With `clean`, examples drawn at a timestep below `clean_below` use `clean` (the unaugmented images) in
-    place of `x0`; the random draws are the same either way."""
+    place of `x0`; the random draws are the same either way. With `min_snr_gamma` > 0 each example's MSE is
+    weighted by min(SNR_t, gamma) / SNR_t (Min-SNR weighting for epsilon prediction)."""
     n = x0.shape[0]
     t = torch.randint(0, acp.shape[0], (n,), generator=generator)
     if clean is not None and clean_below > 0:
@@ -132,7 +140,11 @@ def diffusion_loss(model: DiT, x0: torch.Tensor, y: torch.Tensor, acp: torch.Ten
     a = acp[t].sqrt().view(n, 1, 1, 1)
     s = (1 - acp[t]).sqrt().view(n, 1, 1, 1)
     pred = model(a * x0 + s * noise, t, y, generator=generator)
-    return F.mse_loss(pred[:, : x0.shape[1]], noise)
+    if min_snr_gamma <= 0:
+        return F.mse_loss(pred[:, : x0.shape[1]], noise)
+    snr = acp[t] / (1 - acp[t])
+    per_example = (pred[:, : x0.shape[1]] - noise).pow(2).mean(dim=(1, 2, 3))
+    return (per_example * snr.clamp(max=min_snr_gamma) / snr).mean()
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -186,7 +198,7 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
         for group in opt.param_groups:
             group["lr"] = lr
         loss = diffusion_loss(model, x0, data.labels[idx], acp, gen, clean=data.images[idx],
-                              clean_below=cfg.augment_from_t)
+                              clean_below=cfg.augment_from_t, min_snr_gamma=cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
