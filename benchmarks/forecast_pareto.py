@@ -85,6 +85,17 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
             for warmup, fraction in ((0.4, 0.33), (0.4, 0.66)):
                 out.append((f"static-w{warmup:g}-l{fraction:g}-o{order}",
                             dict(schedule="static", warmup=warmup, layer_fraction=fraction, forecast_order=order)))
+    if group == "cheap":
+        # The cheaper decision statistics against the exact ones, same configurations otherwise: the error
+        # measured on every 3rd token (measure_stride) and the entropy over 2 or 4 images per branch.
+        for targets, order, tol in ((("block",), 2, 0.4), (("block",), 2, 0.2), (("attn", "mlp"), 2, 0.3),
+                                    (("attn", "mlp"), 2, 0.15), (("stack",), 2, 0.3)):
+            for stride in (1, 3):
+                out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o{order}-m{stride}",
+                            dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
+                                 forecast_order=order, measure_stride=stride)))
+        for images in (0, 2, 4):
+            out.append((f"gate-seed-o0-e{images}", dict(schedule="gate", forecast_order=0, entropy_images=images)))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
             for bits, diff_bits in ((8, 8), (4, 4), (8, 4)):
@@ -211,7 +222,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers"), default="all")
+    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "cheap"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -129,6 +129,19 @@ def test_gate_records_entropy_and_fires_with_a_loose_threshold(model, baseline):
     assert strict["reuse_events"] == 0
 
 
+def test_entropy_over_the_first_images_of_each_branch(model, baseline):
+    """entropy_images=1 measures each branch's first image only: the same per-step entropy as a run of that
+    image alone, and the same images as the exact path; covering every image changes nothing."""
+    exact_images, exact, _ = run(model, DQARConfig(schedule="none", record_entropy=True))
+    one_images, one, _ = run(model, DQARConfig(schedule="none", record_entropy=True, entropy_images=1))
+    _, alone, _ = run(model, DQARConfig(schedule="none", record_entropy=True), labels=LABELS[:1], seeds=SEEDS[:1])
+    _, every, _ = run(model, DQARConfig(schedule="none", record_entropy=True, entropy_images=len(LABELS)))
+    assert torch.equal(one_images, exact_images)
+    assert one["entropy_per_step"] == pytest.approx(alone["entropy_per_step"], rel=1e-5)
+    assert one["entropy_per_step"] != pytest.approx(exact["entropy_per_step"], rel=1e-3)
+    assert every["entropy_per_step"] == exact["entropy_per_step"]
+
+
 def test_entropy_path_keeps_the_baseline_output(model, baseline):
     images, s, _ = run(model, DQARConfig(schedule="none", record_entropy=True))
     torch.testing.assert_close(images, baseline, rtol=0, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 
 from dqar import DQARConfig
 from dqar.method.controller import DQARController
-from dqar.method.stats import attention_entropy, policy_features, sample_query_rows, schedule_snr, x0_snr
+from dqar.method.stats import attention_entropy, first_images, policy_features, sample_query_rows, schedule_snr, x0_snr
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -136,3 +136,12 @@ def test_x0_form_changes_the_gates_decisions_where_the_two_snrs_disagree():
     assert summary["snr_per_step"] == [None, pytest.approx(25 / (5 + 1e-6)),
                                        pytest.approx(25 / (0.02 + 1e-6), rel=1e-3)]
     assert summary["x0_snr_per_step"] == [pytest.approx(5.0), pytest.approx(1250.0, rel=1e-3), pytest.approx(5.0)]
+
+
+def test_first_images_keeps_the_first_images_of_each_branch():
+    t = torch.arange(12).view(6, 2)                                   # two branches of three images
+    assert first_images(t, 2, 1).tolist() == [[0, 1], [6, 7]]
+    assert first_images(t, 2, 2).tolist() == [[0, 1], [2, 3], [6, 7], [8, 9]]
+    assert first_images(t, 1, 2).tolist() == [[0, 1], [2, 3]]
+    for images in (0, 3, 5):                                         # every image: the tensor itself
+        assert first_images(t, 2, images) is t

@@ -120,6 +120,7 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "snr-form": ("snr_form", _str, "schedule (alpha^2/sigma^2) | x0 (||x0||^2/||x_t-x0||^2)"),
     "entropy-rows": ("entropy_rows", _int, "query rows sampled for the attention entropy"),
     "entropy-seed": ("entropy_seed", _seed, "seed of the sampled query rows"),
+    "entropy-images": ("entropy_images", _int, "entropy over at most this many images per CFG branch (0: all)"),
     "record-entropy": ("record_entropy", _bool, "measure entropy even when the schedule does not need it"),
     "gate-with": ("gate_with", _optional_str, "AND the gate with: none | static | depth (--schedule gate only)"),
     "cfg-sharing": ("cfg_sharing", _bool, "uncond reuses cond's fresh output when entropies are close"),
@@ -141,6 +142,8 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
                 "adaptive schedule: the most steps a cached output may serve before a refresh"),
     "adaptive-scope": ("adaptive_scope", _str,
                        "adaptive schedule: step (one decision per step for every module, default) | module (each its own)"),
+    "measure-stride": ("measure_stride", _Parser(_int_fn, "an integer >= 1"),
+                       "adaptive schedule and policy v2: measure the forecast error on every k-th token (1: all)"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),
@@ -216,7 +219,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 # What an option reads, for the message when it has no effect.
 _QUANT_FIELDS = ("quant_granularity", "csb_topk", "csb_calibration_steps")
-_ENTROPY_FIELDS = ("entropy_rows", "entropy_seed")
+_ENTROPY_FIELDS = ("entropy_rows", "entropy_seed", "entropy_images")
 _RUN_FIELDS = ("record_entropy", "trace")      # describe the run, not its images: always accepted
 
 

@@ -89,6 +89,12 @@ class DQARConfig:
                below it, the last third of the layers (index >= 2 * L // 3, as the public code of the seeds
                counts them: 18..27 of 28, 5..7 of 8) may not reuse. The seeds' code uses 1.0; the slides do
                not have the rule.
+    entropy_images  attention entropy over at most this many images of each CFG branch (0, default: all),
+               the first ones of the batch, as `entropy_rows` samples query rows: an estimate of the branch
+               mean at a fraction of its cost where the batch is large and the model small.
+    measure_stride  the adaptive schedule's forecast error (and policy v2's) is estimated from every k-th
+               token of the miss (1, default: every token), its norm scaled by sqrt(tokens / tokens taken);
+               an odd k crosses the token grid's rows diagonally. The norm it is weighed against stays exact.
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
@@ -112,6 +118,7 @@ class DQARConfig:
     snr_form: str = "schedule"
     entropy_rows: int = 16
     entropy_seed: int = 0
+    entropy_images: int = 0
     record_entropy: bool = False
     gate_with: str | None = None
     gate_deep_snr_floor: float | None = None
@@ -132,6 +139,7 @@ class DQARConfig:
     tolerance: float = 0.02
     max_age: int = 4
     adaptive_scope: str = "step"
+    measure_stride: int = 1
     trace: bool = False
 
     def __post_init__(self):
@@ -182,6 +190,10 @@ class DQARConfig:
             _fail("entropy_rows", self.entropy_rows, "must be an integer >= 1")
         if not _is_int(self.entropy_seed):
             _fail("entropy_seed", self.entropy_seed, "must be an integer")
+        if not _is_int(self.entropy_images) or self.entropy_images < 0:
+            _fail("entropy_images", self.entropy_images, "must be an integer >= 0 (0: every image)")
+        if not _is_int(self.measure_stride) or self.measure_stride < 1:
+            _fail("measure_stride", self.measure_stride, "must be an integer >= 1 (1: every token)")
         if not _is_finite(self.cfg_sharing_eps) or self.cfg_sharing_eps < 0:
             _fail("cfg_sharing_eps", self.cfg_sharing_eps, "must be a finite number >= 0")
         t = self.targets

@@ -181,7 +181,7 @@ class GateSchedule(Schedule):
     """
 
     reads = ("warmup", "tau0", "snr_range", "snr_form", "gate_with", "gate_deep_snr_floor", "entropy_rows",
-             "entropy_seed")
+             "entropy_seed", "entropy_images")
 
     def __init__(self, config: DQARConfig, base: Schedule | None = None):
         super().__init__(config)
@@ -232,7 +232,7 @@ class PolicySchedule(Schedule):
     """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
-             "entropy_seed")
+             "entropy_seed", "entropy_images", "measure_stride")
 
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
@@ -279,7 +279,7 @@ class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age", "adaptive_scope")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "measure_stride")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
@@ -314,7 +314,7 @@ def live_fields(config: dict) -> frozenset[str]:
         reads |= set(SCHEDULE_CLASSES[config["gate_with"]].reads)
     sharing = schedule != "none" and bool(config.get("cfg_sharing"))
     if sharing:
-        reads |= {"entropy_rows", "entropy_seed"}       # sharing measures entropy whatever the schedule
+        reads |= {"entropy_rows", "entropy_seed", "entropy_images"}       # sharing measures entropy whatever the schedule
     dead = set(_SCHEDULE_FIELDS - reads) | set(_NEVER_LIVE)
     if config.get("order") != "random":
         dead.add("order_seed")

@@ -36,6 +36,15 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     return h.mean(dim=(1, 2))                                                  # (N,)
 
 
+def first_images(t: torch.Tensor, groups: int, images: int) -> torch.Tensor:
+    """The first `images` batch rows of each of the `groups` equal parts of `t` (a CFG batch holds one part per
+    branch), as one batch; `t` itself when `images` is 0 or covers every part."""
+    per_group = t.shape[0] // groups
+    if images <= 0 or images >= per_group:
+        return t
+    return t.unflatten(0, (groups, per_group))[:, :images].flatten(0, 1)
+
+
 def schedule_snr(alpha: float, sigma: float) -> float:
     """alpha_t^2 / sigma_t^2 from the noise schedule (seed 000)."""
     return alpha * alpha / max(sigma * sigma, 1e-12)

@@ -16,7 +16,7 @@ from .controller import DQARController
 from .flops import FlopProfiler
 from .layouts import BlockLayout, block_streams
 from .probes import BlockProbe
-from .stats import attention_entropy, sample_query_rows
+from .stats import attention_entropy, first_images, sample_query_rows
 from .streams import BlockStreams, OutputForm, cat_outputs, hidden_states, slice_call
 
 
@@ -72,11 +72,11 @@ class TargetHook:
                 # Cond computes on its half; the uncond half takes that fresh output (either batch order).
                 c = branches.index("cond")
                 args, kwargs = slice_call(args, kwargs, n, c * (n // 2), (c + 1) * (n // 2))
-                out, ents = self._compute(*args, **kwargs)
+                out, ents = self._compute(1, *args, **kwargs)
                 self._commit_chunks(("cond",), self._cached_form(out, args, kwargs), ents, c * (n // 2))
                 ctl.count_share(self.layer, self.target)
                 return cat_outputs([out, out])
-            out, ents = self._compute(*args, **kwargs)
+            out, ents = self._compute(len(branches), *args, **kwargs)
             self._commit_chunks(branches, self._cached_form(out, args, kwargs), ents, 0)
             return out
         b = n // len(branches)
@@ -89,7 +89,7 @@ class TargetHook:
                 cached = self._checked(ctl.reuse(d.entry), b).to(x.dtype)
                 parts.append(self._from_cache(cached, sub_args, sub_kwargs))
             else:
-                out, ents = self._compute(*sub_args, **sub_kwargs)
+                out, ents = self._compute(1, *sub_args, **sub_kwargs)
                 self._commit_chunks((branch,), self._cached_form(out, sub_args, sub_kwargs), ents, i * b)
                 parts.append(out)
         return cat_outputs(parts)
@@ -126,8 +126,9 @@ class TargetHook:
                 "one at step 0)")
         return cached
 
-    def _compute(self, *args, **kwargs):
-        """Run the module; for attention with statistics on, go through q/k so entropy comes for free."""
+    def _compute(self, groups: int, *args, **kwargs):
+        """Run the module; for attention with statistics on, go through q/k so entropy comes for free.
+        `groups`: how many branches the batch holds, for `entropy_images` (each branch keeps its first images)."""
         if not (self.is_attn and self.ctl.config.needs_entropy):
             return self.original(*args, **kwargs), None
         if self.ops is None:
@@ -145,7 +146,9 @@ class TargetHook:
         if self.rows is None or self.rows.numel() > q.shape[2]:
             cfg = self.ctl.config
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
-        ents = self.flops.uncounted(lambda: attention_entropy(q, k, self.rows))
+        images = self.ctl.config.entropy_images
+        ents = self.flops.uncounted(lambda: attention_entropy(first_images(q, groups, images),
+                                                              first_images(k, groups, images), self.rows))
         return ops.attend(m, q, k, v), ents
 
     def _entropy_unavailable(self, why: list) -> None:
@@ -191,7 +194,9 @@ class TargetHook:
                     if self.rows is None:
                         self.rows = sample_query_rows(q.shape[2], ctl.config.entropy_rows,
                                                       ctl.config.entropy_seed + self.layer)
-                    ent = float(self.flops.uncounted(lambda: attention_entropy(q, k, self.rows)).mean())
+                    images = ctl.config.entropy_images
+                    ent = float(self.flops.uncounted(lambda: attention_entropy(
+                        first_images(q, 1, images), first_images(k, 1, images), self.rows)).mean())
                 ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
                 outs.append(ops.attend(m, q, k, v))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
