@@ -86,14 +86,7 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                 out.append((f"static-w{warmup:g}-l{fraction:g}-o{order}",
                             dict(schedule="static", warmup=warmup, layer_fraction=fraction, forecast_order=order)))
     if group == "cheap":
-        # The cheaper decision statistics against the exact ones, same configurations otherwise: the error
-        # measured on every 3rd token (measure_stride) and the entropy over 2 or 4 images per branch.
-        for targets, order, tol in ((("block",), 2, 0.4), (("block",), 2, 0.2), (("attn", "mlp"), 2, 0.3),
-                                    (("attn", "mlp"), 2, 0.15), (("stack",), 2, 0.3)):
-            for stride in (1, 3):
-                out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o{order}-m{stride}",
-                            dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
-                                 forecast_order=order, measure_stride=stride)))
+        # The cheaper entropy (entropy_images: the first 2 or 4 images of each branch) against the exact one.
         for images in (0, 2, 4):
             out.append((f"gate-seed-o0-e{images}", dict(schedule="gate", forecast_order=0, entropy_images=images)))
     if group in ("all", "quant"):

@@ -97,28 +97,6 @@ def test_the_error_estimate_equals_an_independent_computation():
     assert not control.may_forecast((1, "cond", "mlp"), 5 + h)
 
 
-@pytest.mark.parametrize("order", [0, 1, 2])
-def test_a_measure_stride_estimates_the_error_from_every_kth_token(order):
-    """measure_stride=2 on 5 tokens: the miss over tokens 0, 2, 4, its norm scaled by sqrt(5 / 3)."""
-    g = torch.Generator().manual_seed(1)
-    history = [(0, torch.randn(2, 5, 8, generator=g)), (2, torch.randn(2, 5, 8, generator=g)),
-               (3, torch.randn(2, 5, 8, generator=g))]
-    fresh = torch.randn(2, 5, 8, generator=g)
-    gate, norm = torch.rand(2, 8, generator=g) + 0.5, torch.tensor([3.0, 5.0])
-    previous = make_entry(history, order)
-    errors = {}
-    for stride in (1, 2):
-        control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=order, measure_stride=stride))
-        control.observe((0, "cond", "mlp"), previous, fresh, 6, (gate, norm))
-        errors[stride] = control.errors[-1][-1]
-    from dqar.method.forecast import extrapolate
-    miss = (extrapolate(previous, 6, order, torch.float32) - fresh) * gate.unsqueeze(1)
-    exact = max(float(miss[i].norm() / norm[i]) for i in range(2))
-    strided = max(float(miss[i, ::2].norm() / norm[i]) * (5 / 3) ** 0.5 for i in range(2))
-    assert errors[1] == pytest.approx(exact, rel=1e-5)
-    assert errors[2] == pytest.approx(strided, rel=1e-5) and errors[2] != pytest.approx(exact, rel=1e-3)
-
-
 def test_the_predicted_error_is_exact_on_a_cubic_trajectory():
     """Newton's remainder is exact for a cubic under order 2: f(s) = s^3 v has a third derivative of 6 v, so
     the forecast from points p errs by prod(s - p) * v, and the constant measured at one compute predicts

@@ -30,8 +30,6 @@ BAD = [
     ("entropy_rows", 0, "must be an integer >= 1"),
     ("entropy_images", -1, "must be an integer >= 0"),
     ("entropy_images", 1.5, "must be an integer >= 0"),
-    ("measure_stride", 0, "must be an integer >= 1"),
-    ("measure_stride", True, "must be an integer >= 1"),
     ("gate_with", "gate", "must be None, 'static' or 'depth'"),
     ("cfg_sharing_eps", -1.0, "must be a finite number >= 0"),
     ("cfg_sharing_eps", float("nan"), "must be a finite number >= 0"),

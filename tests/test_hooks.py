@@ -156,7 +156,7 @@ def test_cfg_sharing_fires_and_uncond_takes_conds_fresh_output(model, baseline):
     ctl = apply_dqar(model, cfg)
     hook = model.blocks[0].attn.forward
     inner = hook._compute
-    hook._compute = lambda *a, **k: (seen.append(a[0].shape[0]), inner(*a, **k))[1]
+    hook._compute = lambda *a, **k: (seen.append(a[1].shape[0]), inner(*a, **k))[1]   # a[0]: branch count
     outputs = []
     handle = model.blocks[0].attn.register_forward_hook(lambda m, i, o: outputs.append(o))
     try:

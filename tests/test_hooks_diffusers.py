@@ -186,7 +186,7 @@ def test_pixart_cfg_sharing_works_in_uncond_cond_order(pixart_pipe):
     calls = []                     # (full input, what was computed on, output) per call of block 0's attention
     hook = attn.forward
     inner = hook._compute
-    hook._compute = lambda *a, **k: (calls[-1].append(a[0]), inner(*a, **k))[1]
+    hook._compute = lambda *a, **k: (calls[-1].append(a[1]), inner(*a, **k))[1]   # a[0]: branch count
     pre = attn.register_forward_pre_hook(lambda m, args: calls.append([args[0]]))
     post = attn.register_forward_hook(lambda m, args, out: calls[-1].append(out))
     try:

@@ -142,8 +142,6 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
                 "adaptive schedule: the most steps a cached output may serve before a refresh"),
     "adaptive-scope": ("adaptive_scope", _str,
                        "adaptive schedule: step (one decision per step for every module, default) | module (each its own)"),
-    "measure-stride": ("measure_stride", _Parser(_int_fn, "an integer >= 1"),
-                       "adaptive schedule and policy v2: measure the forecast error on every k-th token (1: all)"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),

@@ -92,9 +92,6 @@ class DQARConfig:
     entropy_images  attention entropy over at most this many images of each CFG branch (0, default: all),
                the first ones of the batch, as `entropy_rows` samples query rows: an estimate of the branch
                mean at a fraction of its cost where the batch is large and the model small.
-    measure_stride  the adaptive schedule's forecast error (and policy v2's) is estimated from every k-th
-               token of the miss (1, default: every token), its norm scaled by sqrt(tokens / tokens taken);
-               an odd k crosses the token grid's rows diagonally. The norm it is weighed against stays exact.
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
@@ -139,7 +136,6 @@ class DQARConfig:
     tolerance: float = 0.02
     max_age: int = 4
     adaptive_scope: str = "step"
-    measure_stride: int = 1
     trace: bool = False
 
     def __post_init__(self):
@@ -192,8 +188,6 @@ class DQARConfig:
             _fail("entropy_seed", self.entropy_seed, "must be an integer")
         if not _is_int(self.entropy_images) or self.entropy_images < 0:
             _fail("entropy_images", self.entropy_images, "must be an integer >= 0 (0: every image)")
-        if not _is_int(self.measure_stride) or self.measure_stride < 1:
-            _fail("measure_stride", self.measure_stride, "must be an integer >= 1 (1: every token)")
         if not _is_finite(self.cfg_sharing_eps) or self.cfg_sharing_eps < 0:
             _fail("cfg_sharing_eps", self.cfg_sharing_eps, "must be a finite number >= 0")
         t = self.targets

@@ -48,7 +48,6 @@ class ErrorControl:
         self.max_age = config.max_age
         self.order = config.forecast_order
         self.per_step = config.adaptive_scope == "step"
-        self.stride = config.measure_stride
         self.reset()
 
     def reset(self) -> None:
@@ -78,17 +77,12 @@ class ErrorControl:
         age = step_index - previous.steps[-1]
         if diffs is None:
             diffs = differences(previous, fresh, step_index, self.order)
-        miss, factor, new = forecast_miss(previous, fresh, step_index, self.order, diffs, self.stride)
+        miss, factor, new = forecast_miss(previous, fresh, step_index, self.order, diffs)
         if gate is not None:
             # (n, T, D) * (n, 1, D); a miss the cache keeps (a new difference) is not written. (A norm over the
             # tokens first, then the gate, would skip this pass but reduces over a strided dimension: 15x slower.)
             miss = miss.mul_(gate.unsqueeze(1)) if new else miss * gate.unsqueeze(1)
         norms = per_sample_norm(miss)
-        if miss.shape[1] != fresh.shape[1]:
-            # Every stride-th token only (measure_stride): the norm scaled to the whole output's token count,
-            # so it estimates ||miss|| against the exact input norm. (The input norm stays exact: a norm over a
-            # strided view costs more than one over the whole contiguous input.)
-            norms = norms * math.sqrt(fresh.shape[1] / miss.shape[1])
         # A handful of images: the ratio and its maximum in Python cost less than three more tensor ops.
         error = max(a / (b + _TINY) for a, b in zip(norms.tolist(), input_norm.tolist())) * abs(factor)
         self.errors.append((step_index, key[0], key[1], key[2], age, error))

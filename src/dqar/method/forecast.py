@@ -55,32 +55,27 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store, 
     return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
 
 
-def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple, stride: int = 1) -> tuple:
+def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple) -> tuple:
     """(m, c, new) with fresh - forecast = c * m, the forecast being extrapolate(previous, step, order);
     new: m is a tensor of its own (else it is one of `diffs`, which the cache will keep: not to be written).
-    With `stride` > 1, m holds only every stride-th token (dimension 1) of that difference.
 
     Newton's remainder is the next divided difference: a forecast of order k misses the fresh output by
     prod over its k + 1 points of (step - p) times the difference of order k + 1 that the fresh output
     completes, which `diffs` (this compute's differences(...)) already holds or is one subtraction from.
     So the miss costs at most one pass over the output, not a forecast and a subtraction."""
-    def tokens(t: torch.Tensor) -> torch.Tensor:
-        return t[:, ::stride] if stride > 1 else t
-
     d1, d2 = diffs
     s2 = previous.steps[-1]
     if order == 0 or previous.d1 is None:                       # the forecast was F(s2) itself
         if d1 is not None:
-            return tokens(d1), float(step - s2), False
+            return d1, float(step - s2), False
         work = torch.promote_types(fresh.dtype, torch.float32)
-        return torch.sub(tokens(fresh).to(work), tokens(previous.output.dequantize()).to(work)), 1.0, True
+        return torch.sub(fresh.to(work), previous.output.dequantize().to(work)), 1.0, True
     s1 = previous.steps[-2]
     if order == 1 or previous.d2 is None:                       # the forecast was a line through s1, s2
         if d2 is not None:
-            return tokens(d2), float((step - s2) * (step - s1)), False
-        return torch.sub(tokens(d1), tokens(previous.d1.dequantize()).to(d1.dtype)), float(step - s2), True
-    return (torch.sub(tokens(d2), tokens(previous.d2.dequantize()).to(d2.dtype)),
-            float((step - s2) * (step - s1)), True)
+            return d2, float((step - s2) * (step - s1)), False
+        return torch.sub(d1, previous.d1.dequantize().to(d1.dtype)), float(step - s2), True
+    return torch.sub(d2, previous.d2.dequantize().to(d2.dtype)), float((step - s2) * (step - s1)), True
 
 
 def points(entry) -> int:

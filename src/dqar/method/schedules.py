@@ -232,7 +232,7 @@ class PolicySchedule(Schedule):
     """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
-             "entropy_seed", "entropy_images", "measure_stride")
+             "entropy_seed", "entropy_images")
 
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
@@ -279,7 +279,7 @@ class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "measure_stride")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
