@@ -13,8 +13,10 @@ held-out digits in the evaluator's features:
 - sampled again with DDIM's x0 clipping (`clip_sample=True`, diffusers' default for pixel-space models; the
   harness samples without it, as DiT does).
 
-It also splits FID into its mean and covariance terms and compares each class's feature spread with the
-held-out digits'.
+It also splits FID into its mean and covariance terms, compares each class's feature spread with the
+held-out digits', and asks whether a few off-class samples carry the FID: the FID of the samples the evaluator
+classifies correctly, and of the samples left after dropping the 2 / 5 / 10% the evaluator is least sure
+of (their requested class's probability), next to real training digits (same n) put through the same drop.
 """
 from __future__ import annotations
 
@@ -67,6 +69,12 @@ def fid_terms(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"fid": fid, "mean_term": mean_term, "covariance_term": fid - mean_term}
 
 
+def confident_share(feats: torch.Tensor, confidence: torch.Tensor, drop: float) -> torch.Tensor:
+    """The features of the (1 - drop) share of samples with the highest confidence."""
+    keep = int(round(len(confidence) * (1 - drop)))
+    return feats[confidence.argsort(descending=True)[:keep]]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=100)
@@ -93,7 +101,22 @@ def main(argv=None) -> int:
            "per_class_spread_gen_over_test": [
                float(gen[labels == c].var(0).sum() / test_feats[test.labels == c].var(0).sum()) for c in range(10)]}
     idx = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))[:len(labels)]
-    out["real_train_same_n"] = fid_terms(feats(train.images[idx]), test_feats)
+    real = feats(train.images[idx])
+    out["real_train_same_n"] = fid_terms(real, test_feats)
+    with torch.no_grad():
+        probs = evaluator.logits(images).softmax(-1)
+        real_probs = evaluator.logits(train.images[idx]).softmax(-1)
+    confidence = probs[torch.arange(len(labels)), labels]
+    real_confidence = real_probs[torch.arange(len(idx)), train.labels[idx]]
+    correct = probs.argmax(-1) == labels
+    out["correct_only"] = {"samples": int(correct.sum()), "fid": frechet_distance(gen[correct], test_feats)}
+    out["without_least_confident"] = {
+        f"{drop:g}": {"generated": frechet_distance(confident_share(gen, confidence, drop), test_feats),
+                      "real_train": frechet_distance(confident_share(real, real_confidence, drop), test_feats)}
+        for drop in (0.02, 0.05, 0.10)}
+    out["confidence_quantiles_0.01_0.05_0.1_0.5"] = {
+        "generated": [float(v) for v in confidence.quantile(torch.tensor([0.01, 0.05, 0.1, 0.5]))],
+        "real_train": [float(v) for v in real_confidence.quantile(torch.tensor([0.01, 0.05, 0.1, 0.5]))]}
 
     sampling.make_scheduler = clipped_ddim
     try:
