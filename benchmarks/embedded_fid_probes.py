@@ -17,6 +17,10 @@ It also splits FID into its mean and covariance terms, compares each class's fea
 held-out digits', and asks whether a few off-class samples carry the FID: the FID of the samples the evaluator
 classifies correctly, and of the samples left after dropping the 2 / 5 / 10% the evaluator is least sure
 of (their requested class's probability), next to real training digits (same n) put through the same drop.
+
+With `--guidance-intervals SCALE:T_LO:T_HI,...` it also samples with guidance only at timesteps in [T_LO, T_HI]
+(scale 1 elsewhere; Kynkaanniemi et al. 2024 found guidance in a limited interval improves FID) and reports FID
+and accuracy of each.
 """
 from __future__ import annotations
 
@@ -69,6 +73,48 @@ def fid_terms(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"fid": fid, "mean_term": mean_term, "covariance_term": fid - mean_term}
 
 
+class _Timestep:
+    """A sampling observer that remembers the current step's timestep."""
+
+    def __init__(self):
+        self.timestep = None
+
+    def on_step_begin(self, info):
+        self.timestep = info.timestep
+
+    def on_step_end(self, info):
+        pass
+
+
+def guided_in_interval(model, per_class: int, scale: float, t_lo: int, t_hi: int):
+    """embedded_quality.generate with guidance `scale` at timesteps in [t_lo, t_hi] and none elsewhere."""
+    clock, original_guide, original_sample = _Timestep(), sampling.guide, embedded_quality.sample
+
+    def guide(cond, uncond, _scale, channels):
+        return original_guide(cond, uncond, scale if t_lo <= clock.timestep <= t_hi else 1.0, channels)
+
+    def sample(*args, **kwargs):
+        return original_sample(*args, observers=[*kwargs.pop("observers", ()), clock], **kwargs)
+
+    sampling.guide, embedded_quality.sample = guide, sample
+    try:
+        # Any scale but 1 makes the sampler run both branches; `guide` then applies the interval's.
+        return embedded_quality.generate(model, per_class, 50, 1.5, 100)
+    finally:
+        sampling.guide, embedded_quality.sample = original_guide, original_sample
+
+
+def parse_intervals(text: str) -> list[tuple[float, int, int]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            scale, lo, hi = item.split(":")
+            out.append((float(scale), int(lo), int(hi)))
+        except ValueError:
+            raise ValueError(f"--guidance-intervals item {item!r} is not SCALE:T_LO:T_HI (e.g. 2.0:83:580)") from None
+    return out
+
+
 def confident_share(feats: torch.Tensor, confidence: torch.Tensor, drop: float) -> torch.Tensor:
     """The features of the (1 - drop) share of samples with the highest confidence."""
     keep = int(round(len(confidence) * (1 - drop)))
@@ -79,8 +125,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--guidance-intervals", default="",
+                    help="also sample with guidance only inside timestep intervals: SCALE:T_LO:T_HI,...")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    try:
+        intervals = parse_intervals(args.guidance_intervals)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.per_class < 1:
         ap.error(f"--per-class={args.per_class} must be >= 1")
     if args.threads:
@@ -125,6 +177,12 @@ def main(argv=None) -> int:
         sampling.make_scheduler = ORIGINAL_SCHEDULER
     out["clip_sample"] = {"fid": frechet_distance(feats(clipped), test_feats),
                           "accuracy": float((evaluator.predict(clipped) == labels).double().mean())}
+    out["guidance_intervals"] = []
+    for scale, lo, hi in intervals:
+        guided, _ = guided_in_interval(model, args.per_class, scale, lo, hi)
+        out["guidance_intervals"].append({
+            "scale": scale, "t_lo": lo, "t_hi": hi, "fid": frechet_distance(feats(guided), test_feats),
+            "accuracy": float((evaluator.predict(guided) == labels).double().mean())})
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
