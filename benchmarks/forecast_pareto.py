@@ -85,7 +85,7 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
             for warmup, fraction in ((0.4, 0.33), (0.4, 0.66)):
                 out.append((f"static-w{warmup:g}-l{fraction:g}-o{order}",
                             dict(schedule="static", warmup=warmup, layer_fraction=fraction, forecast_order=order)))
-    if group == "cheap":
+    if group == "entropy-images":
         # The cheaper entropy (entropy_images: the first 2 or 4 images of each branch) against the exact one.
         for images in (0, 2, 4):
             out.append((f"gate-seed-o0-e{images}", dict(schedule="gate", forecast_order=0, entropy_images=images)))
@@ -215,7 +215,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "cheap"), default="all")
+    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "entropy-images"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

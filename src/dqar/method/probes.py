@@ -37,7 +37,7 @@ class BlockProbe:
         self.gates = {}
         if self._eager or x.is_inference():
             # An inference-mode tensor keeps no version counter, so an in-place write could not be noticed.
-            self._input, self._input_norm = None, self._norm(x)
+            self._input, self._input_norm = None, per_sample_norm(x)
             return
         self._input, self._input_version, self._input_norm = x, x._version, None
 
@@ -54,13 +54,9 @@ class BlockProbe:
                 # Written in place since the block began: this once the norm is of the changed tensor, and from
                 # the next forward on it is taken on entry.
                 self._eager = True
-            self._input_norm = self._norm(self._input)
+            self._input_norm = per_sample_norm(self._input)
             self._input = None
         return self._input_norm
-
-    @staticmethod
-    def _norm(x: torch.Tensor) -> torch.Tensor:
-        return per_sample_norm(x)
 
     def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""

@@ -314,7 +314,7 @@ def live_fields(config: dict) -> frozenset[str]:
         reads |= set(SCHEDULE_CLASSES[config["gate_with"]].reads)
     sharing = schedule != "none" and bool(config.get("cfg_sharing"))
     if sharing:
-        reads |= {"entropy_rows", "entropy_seed", "entropy_images"}       # sharing measures entropy whatever the schedule
+        reads |= {"entropy_rows", "entropy_seed", "entropy_images"}   # sharing measures entropy, any schedule
     dead = set(_SCHEDULE_FIELDS - reads) | set(_NEVER_LIVE)
     if config.get("order") != "random":
         dead.add("order_seed")

@@ -143,13 +143,16 @@ class TargetHook:
             return self.original(*args, **kwargs), None
         ops, m = self.ops, self.module
         q, k, v = ops.qkv(m, x)
+        return ops.attend(m, q, k, v), self._entropy(q, k, groups)
+
+    def _entropy(self, q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
+        """Per-image attention entropy over the config's sampled query rows and images (`groups` branches)."""
+        cfg = self.ctl.config
         if self.rows is None or self.rows.numel() > q.shape[2]:
-            cfg = self.ctl.config
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
-        images = self.ctl.config.entropy_images
-        ents = self.flops.uncounted(lambda: attention_entropy(first_images(q, groups, images),
+        images = cfg.entropy_images
+        return self.flops.uncounted(lambda: attention_entropy(first_images(q, groups, images),
                                                               first_images(k, groups, images), self.rows))
-        return ops.attend(m, q, k, v), ents
 
     def _entropy_unavailable(self, why: list) -> None:
         self.ctl.entropy_unavailable += 1
@@ -189,14 +192,7 @@ class TargetHook:
                 outs.append(ops.attend(m, q, k, v))
             else:
                 q, k, v = ops.qkv(m, xi)
-                ent = None
-                if ctl.config.needs_entropy:
-                    if self.rows is None:
-                        self.rows = sample_query_rows(q.shape[2], ctl.config.entropy_rows,
-                                                      ctl.config.entropy_seed + self.layer)
-                    images = ctl.config.entropy_images
-                    ent = float(self.flops.uncounted(lambda: attention_entropy(
-                        first_images(q, 1, images), first_images(k, 1, images), self.rows)).mean())
+                ent = float(self._entropy(q, k, 1).mean()) if ctl.config.needs_entropy else None
                 ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
                 outs.append(ops.attend(m, q, k, v))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
