@@ -65,7 +65,8 @@ class DecisionTimers:
     from inside another timed call (the policy's error measurement calls the error control) counts once."""
 
     PATCHED = ((DQARController, "begin_step"), (DQARController, "should_reuse"), (DQARController, "_measure"),
-               (ErrorControl, "observe"), (BlockProbe, "_record_input"), (target_module, "attention_entropy"))
+               (ErrorControl, "observe"), (BlockProbe, "_record_input"), (target_module, "attention_logits"),
+               (DQARController, "resolve_entropy"))
 
     def __init__(self):
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, []

@@ -9,7 +9,7 @@ from dqar.models import DIT_PRESETS, WeightsError, build_dit, load_dit, save_dit
 PAPER = {"DiT-S/2": (12, 384, 6), "DiT-B/2": (12, 768, 12), "DiT-L/2": (24, 1024, 16), "DiT-XL/2": (28, 1152, 16)}
 
 
-@pytest.mark.parametrize("name", ["DiT-Tiny", "DiT-Tiny-Sigma", "DiT-Digits"])
+@pytest.mark.parametrize("name", ["DiT-Tiny", "DiT-Tiny-Sigma", "DiT-Digits", "DiT-Digits-W"])
 def test_forward_shapes_small_presets(name):
     cfg = DIT_PRESETS[name]
     model = build_dit(name).randomize_(0).eval()

@@ -208,3 +208,33 @@ def test_ideal_speedup_does_not_depend_on_the_previous_batch_shape(model):
     finally:
         remove_dqar(model)
     assert after_other_shape == run(model, cfg, [2], [99])[1]["ideal_speedup"]
+
+
+def test_entropies_wait_for_the_step_end_and_equal_the_per_call_values(model):
+    """The hooks queue each attention call's logits; the controller turns a step's queue into entropies at the
+    next begin_step (one batched pass). Same per-step entropies and gate decisions as the per-call path
+    (tracing computes at once), nothing pending after a generation, and a reset drops a half-done step."""
+    gate = dict(schedule="gate", warmup=0.0, tau0=20.0, snr_range=(0.0, 1e9))     # some layers pass, some not
+    _, deferred, ctl = run(model, DQARConfig(**gate))
+    _, at_once, _ = run(model, DQARConfig(**gate, trace=True))
+    assert deferred["reuse_events"] > 0 and deferred["events_per_step"] == at_once["events_per_step"]
+    measured = [e for e in deferred["entropy_per_step"] if e is not None]
+    assert [e is None for e in deferred["entropy_per_step"]] == [e is None for e in at_once["entropy_per_step"]]
+    assert measured == pytest.approx([e for e in at_once["entropy_per_step"] if e is not None], rel=1e-6)
+    assert len(ctl.pending_entropy) == 0
+    ctl = apply_dqar(model, DQARConfig(schedule="gate", warmup=0.0, tau0=1e-3))     # computes everything
+    queued = []
+    hook = model.blocks[0].attn.forward
+    inner = hook._commit_chunks
+    hook._commit_chunks = lambda *a: (queued.append(len(ctl.pending_entropy)), inner(*a))[1]
+    try:
+        sample(model, LABELS, SEEDS, steps=2, cfg_scale=2.0)
+        # Layer 0 commits first in each forward: nothing of that step is resolved yet, the previous step is.
+        assert queued == [0, 0]
+        ctl.begin_step(0, 2)
+        model(torch.randn(4, 1, 8, 8), torch.tensor([999] * 4), torch.tensor([1, 7, 10, 10]))
+        assert len(ctl.pending_entropy) == 4
+        ctl.begin_step(0, 2)                 # a new generation: the abandoned step's queue is gone
+        assert len(ctl.pending_entropy) == 0 and ctl.summary()["entropy_per_step"] == []
+    finally:
+        remove_dqar(model)

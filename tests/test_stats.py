@@ -9,7 +9,9 @@ import torch
 
 from dqar import DQARConfig
 from dqar.method.controller import DQARController
-from dqar.method.stats import attention_entropy, first_images, policy_features, sample_query_rows, schedule_snr, x0_snr
+from dqar.method.pending_entropy import PendingEntropies
+from dqar.method.stats import (attention_entropy, attention_logits, first_images, logits_entropy, policy_features,
+                               sample_query_rows, schedule_snr, x0_snr)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -145,3 +147,32 @@ def test_first_images_keeps_the_first_images_of_each_branch():
     assert first_images(t, 1, 2).tolist() == [[0, 1], [2, 3]]
     for images in (0, 3, 5):                                         # every image: the tensor itself
         assert first_images(t, 2, images) is t
+
+
+def test_pending_entropies_resolve_in_one_pass_to_the_per_call_values():
+    """Logits of different shapes and branch splits, resolved together: each part's entropy is the mean of
+    logits_entropy over its rows, in the order added, and resolving empties the queue."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 2, 3, 5, generator=g)      # two branches of two images
+    b = torch.randn(2, 2, 3, 5, generator=g)      # one branch of two images, same row shape as a
+    c = torch.randn(2, 2, 3, 7, generator=g)      # another token count: its own batch
+    pending = PendingEntropies()
+    pending.add(a, [(0, "cond", "ea0"), (0, "uncond", "ea1")])
+    pending.add(c, [(2, "cond", "ec")])
+    pending.add(b, [(1, "uncond", "eb")])
+    assert len(pending) == 3 and pending.has_layer(2) and not pending.has_layer(3)
+    got = pending.resolve()
+    ha, hb, hc = logits_entropy(a), logits_entropy(b), logits_entropy(c)
+    want = [(0, "cond", "ea0", ha[:2].mean()), (0, "uncond", "ea1", ha[2:].mean()),
+            (2, "cond", "ec", hc.mean()), (1, "uncond", "eb", hb.mean())]
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    assert [g[3] for g in got] == pytest.approx([float(w[3]) for w in want], rel=1e-6)
+    assert len(pending) == 0 and pending.resolve() == []
+    with pytest.raises(ValueError, match="3 logit rows do not split into 2 branches"):
+        pending.add(torch.zeros(3, 1, 1, 2), [(0, "cond", None), (0, "uncond", None)])
+
+
+def test_attention_entropy_is_logits_then_entropy():
+    g = torch.Generator().manual_seed(1)
+    q, k, rows = torch.randn(3, 2, 6, 4, generator=g), torch.randn(3, 2, 6, 4, generator=g), torch.tensor([1, 4])
+    assert torch.equal(attention_entropy(q, k, rows), logits_entropy(attention_logits(q, k, rows)))

@@ -26,6 +26,8 @@ EVALUATOR_FILE = "evaluator.safetensors"
 EVALUATOR_CARD = "evaluator.json"
 ASSET_FILES = (DIT_FILE, DIT_CARD, EVALUATOR_FILE, EVALUATOR_CARD)
 PRESET = "DiT-Digits"
+# Shapes a digits weights file may have: the shipped one and a wider candidate (issue 14 capacity test).
+DIGITS_PRESETS = (PRESET, "DiT-Digits-W")
 DIGEST_KEY = "dqar_tensor_sha256"
 
 _keep_open = ExitStack()   # holds extracted copies alive when the package is imported from a zip
@@ -93,9 +95,9 @@ def load_embedded_model(path: str | Path | None = None) -> DiT:
         model = load_dit(path)
     except WeightsError as exc:
         raise _wrap(exc) from None
-    if model.config != DIT_PRESETS[PRESET]:
+    if all(model.config != DIT_PRESETS[name] for name in DIGITS_PRESETS):
         raise EmbeddedAssetError(f"embedded DiT weights file {str(path)!r} has shape {model.config.to_dict()}, "
-                                 f"not the {PRESET} preset")
+                                 f"not one of the digits presets {', '.join(DIGITS_PRESETS)}")
     return model.eval()
 
 

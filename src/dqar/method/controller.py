@@ -16,6 +16,7 @@ from .cache import CacheEntry, ReuseCache
 from .config import DQARConfig
 from .error_control import ErrorControl
 from .forecast import advance, differences, extrapolate, points
+from .pending_entropy import PendingEntropies
 from .quant import SalienceTracker, store
 from .schedules import StepState, build_schedule
 from .stats import x0_snr
@@ -82,6 +83,7 @@ class DQARController:
         self.error_control = ErrorControl(config) if config.schedule == "adaptive" else None
         self._bind_history()
         self.trace_rows: list[dict] = []
+        self.pending_entropy = PendingEntropies()
         self.reset()
 
     def _bind_history(self) -> None:
@@ -130,6 +132,7 @@ class DQARController:
         self.step: StepState | None = None
         self._plans: dict[str, frozenset] = {}
         self._entropy: dict[str, dict[int, float]] = {}
+        self.pending_entropy.clear()
         self._last_x0_snr: float | None = None
         self.salience.reset()
         if self.error_control is not None:
@@ -162,6 +165,7 @@ class DQARController:
             raise ValueError(f"prompt_length={prompt_length!r} is not allowed: must be an integer >= 1")
         if step_index == 0:
             self.reset()
+        self.resolve_entropy()
         self._finish_step_stats()
         if branches is not None:
             self.branches = tuple(branches)
@@ -180,6 +184,7 @@ class DQARController:
         self.x0_snr_per_step.append(snr)
 
     def end_generation(self) -> dict:
+        self.resolve_entropy()
         self._finish_step_stats()
         self.active = False
         return self.summary()
@@ -203,6 +208,8 @@ class DQARController:
         """Uncond may take cond's fresh output when their last entropies are within epsilon."""
         if not (self.config.cfg_sharing and self.active) or self.schedule.in_warmup(self.step):
             return False
+        if self.pending_entropy.has_layer(layer_id):
+            self.resolve_entropy()          # a branch of this layer ran in an earlier forward of this step
         hc = self._entropy.get("cond", {}).get(layer_id)
         hu = self._entropy.get("uncond", {}).get(layer_id)
         return hc is not None and hu is not None and abs(hc - hu) < self.config.cfg_sharing_eps
@@ -233,8 +240,7 @@ class DQARController:
         cfg = self.config
         step_index = self.step.step_index if self.step else 0
         if entropy is not None:
-            self._entropy.setdefault(branch, {})[layer_id] = entropy
-            self._step_entropies.append(entropy)
+            self._record_entropy(layer_id, branch, entropy)
         if cfg.trace and output is not None and target == "attn" and self.step is not None:
             row = trace_row(self.step, layer_id, branch, output, self.cache.get(layer_id, branch, "attn"), entropy)
             if row is not None:
@@ -266,6 +272,20 @@ class DQARController:
                                  salient(layer_id, "values", values, vb, step_index))
         self.cache.put(entry)
         return entry
+
+    def defer_entropy(self, logits: torch.Tensor, parts: list[tuple[int, str, CacheEntry]]) -> None:
+        """Attention logits of one call whose batch holds len(parts) equal branch parts (layer, branch, the
+        entry commit returned): their entropies are computed with the step's others when first read."""
+        self.pending_entropy.add(logits, parts)
+
+    def resolve_entropy(self) -> None:
+        for layer_id, branch, entry, entropy in self.pending_entropy.resolve():
+            entry.entropy = entropy
+            self._record_entropy(layer_id, branch, entropy)
+
+    def _record_entropy(self, layer_id: int, branch: str, entropy: float) -> None:
+        self._entropy.setdefault(branch, {})[layer_id] = entropy
+        self._step_entropies.append(entropy)
 
     def _measure(self, layer_id, branch, target, previous, output, step_index, effect, diffs) -> None:
         errors = self.effect_meter.errors

@@ -26,14 +26,25 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     002's own normalisation, -(1/H) sum_h sum_ij, sums the rows and is T times this value. Checked against
     hand-computed softmax entropies in tests/test_stats.py.
     """
+    return logits_entropy(attention_logits(q, k, rows, scale))
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """(N, H, r, T) scaled attention logits of the sampled query rows: the first half of attention_entropy,
+    the part that needs q and k (the rest can wait and run batched over many layers: logits_entropy)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qs = q[:, :, rows.to(q.device)].float()                                    # (N, H, r, hd)
     # K is usually a strided view of the fused qkv projection; a batched matmul against it costs several
-    # times the copy that makes it contiguous. In-place steps below give the same values with fewer tensors.
-    logits = torch.matmul(qs, k.float().contiguous().transpose(-1, -2)).mul_(scale)   # (N, H, r, T)
+    # times the copy that makes it contiguous.
+    return torch.matmul(qs, k.float().contiguous().transpose(-1, -2)).mul_(scale)
+
+
+def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) mean over heads and rows of the softmax entropy of (N, H, r, T) logits. In-place steps give the
+    same values with fewer tensors."""
     a = logits.softmax(dim=-1)
     h = a.add(ENTROPY_EPS).log_().mul_(a).sum(dim=-1).neg_()                   # (N, H, r)
-    return h.mean(dim=(1, 2))                                                  # (N,)
+    return h.mean(dim=(1, 2))
 
 
 def first_images(t: torch.Tensor, groups: int, images: int) -> torch.Tensor:

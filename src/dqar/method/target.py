@@ -16,7 +16,7 @@ from .controller import DQARController
 from .flops import FlopProfiler
 from .layouts import BlockLayout, block_streams
 from .probes import BlockProbe
-from .stats import attention_entropy, first_images, sample_query_rows
+from .stats import attention_logits, first_images, logits_entropy, sample_query_rows
 from .streams import BlockStreams, OutputForm, cat_outputs, hidden_states, slice_call
 
 
@@ -72,12 +72,12 @@ class TargetHook:
                 # Cond computes on its half; the uncond half takes that fresh output (either batch order).
                 c = branches.index("cond")
                 args, kwargs = slice_call(args, kwargs, n, c * (n // 2), (c + 1) * (n // 2))
-                out, ents = self._compute(1, *args, **kwargs)
-                self._commit_chunks(("cond",), self._cached_form(out, args, kwargs), ents, c * (n // 2))
+                out, logits = self._compute(1, *args, **kwargs)
+                self._commit_chunks(("cond",), self._cached_form(out, args, kwargs), logits, c * (n // 2))
                 ctl.count_share(self.layer, self.target)
                 return cat_outputs([out, out])
-            out, ents = self._compute(len(branches), *args, **kwargs)
-            self._commit_chunks(branches, self._cached_form(out, args, kwargs), ents, 0)
+            out, logits = self._compute(len(branches), *args, **kwargs)
+            self._commit_chunks(branches, self._cached_form(out, args, kwargs), logits, 0)
             return out
         b = n // len(branches)
         if self.is_block and self.form is None and x.dtype == torch.float32 and all(d.use_cache for d in decisions):
@@ -89,8 +89,8 @@ class TargetHook:
                 cached = self._checked(ctl.reuse(d.entry), b).to(x.dtype)
                 parts.append(self._from_cache(cached, sub_args, sub_kwargs))
             else:
-                out, ents = self._compute(1, *sub_args, **sub_kwargs)
-                self._commit_chunks((branch,), self._cached_form(out, sub_args, sub_kwargs), ents, i * b)
+                out, logits = self._compute(1, *sub_args, **sub_kwargs)
+                self._commit_chunks((branch,), self._cached_form(out, sub_args, sub_kwargs), logits, i * b)
                 parts.append(out)
         return cat_outputs(parts)
 
@@ -143,16 +143,17 @@ class TargetHook:
             return self.original(*args, **kwargs), None
         ops, m = self.ops, self.module
         q, k, v = ops.qkv(m, x)
-        return ops.attend(m, q, k, v), self._entropy(q, k, groups)
+        return ops.attend(m, q, k, v), self._logits(q, k, groups)
 
-    def _entropy(self, q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
-        """Per-image attention entropy over the config's sampled query rows and images (`groups` branches)."""
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
+        """Attention logits of the config's sampled query rows and images (`groups` branches), from which the
+        entropy comes (dqar.method.stats.logits_entropy; the controller batches that part over a step)."""
         cfg = self.ctl.config
         if self.rows is None or self.rows.numel() > q.shape[2]:
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
         images = cfg.entropy_images
-        return self.flops.uncounted(lambda: attention_entropy(first_images(q, groups, images),
-                                                              first_images(k, groups, images), self.rows))
+        return self.flops.uncounted(lambda: attention_logits(first_images(q, groups, images),
+                                                             first_images(k, groups, images), self.rows))
 
     def _entropy_unavailable(self, why: list) -> None:
         self.ctl.entropy_unavailable += 1
@@ -162,19 +163,21 @@ class TargetHook:
                           "entropy cannot be measured; schedules that read entropy never reuse it "
                           "(counted in summary()['entropy_unavailable'])", RuntimeWarning, stacklevel=3)
 
-    def _commit_chunks(self, branches, out, ents, first_row):
-        """Commit each branch's share of `out`, which starts at batch row `first_row` of the block's input."""
+    def _commit_chunks(self, branches, out, logits, first_row):
+        """Commit each branch's share of `out`, which starts at batch row `first_row` of the block's input;
+        `logits` (attention only): the entropies' logits, resolved by the controller when read, or at once
+        when tracing (a trace row records the entropy with the output)."""
         chunks = out.chunk(len(branches)) if len(branches) > 1 else (out,)
-        if ents is None:
-            ent_chunks = (None,) * len(branches)
-        else:
-            ent_chunks = ents.chunk(len(branches)) if len(branches) > 1 else (ents,)
-        start = first_row
-        for branch, o, e in zip(branches, chunks, ent_chunks):
+        now = logits is not None and self.ctl.config.trace
+        ents = [float(e.mean()) for e in logits_entropy(logits).chunk(len(branches))] if now else None
+        start, entries = first_row, []
+        for i, (branch, o) in enumerate(zip(branches, chunks)):
             effect = self.probe.effect(self.target, start, start + o.shape[0]) if self.probe is not None else None
-            self.ctl.commit(self.layer, branch, output=o, target=self.target,
-                            entropy=float(e.mean()) if e is not None else None, effect=effect)
+            entries.append(self.ctl.commit(self.layer, branch, output=o, target=self.target,
+                                           entropy=ents[i] if now else None, effect=effect))
             start += o.shape[0]
+        if logits is not None and not now:
+            self.ctl.defer_entropy(logits, [(self.layer, b, e) for b, e in zip(branches, entries)])
 
     def _kv(self, x, n, branches, args, kwargs):
         """K/V mode: Q is always fresh; K and V come from the cache on reuse (mixes noise levels)."""
@@ -192,7 +195,7 @@ class TargetHook:
                 outs.append(ops.attend(m, q, k, v))
             else:
                 q, k, v = ops.qkv(m, xi)
-                ent = float(self._entropy(q, k, 1).mean()) if ctl.config.needs_entropy else None
+                ent = float(logits_entropy(self._logits(q, k, 1)).mean()) if ctl.config.needs_entropy else None
                 ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
                 outs.append(ops.attend(m, q, k, v))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -309,6 +309,9 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # layer-fraction schedules round finely), 10 classes.
     "DiT-Digits": DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=12,
                             num_heads=4, num_classes=10, learn_sigma=False),
+    # The same at width 160 (5 heads of 32; 22.7 MB of fp32 weights, under issue 14's 25 MB bound).
+    "DiT-Digits-W": DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=160, depth=12,
+                              num_heads=5, num_classes=10, learn_sigma=False),
     # Tiny shapes for tests.
     "DiT-Tiny": DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4,
                           num_heads=2, num_classes=10, learn_sigma=False),
