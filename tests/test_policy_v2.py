@@ -13,7 +13,7 @@ from dqar.harness.policy_v2 import (RefreshSchedule, feature_matrix_v2, fit_poli
 from dqar.method.config import DQARConfig
 from dqar.method.hooks import apply_dqar, remove_dqar
 from dqar.method.policy import FORMAT, FORMAT_V2, PolicyFileError, ReusePolicy, load_policy, save_policy
-from dqar.method.stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_NAMES_V2
+from dqar.method.stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_NAMES_V2, POLICY_FEATURE_NAMES_V2_NOENTROPY
 from dqar.sampling import sample
 
 LABELS, SEEDS, STEPS = [1, 2], [0, 1], 12
@@ -27,9 +27,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _constant_policy(bias: float, max_cache_age: int = 3) -> ReusePolicy:
+def _constant_policy(bias: float, max_cache_age: int = 3, feature_set: str = "v2") -> ReusePolicy:
     """p_reuse = sigmoid(bias) for every row: a v2 policy whose decisions are hand-checkable."""
-    policy = ReusePolicy(feature_set="v2", max_cache_age=max_cache_age)
+    policy = ReusePolicy(feature_set=feature_set, max_cache_age=max_cache_age)
     with torch.no_grad():
         for p in policy.parameters():
             p.zero_()
@@ -300,3 +300,61 @@ def test_train_policy_v2_max_cache_age_caps_the_policy_and_keeps_every_row(tmp_p
     capped, full = (load_policy(tmp_path / d / "policy_digits.safetensors") for d in ("cap", "all"))
     assert capped.max_cache_age == 2 and full.max_cache_age == max(r["cache_age"] for r in every)
     assert torch.equal(capped.net[0].weight, full.net[0].weight)
+
+
+# ------------------------------------------------------------------------------------------------ no entropy
+
+def test_a_policy_without_entropy_measures_no_attention_statistic(model, baseline, tmp_path, monkeypatch):
+    """v2-noentropy: the same decisions as v2 where the features agree (an always-yes policy plans by age
+    alone), but no attention logits are taken and no entropy recorded; it may run without the attention
+    target; its file says what it needs."""
+    import dqar.method.target as target_module
+
+    calls = []
+    real = target_module.attention_logits
+    monkeypatch.setattr(target_module, "attention_logits", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    with_entropy, _ = save_policy(_constant_policy(10.0, max_cache_age=2), tmp_path / "v2.safetensors")
+    images_v2, summary_v2, _, seen_v2 = _run(model, with_entropy)
+    assert calls
+    calls.clear()
+    path, card = save_policy(_constant_policy(10.0, max_cache_age=2, feature_set="v2-noentropy"),
+                             tmp_path / "ne.safetensors")
+    loaded = load_policy(path)
+    assert loaded.feature_names == POLICY_FEATURE_NAMES_V2_NOENTROPY and not loaded.reads_entropy
+    assert "entropy" not in json.loads(card.read_text())["needs"]
+    images, summary, ctl, seen = _run(model, path)
+    assert not calls and not ctl.needs_entropy
+    assert all(e is None for e in summary["entropy_per_step"])
+    assert summary["reuse_events"] > 0 and summary["events_per_step"] == summary_v2["events_per_step"]
+    assert seen == seen_v2 and torch.equal(images, images_v2) and not torch.equal(images, baseline)
+    # Its features are v2's less the entropy: the MLP sees the rows the v2 policy would, first column dropped.
+    rows = []
+    forward = ReusePolicy.forward
+    monkeypatch.setattr(ReusePolicy, "forward", lambda self, x: (rows.append((self.feature_set, x)), forward(self, x))[1])
+    _run(model, with_entropy)
+    _run(model, path)
+    v2_rows = [x for fs, x in rows if fs == "v2"]
+    ne_rows = [x for fs, x in rows if fs == "v2-noentropy"]
+    assert len(v2_rows) == len(ne_rows) > 0
+    assert all(torch.equal(a[:, 1:], b) for a, b in zip(v2_rows, ne_rows))
+    # Without attention among the targets it still runs (an MLP-only policy), where v2 is refused.
+    mlp_only = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(path), warmup=0.0,
+                                            targets=("mlp",), forecast_order=2))
+    try:
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        assert mlp_only.summary()["reuse_events"] > 0
+    finally:
+        remove_dqar(model)
+    with pytest.raises(ValueError, match="reads attention entropy"):
+        apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(with_entropy), targets=("mlp",)))
+
+
+def test_train_policy_noentropy_from_v2_rows(tmp_path):
+    """`--features v2-noentropy --from DIR` trains on the v2 rows' columns less the entropy."""
+    x = torch.randn(40, len(POLICY_FEATURE_NAMES_V2), generator=torch.Generator().manual_seed(0))
+    rows = [dict(zip(POLICY_FEATURE_NAMES_V2, r)) for r in x.tolist()]
+    assert torch.equal(feature_matrix_v2(rows, "v2-noentropy"), x[:, 1:])
+    fit = fit_policy_v2(x[:, 1:], (x[:, 6] > 0).float(), [k % 4 for k in range(40)], max_cache_age=2, epochs=5,
+                        feature_set="v2-noentropy")
+    st, _ = save_policy(fit.policy, tmp_path / "ne.safetensors")
+    assert torch.equal(load_policy(st)(x[:, 1:]), fit.policy(x[:, 1:]))

@@ -10,7 +10,7 @@ import torch
 from dqar import DQARConfig
 from dqar.method.controller import DQARController
 from dqar.method.pending_entropy import PendingEntropies
-from dqar.method.stats import (attention_entropy, attention_logits, first_images, logits_entropy, policy_features,
+from dqar.method.stats import (attention_entropy, attention_logits, first_images_index, logits_entropy, policy_features,
                                sample_query_rows, schedule_snr, x0_snr)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -140,13 +140,22 @@ def test_x0_form_changes_the_gates_decisions_where_the_two_snrs_disagree():
     assert summary["x0_snr_per_step"] == [pytest.approx(5.0), pytest.approx(1250.0, rel=1e-3), pytest.approx(5.0)]
 
 
-def test_first_images_keeps_the_first_images_of_each_branch():
-    t = torch.arange(12).view(6, 2)                                   # two branches of three images
-    assert first_images(t, 2, 1).tolist() == [[0, 1], [6, 7]]
-    assert first_images(t, 2, 2).tolist() == [[0, 1], [2, 3], [6, 7], [8, 9]]
-    assert first_images(t, 1, 2).tolist() == [[0, 1], [2, 3]]
-    for images in (0, 3, 5):                                         # every image: the tensor itself
-        assert first_images(t, 2, images) is t
+def test_first_images_index_keeps_the_first_images_of_each_branch():
+    # two branches of three images
+    assert first_images_index(6, 2, 1).tolist() == [0, 3]
+    assert first_images_index(6, 2, 2).tolist() == [0, 1, 3, 4]
+    assert first_images_index(6, 1, 2).tolist() == [0, 1]
+    for images in (0, 3, 5):                                         # every image: no index
+        assert first_images_index(6, 2, images) is None
+
+
+def test_attention_logits_of_some_images_are_those_images_rows():
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(6, 5, 3, 2, 4, generator=g).permute(2, 0, 3, 1, 4)     # strided q, k as the DiT makes them
+    q, k, rows, keep = qkv[0], qkv[1], torch.tensor([0, 3]), torch.tensor([0, 3])
+    got = attention_logits(q, k, rows, images=keep)
+    assert torch.equal(got, attention_logits(q[keep].contiguous(), k[keep].contiguous(), rows))
+    assert torch.equal(attention_logits(q, k, rows)[keep], got)
 
 
 def test_pending_entropies_resolve_in_one_pass_to_the_per_call_values():
@@ -176,3 +185,21 @@ def test_attention_entropy_is_logits_then_entropy():
     g = torch.Generator().manual_seed(1)
     q, k, rows = torch.randn(3, 2, 6, 4, generator=g), torch.randn(3, 2, 6, 4, generator=g), torch.tensor([1, 4])
     assert torch.equal(attention_entropy(q, k, rows), logits_entropy(attention_logits(q, k, rows)))
+
+
+def test_pending_entropies_batch_within_the_element_budget(monkeypatch):
+    """Past the budget a step's logits go through in several batches, with the same values."""
+    import dqar.method.pending_entropy as pending_module
+
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(2, 2, 3, 5, generator=g) for _ in range(5)]
+    seen = []
+    real = pending_module.logits_entropy
+    monkeypatch.setattr(pending_module, "logits_entropy", lambda t: (seen.append(t.shape[0]), real(t))[1])
+    monkeypatch.setattr(pending_module, "BATCH_ELEMENTS", 2 * logits[0].numel())
+    pending = PendingEntropies()
+    for layer, t in enumerate(logits):
+        pending.add(t, [(layer, "cond", None)])
+    got = [e for *_, e in pending.resolve()]
+    assert seen == [4, 4, 2]                        # two items per batch, the last alone
+    assert got == pytest.approx([float(real(t).mean()) for t in logits], rel=1e-6)

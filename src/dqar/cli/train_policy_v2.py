@@ -17,9 +17,10 @@ V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", 
 
 
 def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", choices=("v1", "v2"), default="v1",
+    parser.add_argument("--features", choices=("v1", "v2", "v2-noentropy"), default="v1",
                         help="v1: the seed's five features, labels from uncached traces (default); v2: adds cache "
-                             "age and the last measured forecast error, labels from runs that forecast")
+                             "age and the last measured forecast error, labels from runs that forecast; "
+                             "v2-noentropy: v2 without the attention entropy (no attention statistic at run time)")
     d = V2_DEFAULTS
     parser.add_argument("--n-runs", type=int, default=None,
                         help=f"v2: training generations, one batch each (default {d['n_runs']})")
@@ -51,7 +52,7 @@ def v2_settings(args: argparse.Namespace) -> dict:
     given = [k for k in V2_DEFAULTS if getattr(args, k) is not None]
     if args.features == "v1":
         if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} applies only to --features v2")
+            raise UsageError(f"--{given[0].replace('_', '-')} applies only to --features v2 and v2-noentropy")
         return {}
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in V2_DEFAULTS.items()}
     try:
@@ -74,7 +75,7 @@ def v2_settings(args: argparse.Namespace) -> dict:
 
 
 def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
-    parts = ["dqar train-policy --features v2", f"--model {args.model}", f"--out {args.out}",
+    parts = [f"dqar train-policy --features {args.features}", f"--model {args.model}", f"--out {args.out}",
              f"--n-runs {s['n_runs']}", f"--per-class {s['per_class']}", f"--first-seed {args.first_seed}",
              f"--steps {args.steps}", f"--sampler {args.sampler}", f"--cfg-scale {cfg_scale:g}",
              f"--p-forecast {','.join(f'{p:g}' for p in s['p_forecast'])}", f"--max-age {s['max_age']}",
@@ -168,7 +169,7 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
     if s["max_cache_age"] is not None:
         max_age = min(max_age, s["max_cache_age"])
     info = {
-        "feature_set": "v2",
+        "feature_set": args.features,
         "trained_on": {"model": described, "weights_file_sha256": _file_sha256(args.model), "sampler": args.sampler,
                        "steps": args.steps, "cfg_scale": cfg_scale, "runs": len(plan),
                        "images_per_run": len(plan[0][1]), "seeds": [plan[0][2][0], plan[-1][2][-1]],
@@ -190,8 +191,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
         "date": date.today().isoformat(),
     }
     say(f"training on {len(rows)} rows ({float(y.mean()):.1%} labelled forecast-safe, harm <= {tol:.4g})")
-    fit = pv.fit_policy_v2(pv.feature_matrix_v2(rows), y, [r["run"] for r in rows], max_cache_age=max_age,
-                           val_fraction=args.val_fraction, epochs=args.epochs, lr=args.lr, l2=args.l2,
-                           threshold=args.threshold, seed=args.seed)
+    fit = pv.fit_policy_v2(pv.feature_matrix_v2(rows, args.features), y, [r["run"] for r in rows],
+                           max_cache_age=max_age, val_fraction=args.val_fraction, epochs=args.epochs, lr=args.lr,
+                           l2=args.l2, threshold=args.threshold, seed=args.seed, feature_set=args.features)
     return write_policy_report(fit, info, out, args, say, group_name="runs",
                                wall_seconds={"rows": round(t_rows, 1), "total": round(time.perf_counter() - start, 1)})

@@ -29,7 +29,7 @@ from dqar.method.config import DQARConfig
 from dqar.method.hooks import apply_dqar, remove_dqar
 from dqar.method.policy import ReusePolicy, history_features
 from dqar.method.schedules import Schedule
-from dqar.method.stats import POLICY_FEATURE_NAMES_V2, policy_features
+from dqar.method.stats import POLICY_FEATURE_NAMES_V2, POLICY_FEATURE_SETS, policy_features
 from dqar.sampling import sample
 
 
@@ -117,9 +117,11 @@ def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequ
     return schedule.rows
 
 
-def feature_matrix_v2(rows: Sequence[dict]) -> torch.Tensor:
-    """(N, 8) float32 in POLICY_FEATURE_NAMES_V2 order."""
-    return torch.tensor([[r[name] for name in POLICY_FEATURE_NAMES_V2] for r in rows], dtype=torch.float32)
+def feature_matrix_v2(rows: Sequence[dict], feature_set: str = "v2") -> torch.Tensor:
+    """(N, n_features) float32 in the order of POLICY_FEATURE_SETS[feature_set] (v2's rows hold every v2 feature,
+    so a subset such as "v2-noentropy" trains from the same rows)."""
+    names = POLICY_FEATURE_SETS[feature_set]
+    return torch.tensor([[r[name] for name in names] for r in rows], dtype=torch.float32)
 
 
 def step_scales(rows: Sequence[dict]) -> dict[int, float]:
@@ -163,7 +165,8 @@ def default_tolerance(rows: Sequence[dict], age: int = 2, scales: dict[int, floa
 
 def fit_policy_v2(features: torch.Tensor, labels: torch.Tensor, groups: Sequence[int], *, max_cache_age: int,
                   val_fraction: float = 0.25, epochs: int = 800, lr: float = 1e-2, l2: float = 1e-4,
-                  threshold: float = 0.5, seed: int = 0, info: dict | None = None) -> FitResult:
+                  threshold: float = 0.5, seed: int = 0, info: dict | None = None,
+                  feature_set: str = "v2") -> FitResult:
     """policy_training.fit_policy's recipe (full-batch Adam, BCE + l2 * sum of squared weights, split by
     group) for a v2 policy; `groups` are the runs, whose rows are strongly correlated."""
     features = torch.as_tensor(features, dtype=torch.float32)
@@ -172,7 +175,7 @@ def fit_policy_v2(features: torch.Tensor, labels: torch.Tensor, groups: Sequence
         raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)} and {len(groups)} groups "
                          "must have one row each")
     return train_split_by_group(
-        lambda: ReusePolicy(threshold=threshold, info=info, feature_set="v2", max_cache_age=max_cache_age),
+        lambda: ReusePolicy(threshold=threshold, info=info, feature_set=feature_set, max_cache_age=max_cache_age),
         features, labels, groups, val_fraction=val_fraction, epochs=epochs, lr=lr, l2=l2, threshold=threshold,
         seed=seed)
 

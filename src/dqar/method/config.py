@@ -266,7 +266,9 @@ class DQARConfig:
 
     @property
     def needs_entropy(self) -> bool:
-        return self.record_entropy or self.trace or self.cfg_sharing or self.schedule in ("gate", "policy")
+        """Whether attention entropy is measured whatever the schedule reads (a policy's own features are
+        known once its file is loaded: DQARController.needs_entropy)."""
+        return self.record_entropy or self.trace or self.cfg_sharing or self.schedule == "gate"
 
     @property
     def resolved_diff_bits(self) -> int:

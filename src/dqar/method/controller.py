@@ -89,6 +89,9 @@ class DQARController:
     def _bind_history(self) -> None:
         """A schedule that reads cache ages and forecast errors (policy v2) gets them from a ModuleHistory;
         the errors are measured by ErrorControl.observe at every compute (it plans nothing here)."""
+        # Whether attention entropy is measured: the config asks for it, or the schedule reads it (a policy
+        # without the entropy feature does not, so its attention runs its own forward).
+        self.needs_entropy = self.config.needs_entropy or bool(getattr(self.schedule, "reads_entropy", False))
         uses = bool(getattr(self.schedule, "uses_history", False))
         self.history = ModuleHistory() if uses else None
         self.effect_meter = ErrorControl(self.config) if uses else None

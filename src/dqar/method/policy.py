@@ -72,6 +72,10 @@ class ReusePolicy(nn.Module):
         self.max_cache_age = max_cache_age
 
     @property
+    def reads_entropy(self) -> bool:
+        return "entropy" in self.feature_names
+
+    @property
     def uses_history(self) -> bool:
         """Whether the policy reads the per-(layer, branch) cache age and forecast error (v2)."""
         return "cache_age" in self.feature_names
@@ -171,8 +175,9 @@ def save_policy(policy: ReusePolicy, path: str | Path, info: dict | None = None)
     extra = {}
     if not v1:
         extra = {"feature_set": policy.feature_set, "max_cache_age": policy.max_cache_age,
-                 "needs": "the attention target (entropy) and, per layer and branch, the cache age and the "
-                          "forecast error measured at the last compute (block probes, installed by apply_dqar)"}
+                 "needs": ("the attention target (entropy) and, " if policy.reads_entropy else "")
+                          + "per layer and branch, the cache age and the forecast error measured at the last "
+                            "compute (block probes, installed by apply_dqar)"}
         metadata.update(feature_set=policy.feature_set, max_cache_age=json.dumps(policy.max_cache_age))
     save_file(tensors, str(st_path), metadata=metadata)
     n = len(policy.feature_names)

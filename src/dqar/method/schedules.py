@@ -239,7 +239,7 @@ class PolicySchedule(Schedule):
         self.policy = policy
         self.history = None          # ModuleHistory, set by the controller when uses_history
         where = f"the policy {config.policy_path or '(shipped)'!r}"
-        if "attn" not in config.targets:
+        if policy.reads_entropy and "attn" not in config.targets:
             raise ValueError(f"{where} reads attention entropy, measured only on the attention target, but "
                              f"targets={config.targets!r}; use targets that include 'attn'")
         if policy.uses_history and config.mode == "kv":
@@ -250,13 +250,19 @@ class PolicySchedule(Schedule):
     def uses_history(self) -> bool:
         return self.policy.uses_history
 
+    @property
+    def reads_entropy(self) -> bool:
+        return self.policy.reads_entropy
+
     def plan(self, step, branch, entropies):
-        if self.in_warmup(step) or step.snr is None or not entropies:
+        reads_entropy = self.policy.reads_entropy
+        if self.in_warmup(step) or step.snr is None or (reads_entropy and not entropies):
             return frozenset()
         base = (step.snr, step.latent_norm or 0.0, step.progress, step.prompt_length)
         layers, rows = [], []
-        for i in sorted(entropies):
-            row = policy_features(entropies[i], *base)
+        for i in (sorted(entropies) if reads_entropy else range(step.num_layers)):
+            # Without entropy the seed's features lose their first one (a placeholder here, then dropped).
+            row = policy_features(entropies[i], *base) if reads_entropy else policy_features(0.0, *base)[1:]
             if self.policy.uses_history:
                 age = self.history.age(i, branch, step.step_index)
                 measured = self.history.measured(i, branch)

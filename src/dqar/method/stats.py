@@ -29,14 +29,22 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     return logits_entropy(attention_logits(q, k, rows, scale))
 
 
-def attention_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(N, H, r, T) scaled attention logits of the sampled query rows: the first half of attention_entropy,
-    the part that needs q and k (the rest can wait and run batched over many layers: logits_entropy)."""
+def attention_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None,
+                     images: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, H, r, T) scaled attention logits of the sampled query rows of the batch rows `images` (an index from
+    first_images_index; None: every one): the part of attention_entropy that needs q and k (the rest can wait
+    and run for many layers at once: logits_entropy)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    qs = q[:, :, rows.to(q.device)].float()                                    # (N, H, r, hd)
-    # K is usually a strided view of the fused qkv projection; a batched matmul against it costs several
-    # times the copy that makes it contiguous.
-    return torch.matmul(qs, k.float().contiguous().transpose(-1, -2)).mul_(scale)
+    rows = rows.to(q.device)
+    if images is not None:
+        # One gather per tensor (the images first, so the row gather copies only theirs); K's is the
+        # contiguous copy a batched matmul wants anyway (against a strided view of the fused qkv
+        # projection it costs several times that copy).
+        images = images.to(q.device)
+        qs, k = q.index_select(0, images).index_select(2, rows), k.index_select(0, images)
+    else:
+        qs, k = q.index_select(2, rows), k.contiguous()
+    return torch.matmul(qs.float(), k.float().transpose(-1, -2)).mul_(scale)
 
 
 def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -47,13 +55,13 @@ def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
     return h.mean(dim=(1, 2))
 
 
-def first_images(t: torch.Tensor, groups: int, images: int) -> torch.Tensor:
-    """The first `images` batch rows of each of the `groups` equal parts of `t` (a CFG batch holds one part per
-    branch), as one batch; `t` itself when `images` is 0 or covers every part."""
-    per_group = t.shape[0] // groups
+def first_images_index(batch: int, groups: int, images: int) -> torch.Tensor | None:
+    """Batch rows of the first `images` images of each of the `groups` equal parts of a batch of `batch` (a CFG
+    batch holds one part per branch), in order; None when `images` is 0 or covers every part."""
+    per_group = batch // groups
     if images <= 0 or images >= per_group:
-        return t
-    return t.unflatten(0, (groups, per_group))[:, :images].flatten(0, 1)
+        return None
+    return (torch.arange(groups).unsqueeze(1) * per_group + torch.arange(images)).flatten()
 
 
 def schedule_snr(alpha: float, sigma: float) -> float:
@@ -95,4 +103,9 @@ POLICY_FEATURE_NAMES = ("entropy", "log_snr", "log_norm", "step_progress", "prom
 # since it last computed, log of the forecast error measured at that compute (the adaLN-gated effect of
 # dqar.method.error_control) and the cache age that error was measured at. Computed in dqar.method.policy.
 POLICY_FEATURE_NAMES_V2 = POLICY_FEATURE_NAMES + ("cache_age", "log_forecast_error", "error_age")
-POLICY_FEATURE_SETS = {"v1": POLICY_FEATURE_NAMES, "v2": POLICY_FEATURE_NAMES_V2}
+# v2 less the attention entropy, the weakest of v2's informative signals (single-feature AUC 0.73 against the
+# forecast error's 0.91, docs/POLICY.md) and its most expensive: without it no attention statistic is taken,
+# so the attention modules run their own forward (issue 17, bullet 4).
+POLICY_FEATURE_NAMES_V2_NOENTROPY = tuple(n for n in POLICY_FEATURE_NAMES_V2 if n != "entropy")
+POLICY_FEATURE_SETS = {"v1": POLICY_FEATURE_NAMES, "v2": POLICY_FEATURE_NAMES_V2,
+                       "v2-noentropy": POLICY_FEATURE_NAMES_V2_NOENTROPY}

@@ -16,7 +16,7 @@ from .controller import DQARController
 from .flops import FlopProfiler
 from .layouts import BlockLayout, block_streams
 from .probes import BlockProbe
-from .stats import attention_logits, first_images, logits_entropy, sample_query_rows
+from .stats import attention_logits, first_images_index, logits_entropy, sample_query_rows
 from .streams import BlockStreams, OutputForm, cat_outputs, hidden_states, slice_call
 
 
@@ -34,6 +34,7 @@ class TargetHook:
         self.streams = BlockStreams(module, block_streams(module)) if self.is_block else None
         self.form: OutputForm | None = None        # layout of the last computed output (tuple outputs only)
         self.rows: torch.Tensor | None = None
+        self._images: dict[tuple, torch.Tensor | None] = {}    # (batch, groups) -> entropy_images' rows
         self._warned_entropy = False
 
     @torch.compiler.disable
@@ -47,7 +48,7 @@ class TargetHook:
             kv = (2.0 * x.shape[1] * self.ops.kv_weight_numel(self.module) * x.shape[0]
                   if self.is_attn and self.ops is not None else None)
             return self.flops.module_call(self.target, self.layer, lambda: self._decide_and_run(*args, **kwargs), kv)
-        if self.layer not in self.ctl.cached_layers and not (self.is_attn and self.ctl.config.needs_entropy):
+        if self.layer not in self.ctl.cached_layers and not (self.is_attn and self.ctl.needs_entropy):
             # Fast path: the schedule can never reuse this layer and nothing is measured on it.
             self.ctl.count_computed(len(self.ctl.branches))
             return self.original(*args, **kwargs)
@@ -129,7 +130,7 @@ class TargetHook:
     def _compute(self, groups: int, *args, **kwargs):
         """Run the module; for attention with statistics on, go through q/k so entropy comes for free.
         `groups`: how many branches the batch holds, for `entropy_images` (each branch keeps its first images)."""
-        if not (self.is_attn and self.ctl.config.needs_entropy):
+        if not (self.is_attn and self.ctl.needs_entropy):
             return self.original(*args, **kwargs), None
         if self.ops is None:
             self._entropy_unavailable([f"a {type(getattr(self.module, 'processor', self.module)).__name__} "
@@ -151,9 +152,10 @@ class TargetHook:
         cfg = self.ctl.config
         if self.rows is None or self.rows.numel() > q.shape[2]:
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
-        images = cfg.entropy_images
-        return self.flops.uncounted(lambda: attention_logits(first_images(q, groups, images),
-                                                             first_images(k, groups, images), self.rows))
+        shape = (q.shape[0], groups)
+        if shape not in self._images:
+            self._images[shape] = first_images_index(q.shape[0], groups, cfg.entropy_images)
+        return self.flops.uncounted(lambda: attention_logits(q, k, self.rows, images=self._images[shape]))
 
     def _entropy_unavailable(self, why: list) -> None:
         self.ctl.entropy_unavailable += 1
@@ -195,7 +197,7 @@ class TargetHook:
                 outs.append(ops.attend(m, q, k, v))
             else:
                 q, k, v = ops.qkv(m, xi)
-                ent = float(logits_entropy(self._logits(q, k, 1)).mean()) if ctl.config.needs_entropy else None
+                ent = float(logits_entropy(self._logits(q, k, 1)).mean()) if ctl.needs_entropy else None
                 ctl.commit(self.layer, branch, keys=k, values=v, entropy=ent)
                 outs.append(ops.attend(m, q, k, v))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
