@@ -46,7 +46,7 @@ from dqar.models import build_dit
 from dqar.sampling import sample
 
 
-def configs(targets: tuple, order: int, entropy_images: int = 0) -> dict[str, DQARConfig]:
+def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | None = None) -> dict[str, DQARConfig]:
     common = dict(warmup=0.0, targets=targets, forecast_order=order)
     return {
         "hooks+history": DQARConfig(schedule="interval", interval=1, **common),
@@ -55,8 +55,8 @@ def configs(targets: tuple, order: int, entropy_images: int = 0) -> dict[str, DQ
         "gate": DQARConfig(schedule="gate", tau0=1e-6, warmup=0.0, forecast_order=order,
                            entropy_images=entropy_images),
         # Threshold 1.0 alone can pass (a float32 sigmoid reaches 1.0); a budget below one layer never does.
-        "policy": DQARConfig(schedule="policy", policy_threshold=1.0, policy_budget=0.01, warmup=0.0,
-                             forecast_order=order, entropy_images=entropy_images),
+        "policy": DQARConfig(schedule="policy", policy_path=policy, policy_threshold=1.0, policy_budget=0.01,
+                             warmup=0.0, forecast_order=order, entropy_images=entropy_images),
     }
 
 
@@ -144,6 +144,10 @@ def main() -> int:
                     help="runs per contender for the in-run decision share (0: skip that part)")
     ap.add_argument("--entropy-images", type=int, default=0,
                     help="gate and policy: entropy over this many images per branch (0: all, the default)")
+    ap.add_argument("--policy", default=None,
+                    help="the policy contender's file (default: the shipped one), e.g. "
+                         "docs/policy/policy_v2_noentropy.safetensors")
+    ap.add_argument("--only", default=None, help="comma list of contenders to time besides plain and hooks+history")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     model = load_embedded_model() if args.model == "embedded" else build_dit(args.model).randomize_(0).eval()
@@ -165,9 +169,14 @@ def main() -> int:
         return dqar_contender(model, config, run, summaries, name, check=unchanged(name))
 
     contenders = {"plain": run}
-    contenders.update({name: contender(name, c) for name, c in configs(tuple(args.targets.split(",")),
-                                                                       args.forecast_order,
-                                                                       args.entropy_images).items()})
+    chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images, args.policy)
+    if args.only:
+        keep = {"hooks+history", *args.only.split(",")}
+        unknown = keep - set(chosen)
+        if unknown:
+            ap.error(f"--only {args.only!r}: unknown contender(s) {sorted(unknown)}; allowed: {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in keep}
+    contenders.update({name: contender(name, c) for name, c in chosen.items()})
     results = interleaved_timing(contenders, rounds=args.rounds, warmup_runs=1, measure_memory=False)
     base, hooked = results["plain"].median, results["hooks+history"].median
     rows = []
@@ -186,7 +195,6 @@ def main() -> int:
         print(f"| {r['contender']} | {r['ms_per_step']:.1f} | {r['spread']:.1%} | {r['over_plain']:+.1%} | {cost} |")
     shares = {}
     if args.share_runs:
-        chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images)
         shares = decision_shares(run, model, {k: v for k, v in chosen.items() if k != "hooks+history"},
                                  args.share_runs)
         print(f"\nDecision work inside each run ({args.share_runs} runs per contender after a warm-up run): time in "
