@@ -255,6 +255,16 @@ def test_train_policy_v2_end_to_end_writes_a_loadable_v2_policy(tmp_path):
                  "--per-class", "1", "--steps", "8", "--epochs", "20", "--cfg-scale", "1.5", "--max-age", "3",
                  "--no-progress", "--val-fraction", "0.5", "--from", str(out)]) == 0
     assert torch.equal(load_policy(again / "policy_digits.safetensors").net[0].weight, policy.net[0].weight)
+    # The same rows train the entropy-free set, whose card names its own command and features.
+    ne = tmp_path / "ne"
+    assert main(["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--out", str(ne), "--n-runs",
+                 "2", "--per-class", "1", "--steps", "8", "--epochs", "20", "--cfg-scale", "1.5", "--max-age", "3",
+                 "--no-progress", "--val-fraction", "0.5", "--from", str(out)]) == 0
+    lite = load_policy(ne / "policy_digits.safetensors")
+    card = json.loads((ne / "policy_digits.json").read_text())
+    assert lite.feature_set == "v2-noentropy" and not lite.reads_entropy
+    assert card["feature_names"] == list(POLICY_FEATURE_NAMES_V2_NOENTROPY)
+    assert "--features v2-noentropy" in card["command"] and card["feature_set"] == "v2-noentropy"
 
 
 @pytest.mark.parametrize("argv, message", [
