@@ -163,3 +163,19 @@ def test_library_does_not_import_the_harness():
             "print([m for m in sys.modules if m.split('.')[:2] in (['dqar', 'cli'], ['dqar', 'eval'])])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_wider_digits_candidate_loads_and_other_shapes_are_refused(tmp_path):
+    """A `dqar train-model --preset DiT-Digits-W` file (issue 14's capacity test) loads like the shipped shape;
+    a weights file of any other shape is refused, naming the file and the allowed presets."""
+    from dqar.digits.embedded import save_embedded_dit
+    from dqar.models import build_dit
+
+    wide = build_dit("DiT-Digits-W").randomize_(0).eval()
+    path = save_embedded_dit(wide, tmp_path / "wide.safetensors")
+    loaded = load_embedded_model(path)
+    assert loaded.config == DIT_PRESETS["DiT-Digits-W"] and loaded.config.hidden_size == 160
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), wide.state_dict().values()))
+    tiny = save_embedded_dit(build_dit("DiT-Tiny").randomize_(0), tmp_path / "tiny.safetensors")
+    with pytest.raises(EmbeddedAssetError, match=r"tiny\.safetensors.*not one of the digits presets DiT-Digits, DiT-Digits-W"):
+        load_embedded_model(tiny)
