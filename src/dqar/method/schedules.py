@@ -260,9 +260,10 @@ class PolicySchedule(Schedule):
             return frozenset()
         base = (step.snr, step.latent_norm or 0.0, step.progress, step.prompt_length)
         layers, rows = [], []
+        # Without entropy the seed's features lose their first one and are the same for every layer.
+        shared = None if reads_entropy else policy_features(0.0, *base)[1:]
         for i in (sorted(entropies) if reads_entropy else range(step.num_layers)):
-            # Without entropy the seed's features lose their first one (a placeholder here, then dropped).
-            row = policy_features(entropies[i], *base) if reads_entropy else policy_features(0.0, *base)[1:]
+            row = policy_features(entropies[i], *base) if reads_entropy else list(shared)
             if self.policy.uses_history:
                 age = self.history.age(i, branch, step.step_index)
                 measured = self.history.measured(i, branch)
