@@ -46,17 +46,19 @@ from dqar.models import build_dit
 from dqar.sampling import sample
 
 
-def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | None = None) -> dict[str, DQARConfig]:
+def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | None = None,
+            error_images: int = 0) -> dict[str, DQARConfig]:
     common = dict(warmup=0.0, targets=targets, forecast_order=order)
     return {
         "hooks+history": DQARConfig(schedule="interval", interval=1, **common),
-        "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, **common),
+        "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, error_images=error_images, **common),
         # The gate and the policy read attention entropy, so they decide on attention (and keep its history).
         "gate": DQARConfig(schedule="gate", tau0=1e-6, warmup=0.0, forecast_order=order,
                            entropy_images=entropy_images),
         # Threshold 1.0 alone can pass (a float32 sigmoid reaches 1.0); a budget below one layer never does.
         "policy": DQARConfig(schedule="policy", policy_path=policy, policy_threshold=1.0, policy_budget=0.01,
-                             warmup=0.0, forecast_order=order, entropy_images=entropy_images),
+                             warmup=0.0, forecast_order=order, entropy_images=entropy_images,
+                             error_images=error_images),
     }
 
 
@@ -64,9 +66,9 @@ class DecisionTimers:
     """Wall time inside the decision functions, patched in for one run and put back after it. A call made
     from inside another timed call (the policy's error measurement calls the error control) counts once."""
 
-    PATCHED = ((DQARController, "begin_step"), (DQARController, "should_reuse"), (DQARController, "_measure"),
-               (ErrorControl, "observe"), (BlockProbe, "_record_input"), (target_module, "attention_logits"),
-               (DQARController, "resolve_entropy"))
+    PATCHED = ((DQARController, "begin_step"), (DQARController, "should_reuse"), (ErrorControl, "observe"),
+               (ErrorControl, "resolve"), (BlockProbe, "_record_input"), (BlockProbe, "effect"),
+               (target_module, "attention_logits"), (DQARController, "resolve_entropy"))
 
     def __init__(self):
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, []
@@ -95,9 +97,6 @@ class DecisionTimers:
             original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
             self._saved.append((owner, name, original))
             setattr(owner, name, self._timed(original))
-        norm = BlockProbe.__dict__["input_norm"]
-        self._saved.append((BlockProbe, "input_norm", norm))
-        BlockProbe.input_norm = property(self._timed(norm.fget))
         return self
 
     def __exit__(self, *exc):
@@ -144,6 +143,8 @@ def main() -> int:
                     help="runs per contender for the in-run decision share (0: skip that part)")
     ap.add_argument("--entropy-images", type=int, default=0,
                     help="gate and policy: entropy over this many images per branch (0: all, the default)")
+    ap.add_argument("--error-images", type=int, default=0,
+                    help="adaptive and policy: forecast error over this many images per branch (0: all, the default)")
     ap.add_argument("--policy", default=None,
                     help="the policy contender's file (default: the shipped one), e.g. "
                          "docs/policy/policy_v2_noentropy.safetensors")
@@ -169,7 +170,8 @@ def main() -> int:
         return dqar_contender(model, config, run, summaries, name, check=unchanged(name))
 
     contenders = {"plain": run}
-    chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images, args.policy)
+    chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images, args.policy,
+                     args.error_images)
     if args.only:
         keep = {"hooks+history", *args.only.split(",")}
         unknown = keep - set(chosen)

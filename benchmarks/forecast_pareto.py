@@ -89,6 +89,15 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
         # The cheaper entropy (entropy_images: the first 2 or 4 images of each branch) against the exact one.
         for images in (0, 2, 4):
             out.append((f"gate-seed-o0-e{images}", dict(schedule="gate", forecast_order=0, entropy_images=images)))
+    if group == "error-images":
+        # The cheaper error measurement (error_images: the first 1 or 2 images of each branch) at the adaptive
+        # points that beat the fixed schedules with every image measured.
+        for targets, tolerances in ((("attn", "mlp"), (0.4, 0.3, 0.15, 0.1)), (("block",), (0.4, 0.15))):
+            for tol in tolerances:
+                for images in (1, 2):
+                    out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o2-err{images}",
+                                dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
+                                     forecast_order=2, error_images=images)))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
             for bits, diff_bits in ((8, 8), (4, 4), (8, 4)):
@@ -215,7 +224,8 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
-    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "entropy-images"), default="all")
+    p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "entropy-images",
+                                            "error-images"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -155,6 +155,9 @@ def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, t
     (dict(max_age=0), r"max_age=0 is not allowed: must be an integer >= 1"),
     (dict(max_age=2.5), r"max_age=2.5 is not allowed"),
     (dict(schedule="adaptive", mode="kv"), r"schedule='adaptive' is not allowed: the adaptive schedule"),
+    (dict(error_images=-1), r"error_images=-1 is not allowed: must be an integer >= 0 \(0: every image\)"),
+    (dict(error_images=1.5), r"error_images=1.5 is not allowed"),
+    (dict(error_images=True), r"error_images=True is not allowed"),
 ])
 def test_bad_adaptive_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -170,3 +173,102 @@ def test_adaptive_under_inference_mode_makes_the_same_images(model):
         again, summary_again, _ = run(model, config)
     assert summary["reuse_events"] > 0 and summary_again["reuse_events"] == summary["reuse_events"]
     assert torch.equal(images, again)
+
+
+def _two_image_miss():
+    """A forecast (order 0: the last output) that misses image 1 by far more than image 0."""
+    previous = make_entry([(2, torch.zeros(2, 4, 8))], order=0)
+    fresh = torch.zeros(2, 4, 8)
+    fresh[0] += 0.1
+    fresh[1] += 1.0
+    return previous, fresh
+
+
+@pytest.mark.parametrize("images, expected", [(0, 1.0 * 32 ** 0.5 / 4.0), (2, 1.0 * 32 ** 0.5 / 4.0),
+                                              (1, 0.1 * 32 ** 0.5 / 2.0)])
+def test_error_images_measures_only_the_first_images(images, expected):
+    # Input norms 2 (image 0) and 4 (image 1): the error is the largest ||miss|| / ||x|| over the images measured.
+    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, error_images=images))
+    previous, fresh = _two_image_miss()
+    control.observe((0, "cond", "block"), previous, fresh, 3, (None, torch.tensor([2.0, 4.0])))
+    assert control.errors[-1][-1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_measurements_wait_for_a_later_step_and_a_reset_drops_them(monkeypatch):
+    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, adaptive_scope="module"))
+    key, (previous, fresh) = (0, "cond", "block"), _two_image_miss()
+    control.observe(key, previous, fresh, 3, (None, torch.ones(2)))
+    control.may_forecast((1, "cond", "block"), 3)          # same step: nothing it could read
+    assert len(control._pending) == 1 and not control._errors
+    control.may_forecast(key, 4)                            # a later step's decision measures first
+    assert not control._pending and len(control._errors) == 1
+    control.observe(key, previous, fresh, 5, (None, torch.ones(2)))
+    control.reset()
+    assert not control._pending and not control.errors and control.may_forecast(key, 6) is False
+    # A queue that would hold too much is measured at once.
+    monkeypatch.setattr("dqar.method.error_control._HELD_BYTES", 0)
+    control.observe(key, previous, fresh, 3, (None, torch.ones(2)))
+    assert not control._pending and len(control._errors) == 1
+
+
+def test_stacked_measurements_equal_one_at_a_time():
+    """Misses of one shape are reduced together: the errors are those of each measured alone."""
+    g = torch.Generator().manual_seed(1)
+    keys = [(layer, "cond", "mlp") for layer in range(5)]
+    cases = [(make_entry([(0, torch.randn(3, 4, 8, generator=g)), (2, torch.randn(3, 4, 8, generator=g))], 1),
+              torch.randn(3, 4, 8, generator=g), torch.rand(3, 8, generator=g) + 0.5, torch.rand(3, generator=g) + 1)
+             for _ in keys]
+    config = DQARConfig(schedule="adaptive", forecast_order=1, adaptive_scope="module")
+    together = ErrorControl(config)
+    for key, (previous, fresh, gate, norm) in zip(keys, cases):
+        together.observe(key, previous, fresh, 4, (gate, norm))
+    alone = []
+    for key, (previous, fresh, gate, norm) in zip(keys, cases):
+        control = ErrorControl(config)
+        control.observe(key, previous, fresh, 4, (gate, norm))
+        alone.append(control.errors[-1])
+    assert [e[:5] for e in together.errors] == [e[:5] for e in alone]
+    assert [e[5] for e in together.errors] == pytest.approx([e[5] for e in alone], rel=1e-6)
+
+
+def test_error_images_in_a_generation(model):
+    base = dict(schedule="adaptive", warmup=0.0, tolerance=5.0, max_age=4, forecast_order=1,
+                targets=("attn", "mlp"), adaptive_scope="module")
+
+    def measured(config):
+        ctl = apply_dqar(model, config)
+        try:
+            images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+            return images, ctl.summary(), list(ctl.error_control.errors)
+        finally:
+            remove_dqar(model)
+
+    every, s_every, e_every = measured(DQARConfig(**base))
+    # Two images per branch here: measuring "the first 2" is measuring all of them, the same run exactly.
+    same, s_same, _ = measured(DQARConfig(**base, error_images=2))
+    assert torch.equal(every, same) and s_every["forecast_error"] == s_same["forecast_error"]
+    first, s_first, e_first = measured(DQARConfig(**base, error_images=1))
+    assert s_first["reuse_events"] > 0
+    # Step 1 measures every module against the same step-0 outputs in both runs: one image of two can only
+    # see a smaller or equal maximum, and it does see a smaller one somewhere.
+    at_step_1 = lambda errors: {e[1:4]: e[5] for e in errors if e[0] == 1}  # noqa: E731
+    one, both = at_step_1(e_first), at_step_1(e_every)
+    assert one.keys() == both.keys() and len(one) == 4 * 2 * 2
+    assert all(one[k] <= both[k] * (1 + 1e-6) for k in one) and any(one[k] < both[k] * 0.999 for k in one)
+
+
+def test_an_input_written_in_place_before_the_measurement_is_noticed():
+    """The block input's norm is taken at the step's end; a block input written in place after its block ran
+    is measured as it then is, and the probe takes its norms on entry from then on."""
+    from dqar.method.probes import InputRows
+
+    class Probe:
+        _eager = False
+
+    probe, x = Probe(), torch.full((2, 4, 8), 0.5)
+    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0))
+    previous, fresh = _two_image_miss()
+    control.observe((0, "cond", "block"), previous, fresh, 3, (None, InputRows(x, x._version, probe)))
+    assert not probe._eager
+    x.mul_(2.0)                                          # ||x|| per image: 0.5 * sqrt(32) -> sqrt(32)
+    assert control.errors[-1][-1] == pytest.approx(1.0 * 32 ** 0.5 / 32 ** 0.5, rel=1e-6) and probe._eager

@@ -5,7 +5,7 @@ import torch
 
 from dqar import DQARConfig, apply_dqar, remove_dqar
 from dqar.method.cache import CacheEntry
-from dqar.method.forecast import advance, differences, extrapolate, forecast_miss
+from dqar.method.forecast import advance, differences, extrapolate, miss_terms
 from dqar.method.quant import QMAX, store
 from dqar.sampling import sample
 
@@ -28,18 +28,21 @@ def run_history(values, order, bits=16, granularity="tensor", keep_all=False):
 @pytest.mark.parametrize("points", [1, 2, 3])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_the_miss_from_the_new_difference_equals_fresh_minus_forecast(order, points, bits):
-    """forecast_miss reads the error off the difference the fresh output completes; it must equal the
+    """miss_terms reads the error off the difference the fresh output completes; it must equal the
     forecast's own error, for every order and history length, from a quantized history too (the forecast and
-    the new differences both read the stored values)."""
+    the new differences both read the stored values); with `images` the same for the first rows."""
     g = torch.Generator().manual_seed(order * 10 + points)
     history = [(s, torch.randn(2, 5, 4, generator=g)) for s in (0, 2, 3)[:points]]
     previous = run_history(history, order, bits=bits)
     fresh, step = torch.randn(2, 5, 4, generator=g), 7
     diffs = differences(previous, fresh, step, order)
-    miss, factor, new = forecast_miss(previous, fresh, step, order, diffs)
+    a, b, factor = miss_terms(previous, fresh, step, order, diffs)
     expected = fresh - extrapolate(previous, step, order, torch.float32)
-    torch.testing.assert_close(miss * factor, expected, rtol=1e-5, atol=1e-5)
-    assert new == all(miss is not d for d in diffs)          # a new tensor, or one of the differences kept
+    torch.testing.assert_close((a if b is None else a - b) * factor, expected, rtol=1e-5, atol=1e-5)
+    assert b is not None or any(a is d for d in diffs)       # a subtraction to come, or a difference kept
+    a1, b1, factor1 = miss_terms(previous, fresh, step, order, diffs, images=1)
+    assert factor1 == factor and a1.shape[0] == 1
+    torch.testing.assert_close((a1 if b1 is None else a1 - b1) * factor, expected[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_order_1_is_exact_on_a_linear_trajectory():

@@ -41,15 +41,15 @@ def _run(model, policy_file, **config):
     """Images, summary, controller and, per step and branch, {planned layer: (cache age, measured error)}."""
     ctl = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(policy_file), warmup=0.0,
                                        targets=("attn", "mlp"), forecast_order=2, **config))
-    seen, plan = [], ctl.schedule.plan
+    seen, plan = [], ctl.schedule.plan_branches
 
-    def spy(step, branch, entropies):
-        out = plan(step, branch, entropies)
+    def spy(step, entropies, branches):
+        out = plan(step, entropies, branches)
         h = ctl.schedule.history
-        seen.append({i: (h.age(i, branch, step.step_index), h.measured(i, branch)) for i in out})
+        seen.extend({i: (h.age(i, b, step.step_index), h.measured(i, b)) for i in out[b]} for b in branches)
         return out
 
-    ctl.schedule.plan = spy
+    ctl.schedule.plan_branches = spy
     try:
         images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
         return images, ctl.summary(), ctl, seen
@@ -370,3 +370,22 @@ def test_train_policy_noentropy_from_v2_rows(tmp_path):
                         feature_set="v2-noentropy")
     st, _ = save_policy(fit.policy, tmp_path / "ne.safetensors")
     assert torch.equal(load_policy(st)(x[:, 1:]), fit.policy(x[:, 1:]))
+
+
+def test_both_branches_planned_in_one_forward_equal_each_planned_alone(model, tmp_path):
+    """plan_branches runs the policy once over every branch's rows; thresholds and the budget still apply per
+    branch, so the plans equal those of one branch at a time (a random policy, a budget that binds)."""
+    torch.manual_seed(0)
+    policy = ReusePolicy(feature_set="v2-noentropy", max_cache_age=3)
+    path, _ = save_policy(policy, tmp_path / "random.safetensors")
+    ctl = apply_dqar(model, DQARConfig(schedule="policy", policy_path=str(path), policy_threshold=0.0,
+                                       policy_budget=0.5, warmup=0.0, targets=("attn", "mlp"), forecast_order=1))
+    try:
+        sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        schedule, step = ctl.schedule, ctl.step
+        together = schedule.plan_branches(step, {}, ("cond", "uncond"))
+        alone = {b: schedule.plan(step, b, {}) for b in ("cond", "uncond")}
+    finally:
+        remove_dqar(model)
+    assert together == alone
+    assert all(len(plan) == model.config.depth // 2 for plan in together.values())     # the budget bound

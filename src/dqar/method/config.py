@@ -92,6 +92,10 @@ class DQARConfig:
     entropy_images  attention entropy over at most this many images of each CFG branch (0, default: all),
                the first ones of the batch, as `entropy_rows` samples query rows: an estimate of the branch
                mean at a fraction of its cost where the batch is large and the model small.
+    error_images  the adaptive schedule's and policy v2's forecast error over at most this many images of each
+               CFG branch (0, default: all), the first ones of the batch; the error is the largest over the
+               images measured, so fewer images see a smaller or equal value. On a small model each
+               measurement costs its op dispatch whatever its size, so this bounds its cost to the dispatch.
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
@@ -136,6 +140,7 @@ class DQARConfig:
     tolerance: float = 0.02
     max_age: int = 4
     adaptive_scope: str = "step"
+    error_images: int = 0
     trace: bool = False
 
     def __post_init__(self):
@@ -210,6 +215,8 @@ class DQARConfig:
                                                "forecast on its block, relative to the block input)")
         if not _is_int(self.max_age) or self.max_age < 1:
             _fail("max_age", self.max_age, "must be an integer >= 1 (most steps a cached output may serve)")
+        if not _is_int(self.error_images) or self.error_images < 0:
+            _fail("error_images", self.error_images, "must be an integer >= 0 (0: every image)")
         if self.schedule == "adaptive" and self.mode == "kv":
             _fail("schedule", self.schedule, "the adaptive schedule controls forecast errors of module outputs; "
                                              "mode='kv' caches keys/values, so use mode='output'")

@@ -88,13 +88,14 @@ class DQARController:
 
     def _bind_history(self) -> None:
         """A schedule that reads cache ages and forecast errors (policy v2) gets them from a ModuleHistory;
-        the errors are measured by ErrorControl.observe at every compute (it plans nothing here)."""
+        the errors are measured by an ErrorControl at every compute (it plans nothing here) and reach the
+        history once measured, at the next step's start."""
         # Whether attention entropy is measured: the config asks for it, or the schedule reads it (a policy
         # without the entropy feature does not, so its attention runs its own forward).
         self.needs_entropy = self.config.needs_entropy or bool(getattr(self.schedule, "reads_entropy", False))
         uses = bool(getattr(self.schedule, "uses_history", False))
         self.history = ModuleHistory() if uses else None
-        self.effect_meter = ErrorControl(self.config) if uses else None
+        self.effect_meter = ErrorControl(self.config, on_measured=self._history_measured) if uses else None
         if uses:
             self.schedule.history = self.history
 
@@ -169,6 +170,7 @@ class DQARController:
         if step_index == 0:
             self.reset()
         self.resolve_entropy()
+        self.resolve_measurements()
         self._finish_step_stats()
         if branches is not None:
             self.branches = tuple(branches)
@@ -178,7 +180,7 @@ class DQARController:
         self.active = True
         self.events_per_step.append(0)
         self.snr_per_step.append(snr)
-        self._plans = {b: self.schedule.plan(self.step, b, self._entropy.get(b, {})) for b in self.branches}
+        self._plans = self.schedule.plan_branches(self.step, self._entropy, self.branches)
 
     def end_step(self, x0: torch.Tensor | None = None, xt: torch.Tensor | None = None) -> None:
         """Record the x0-form SNR of this step; the next step's gate reads it."""
@@ -188,6 +190,7 @@ class DQARController:
 
     def end_generation(self) -> dict:
         self.resolve_entropy()
+        self.resolve_measurements()
         self._finish_step_stats()
         self.active = False
         return self.summary()
@@ -263,8 +266,8 @@ class DQARController:
             diffs = differences(previous, output, step_index, cfg.forecast_order)
             if self.error_control is not None:
                 self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
-            if self.history is not None:
-                self._measure(layer_id, branch, target, previous, output, step_index, effect, diffs)
+            if self.effect_meter is not None:
+                self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
             entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
                                                                     cfg.forecast_order, keep, diffs)
         if keys is not None:
@@ -290,11 +293,15 @@ class DQARController:
         self._entropy.setdefault(branch, {})[layer_id] = entropy
         self._step_entropies.append(entropy)
 
-    def _measure(self, layer_id, branch, target, previous, output, step_index, effect, diffs) -> None:
-        errors = self.effect_meter.errors
-        n = len(errors)
-        self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
-        self.history.computed(layer_id, branch, step_index, (errors[-1][5], errors[-1][4]) if len(errors) > n else None)
+    def resolve_measurements(self) -> None:
+        """Turn the queued forecast errors (dqar.method.error_control) into errors, plans and history."""
+        for meter in (self.error_control, self.effect_meter):
+            if meter is not None:
+                meter.resolve()
+
+    def _history_measured(self, key: tuple, step: int, measured: tuple[float, int] | None) -> None:
+        layer_id, branch, _target = key
+        self.history.computed(layer_id, branch, step, measured)
 
     # ------------------------------------------------------------------ accounting
     def count_computed(self, calls: int) -> None:

@@ -2,7 +2,7 @@
 
 Whenever a module computes, the error of the forecast its cache would have given for this step is
 known at the price of one pass over the output (Newton's remainder is the divided difference the fresh
-output completes, dqar.method.forecast.forecast_miss):
+output completes, dqar.method.forecast.miss_terms):
 
     e = max over images of || g * (forecast - fresh) || / || x ||
 
@@ -22,19 +22,39 @@ are: a history computed at close steps extrapolates poorly far ahead, and the co
 reach the same output) and the whole step refreshes when that sum would pass `tolerance`; all modules then
 keep the same history positions, as under a fixed interval. A module without a measurement yet (too little
 history) refreshes at the next step.
+
+The measurement waits for the step's end: each compute queues the terms of its miss and the rows of its
+block input (tensors that exist anyway, or views of them), and the first decision of a later step (or
+`resolve`) turns the queue into errors with a few stacked tensor operations instead of four per module and
+branch, which on a small model cost their dispatch whatever their size. No decision reads a measurement of
+its own step, so none changes. `error_images` = k > 0 measures the first k images of each branch only, so
+the stacks are small; the queue is measured early once what it keeps alive passes a byte budget.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .config import DQARConfig
-from .forecast import differences, forecast_miss
-from .stats import per_sample_norm
+from .forecast import differences, miss_terms
+from .probes import InputRows
 
 _TINY = 1e-12
 _STEP_KEY = ("step",)
+# Misses stacked into one tensor at most (2 MiB of fp32).
+_BATCH_ELEMENTS = 1 << 19
+# A larger miss is measured at once, while its tensors are in cache: at the step's end, stacking it costs
+# more in memory traffic than the dispatch it saves (embedded model, block target, every module measured at
+# every step: 20 images per branch deferred 5.0% of the run, at once 3.9%; 2 images per branch deferred 2.0%,
+# at once 2.4%; benchmarks/decision_cost.py).
+_DEFER_ELEMENTS = 1 << 16
+# A queue that keeps more than this alive (distinct storages; many are the cache's own anyway) is measured at
+# once rather than at the step's end: a large model measuring every image would otherwise hold an activation
+# per module and branch.
+_HELD_BYTES = 1 << 27
 
 
 def remainder_factor(step: int, history: tuple) -> float:
@@ -42,23 +62,54 @@ def remainder_factor(step: int, history: tuple) -> float:
     return math.prod(step - p for p in history)
 
 
+@dataclass
+class _Measurement:
+    """One compute's queued measurement; miss None: nothing to compare with (first compute or no effect)."""
+
+    key: tuple
+    step: int
+    age: int = 0
+    a: torch.Tensor | None = None             # fresh - forecast = factor * (a - b), over k images
+    b: torch.Tensor | None = None             # None: fresh - forecast = factor * a
+    gate: torch.Tensor | None = None          # (k, D) adaLN gate, or None (block target)
+    size: object = None                       # (k,) block input norms, or InputRows to take them from
+    factor: float = 1.0
+    history: tuple = ()                       # the history positions the forecast used
+
+
+# (key, step, (error, age) or None) of each compute, in commit order, once measured.
+Measured = Callable[[tuple, int, "tuple[float, int] | None"], None]
+
+
 class ErrorControl:
-    def __init__(self, config: DQARConfig):
+    def __init__(self, config: DQARConfig, on_measured: Measured | None = None):
         self.tolerance = config.tolerance
         self.max_age = config.max_age
         self.order = config.forecast_order
+        self.images = config.error_images
         self.per_step = config.adaptive_scope == "step"
+        self.on_measured = on_measured
         self.reset()
 
     def reset(self) -> None:
         self._refresh_at: dict[tuple, int] = {}      # key -> first step that must compute
-        self.errors: list[tuple] = []                 # (step, layer, branch, target, age, error) measured
+        self._errors: list[tuple] = []                # (step, layer, branch, target, age, error) measured
+        self._pending: list[_Measurement] = []        # computes whose error is not formed yet
+        self._held = 0                                # bytes the queue keeps alive, about
         self._step: int | None = None                 # step-wide scope: the step being summed
         self._step_constant = 0.0                     # sum of the modules' remainder constants C
         self._step_history: tuple = ()                # history positions after this step's compute
         self._step_unmeasured = False                 # some module had nothing to measure yet
 
+    @property
+    def errors(self) -> list[tuple]:
+        """(step, layer, branch, target, age, error) of every measured compute so far."""
+        self.resolve()
+        return self._errors
+
     def may_forecast(self, key: tuple, step_index: int) -> bool:
+        if self._pending and self._pending[0].step < step_index:
+            self.resolve()
         if self.per_step:
             self._close_step(step_index)
             key = _STEP_KEY
@@ -66,29 +117,44 @@ class ErrorControl:
 
     def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect,
                 diffs: tuple | None = None) -> None:
-        """Measure the forecast error at a compute and plan this key's (or this step's) next refresh.
-        `diffs`: this compute's forecast.differences(...), when the caller formed them for the cache."""
-        if self.per_step:
-            self._close_step(step_index)
+        """Queue the forecast error of a compute; `resolve` measures it and plans this key's (or this step's)
+        next refresh. `diffs`: this compute's forecast.differences(...), when the caller formed them."""
         if previous is None or previous.output is None or effect is None or effect[1] is None:
-            self._plan(key, step_index, None, ())
+            self._pending.append(_Measurement(key, step_index))
             return
-        gate, input_norm = effect
-        age = step_index - previous.steps[-1]
+        gate, size = effect
         if diffs is None:
             diffs = differences(previous, fresh, step_index, self.order)
-        miss, factor, new = forecast_miss(previous, fresh, step_index, self.order, diffs)
-        if gate is not None:
-            # (n, T, D) * (n, 1, D); a miss the cache keeps (a new difference) is not written. (A norm over the
-            # tokens first, then the gate, would skip this pass but reduces over a strided dimension: 15x slower.)
-            miss = miss.mul_(gate.unsqueeze(1)) if new else miss * gate.unsqueeze(1)
-        norms = per_sample_norm(miss)
-        # A handful of images: the ratio and its maximum in Python cost less than three more tensor ops.
-        error = max(a / (b + _TINY) for a, b in zip(norms.tolist(), input_norm.tolist())) * abs(factor)
-        self.errors.append((step_index, key[0], key[1], key[2], age, error))
+        a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, self.images)
+        k = a.shape[0]
+        size = size.cut(k) if isinstance(size, InputRows) else size[:k]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
-        constant = error / remainder_factor(step_index, used)
-        self._plan(key, step_index, constant, (used + (step_index,))[1:])
+        self._pending.append(_Measurement(key, step_index, step_index - previous.steps[-1], a, b,
+                                          None if gate is None else gate[:k], size, factor, used))
+        # What the queue keeps alive, about: the tensors behind a, b and the input rows, each about one branch's
+        # full output (a and b are often views of the first images).
+        self._held += 3 * fresh.numel() * fresh.element_size()
+        if self._held > _HELD_BYTES or a.numel() > _DEFER_ELEMENTS:
+            self.resolve()
+
+    def resolve(self) -> None:
+        """Measure every queued compute, in commit order, and plan from the errors."""
+        if not self._pending:
+            return
+        pending, self._pending, self._held = self._pending, [], 0
+        for m, ratio in zip(pending, _effect_ratios(pending)):
+            if self.per_step:
+                self._close_step(m.step)
+            measured = None
+            if ratio is None:
+                self._plan(m.key, m.step, None, ())
+            else:
+                error = ratio * abs(m.factor)
+                self._errors.append((m.step, m.key[0], m.key[1], m.key[2], m.age, error))
+                self._plan(m.key, m.step, error / remainder_factor(m.step, m.history), (m.history + (m.step,))[1:])
+                measured = (error, m.age)
+            if self.on_measured is not None:
+                self.on_measured(m.key, m.step, measured)
 
     def _plan(self, key: tuple, step_index: int, constant: float | None, history: tuple) -> None:
         if not self.per_step:
@@ -127,3 +193,77 @@ class ErrorControl:
         values = [e[-1] for e in self.errors]
         return {"measured": len(values), "mean": sum(values) / len(values) if values else None,
                 "max": max(values) if values else None}
+
+
+def _effect_ratios(pending: list[_Measurement]) -> list[float | None]:
+    """Per queued compute: max over its images of ||gate * miss|| / ||block input|| (None: not measured)."""
+    ratios: list[float | None] = [None] * len(pending)
+    measured = [m for m in pending if m.a is not None]
+    if not measured:
+        return ratios
+    misses = iter(_grouped_norms(measured, lambda m: m.a, lambda m: (m.b is None, m.gate is None), _gated_misses))
+    sizes = iter(_input_norms(measured))
+    for i, m in enumerate(pending):
+        if m.a is not None:
+            # A handful of images: the ratios and their maximum in Python cost less than more tensor ops.
+            ratios[i] = max(a / (b + _TINY) for a, b in zip(next(misses), next(sizes)))
+    return ratios
+
+
+def _norms(t: torch.Tensor) -> list[list[float]]:
+    """Per-sample norms of an (M, k, ...) tensor: M lists of k."""
+    return torch.linalg.vector_norm(t.float(), dim=tuple(range(2, t.dim()))).tolist()
+
+
+def _gated_misses(chunk: list[_Measurement]) -> torch.Tensor:
+    """(M, k, ...) gate * (a - b) of same-shaped measurements; a, b and the gates are not written (they may be
+    the cache's own tensors). (A norm over the tokens first, then the gate, would skip the product but
+    reduces over a strided dimension: 15x slower.)"""
+    if len(chunk) == 1:
+        m = chunk[0]
+        out = m.a if m.b is None else torch.sub(m.a, m.b)
+        if m.gate is not None:
+            out = out * m.gate.unsqueeze(1) if m.b is None else out.mul_(m.gate.unsqueeze(1))
+        return out.unsqueeze(0)
+    if chunk[0].b is not None:
+        # One stack for both terms: the views it gathers are most of the cost.
+        both = torch.stack([m.a for m in chunk] + [m.b for m in chunk])
+        out = torch.sub(both[:len(chunk)], both[len(chunk):])
+    else:
+        out = torch.stack([m.a for m in chunk])
+    if chunk[0].gate is not None:
+        out.mul_(torch.stack([m.gate for m in chunk]).unsqueeze(2))
+    return out
+
+
+def _input_norms(measured: list[_Measurement]) -> list[list[float]]:
+    """Per measurement: its block input norms, taken on entry or now from the rows it holds."""
+    held = [m.size for m in measured if isinstance(m.size, InputRows)]
+    for rows in held:
+        rows.changed()              # written in place since: this once the norm is of the changed tensor
+    if len(measured) == 1:          # measured at once: no concatenation
+        return [measured[0].size.tolist() if not held else _norms(held[0].rows.unsqueeze(0))[0]]
+    from_rows = iter(_grouped_norms(held, lambda r: r.rows, lambda r: (), lambda chunk: (
+        chunk[0].rows.unsqueeze(0) if len(chunk) == 1 else torch.stack([r.rows for r in chunk]))))
+    taken = [m.size for m in measured if not isinstance(m.size, InputRows)]
+    flat = iter(torch.cat(taken).float().tolist() if taken else ())
+    return [next(from_rows) if isinstance(m.size, InputRows) else [next(flat) for _ in range(len(m.size))]
+            for m in measured]
+
+
+def _grouped_norms(items: list, tensor_of, kind_of, stack) -> list[list[float]]:
+    """Per item, the per-sample norms (over all but the first dimension of tensor_of(item)) of what `stack`
+    forms for a chunk of items: (M, k, ...). Items of one shape, dtype, device and kind_of are stacked, at
+    most _BATCH_ELEMENTS per stack (a larger item alone: its stack would be a copy of it)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        t = tensor_of(item)
+        groups.setdefault((t.shape, t.dtype, t.device, kind_of(item)), []).append(i)
+    out: list = [None] * len(items)
+    for members in groups.values():
+        size = max(1, _BATCH_ELEMENTS // max(1, tensor_of(items[members[0]]).numel()))
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            for i, row in zip(chunk, _norms(stack([items[i] for i in chunk]))):
+                out[i] = row
+    return out

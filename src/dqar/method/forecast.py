@@ -55,27 +55,32 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store, 
     return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
 
 
-def forecast_miss(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple) -> tuple:
-    """(m, c, new) with fresh - forecast = c * m, the forecast being extrapolate(previous, step, order);
-    new: m is a tensor of its own (else it is one of `diffs`, which the cache will keep: not to be written).
+def miss_terms(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple, images: int = 0) -> tuple:
+    """(a, b, c) with fresh - forecast = c * (a - b) (b None: c * a), the forecast being
+    extrapolate(previous, step, order). a and b are tensors that exist anyway (the fresh output, the new or the
+    stored differences, or views of them: not to be written), so the subtraction can wait and run for many
+    modules at once. `images` > 0: only the first `images` batch rows (each term is a view of those).
 
     Newton's remainder is the next divided difference: a forecast of order k misses the fresh output by
     prod over its k + 1 points of (step - p) times the difference of order k + 1 that the fresh output
     completes, which `diffs` (this compute's differences(...)) already holds or is one subtraction from.
     So the miss costs at most one pass over the output, not a forecast and a subtraction."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:images] if images else t
+
     d1, d2 = diffs
     s2 = previous.steps[-1]
     if order == 0 or previous.d1 is None:                       # the forecast was F(s2) itself
         if d1 is not None:
-            return d1, float(step - s2), False
+            return cut(d1), None, float(step - s2)
         work = torch.promote_types(fresh.dtype, torch.float32)
-        return torch.sub(fresh.to(work), previous.output.dequantize().to(work)), 1.0, True
+        return cut(fresh).to(work), cut(previous.output.dequantize()).to(work), 1.0
     s1 = previous.steps[-2]
     if order == 1 or previous.d2 is None:                       # the forecast was a line through s1, s2
         if d2 is not None:
-            return d2, float((step - s2) * (step - s1)), False
-        return torch.sub(d1, previous.d1.dequantize().to(d1.dtype)), float(step - s2), True
-    return torch.sub(d2, previous.d2.dequantize().to(d2.dtype)), float((step - s2) * (step - s1)), True
+            return cut(d2), None, float((step - s2) * (step - s1))
+        return cut(d1), cut(previous.d1.dequantize()).to(d1.dtype), float(step - s2)
+    return cut(d2), cut(previous.d2.dequantize()).to(d2.dtype), float((step - s2) * (step - s1))
 
 
 def points(entry) -> int:

@@ -85,7 +85,7 @@ def apply_dqar(model_or_pipeline, config: DQARConfig | None = None, *, scheduler
         wrapped += [_replace_forward(block, StackHook(ctl, flops, i, block, state)) for i, block in enumerate(blocks)]
         per_block = []          # nothing else is wrapped
     for layer, (block, modules) in enumerate(zip(blocks, per_block)):
-        probe = BlockProbe(block, layout) if ctl.needs_effect else None
+        probe = BlockProbe(block, layout, ctl.config.error_images) if ctl.needs_effect else None
         if probe is not None:
             restore.append(probe.remove)
         for target in config.targets:

@@ -107,8 +107,12 @@ class ReusePolicy(nn.Module):
         reuse the same way whatever subset of layers has statistics yet; the most confident rows win,
         ties going to the lower row index so the decision is deterministic.
         """
+        return self.mask_from(self.forward(features), num_layers, threshold, budget)
+
+    def mask_from(self, p: torch.Tensor, num_layers: int, threshold: float | None = None,
+                  budget: float | None = None) -> torch.Tensor:
+        """reuse_mask's rule applied to probabilities already formed (several plans' rows in one forward)."""
         thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold")
-        p = self.forward(features)
         mask = p >= thr
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:

@@ -4,7 +4,10 @@ A module's forecast error matters by its effect on the block it sits in: the err
 MLP output times the adaLN gate that scales it, relative to the block input it is added to. A
 `BlockProbe` records both with ordinary forward hooks (installed only for the adaptive schedule and
 removed with DQAR): the per-sample norm of the block input, and the gates where the layout says where
-to read them (gate 1 where it does not).
+to read them (gate 1 where it does not). Measuring every image, the norms of the whole input are taken once,
+when a module first asks; measuring the first `images` of each branch (the config's `error_images`), the
+norm waits: `effect` hands out those rows (`InputRows`) and the error control reduces them with the step's
+others (dqar.method.error_control).
 """
 from __future__ import annotations
 
@@ -15,8 +18,32 @@ from .layouts import BlockLayout
 from .stats import per_sample_norm
 
 
+class InputRows:
+    """Rows of a block input whose per-sample norms are wanted once the step is over (a plain class: one is
+    made per measured module and branch, where a dataclass's init shows)."""
+
+    __slots__ = ("rows", "version", "probe")
+
+    def __init__(self, rows: torch.Tensor, version: int, probe: "BlockProbe"):
+        self.rows = rows            # a view of the block input
+        self.version = version      # the input's version counter when the view was taken
+        self.probe = probe
+
+    def cut(self, images: int) -> "InputRows":
+        return self if images >= self.rows.shape[0] else InputRows(self.rows[:images], self.version, self.probe)
+
+    def changed(self) -> bool:
+        """Whether the input was written in place since: its norm is then of the changed tensor (this once;
+        the probe takes later norms on entry)."""
+        if self.rows._version == self.version:
+            return False
+        self.probe._eager = True
+        return True
+
+
 class BlockProbe:
-    def __init__(self, block: nn.Module, layout: BlockLayout):
+    def __init__(self, block: nn.Module, layout: BlockLayout, images: int = 0):
+        self.images = images
         self._input: torch.Tensor | None = None           # the block input, until its norm is asked for
         self._input_version = 0
         self._input_norm: torch.Tensor | None = None
@@ -31,8 +58,8 @@ class BlockProbe:
                 lambda _module, _args, out: self.gates.update(read(out))))
 
     def _record_input(self, _module, args, kwargs):
-        # The norm is formed only when a module of the block computes and measures: a block whose modules
-        # all forecast never needs it.
+        # The norm is formed only when a module of the block computes and measures (a block whose modules all
+        # forecast never needs it), and then with the step's other norms.
         x = args[0] if args else kwargs["hidden_states"]
         self.gates = {}
         if self._eager or x.is_inference():
@@ -42,8 +69,8 @@ class BlockProbe:
         self._input, self._input_version, self._input_norm = x, x._version, None
 
     def _release_input(self, _module, _args, _out):
-        # The modules measured inside the block's forward; holding its input past it would keep one activation
-        # per block alive until the next step.
+        # The modules measured inside the block's forward; what they measure on, the error control holds (within
+        # its byte budget) and the probe lets go.
         self._input = None
 
     @property
@@ -58,12 +85,15 @@ class BlockProbe:
             self._input = None
         return self._input_norm
 
-    def effect(self, target: str, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(gate or None, input norm) of batch rows start:stop for `target` ("block" has no gate)."""
+    def effect(self, target: str, start: int, stop: int):
+        """(gate or None, block input size) of batch rows start:stop for `target` ("block" has no gate): the
+        size is their (n,) norms, or with `images` the first rows themselves (`InputRows`), or None."""
         gate = self.gates.get(target)
+        gate = gate[start:stop] if gate is not None else None
+        if self.images and self._input is not None and self._input_norm is None:
+            return gate, InputRows(self._input[start:min(stop, start + self.images)], self._input_version, self)
         norm = self.input_norm
-        return (gate[start:stop] if gate is not None else None,
-                norm[start:stop] if norm is not None else None)
+        return gate, norm[start:stop] if norm is not None else None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -107,6 +107,11 @@ class Schedule:
     def plan(self, step: StepState, branch: str, entropies: dict[int, float]) -> frozenset[int]:
         return frozenset()
 
+    def plan_branches(self, step: StepState, entropies: dict[str, dict[int, float]],
+                      branches: tuple[str, ...]) -> dict[str, frozenset[int]]:
+        """Every branch's plan for this step (a schedule may form them together)."""
+        return {b: self.plan(step, b, entropies.get(b, {})) for b in branches}
+
     def in_warmup(self, step: StepState) -> bool:
         # warmup = 1.0 means never reuse, the last step (progress 1.0) included, as in ReusableLayers(p).
         return step.progress < self.config.warmup or self.config.warmup >= 1.0
@@ -232,7 +237,7 @@ class PolicySchedule(Schedule):
     """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
-             "entropy_seed", "entropy_images")
+             "entropy_seed", "entropy_images", "error_images")
 
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
@@ -255,9 +260,33 @@ class PolicySchedule(Schedule):
         return self.policy.reads_entropy
 
     def plan(self, step, branch, entropies):
+        return self.plan_branches(step, {branch: entropies}, (branch,))[branch]
+
+    def plan_branches(self, step, entropies, branches):
+        """One policy forward for every branch's rows (a forward costs its op dispatch, not its size); the
+        threshold and the budget then apply per branch."""
+        plans = {b: frozenset() for b in branches}
+        if self.in_warmup(step) or step.snr is None:
+            return plans
+        parts = [(b, *self._rows(step, b, entropies.get(b, {}))) for b in branches]
+        rows = [row for _, _, branch_rows in parts for row in branch_rows]
+        if not rows:
+            return plans
+        p = self.policy(torch.tensor(rows, dtype=torch.float32))
+        start = 0
+        for branch, layers, branch_rows in parts:
+            if branch_rows:
+                mask = self.policy.mask_from(p[start:start + len(branch_rows)], step.num_layers,
+                                             self.config.policy_threshold, self.config.policy_budget)
+                plans[branch] = frozenset(i for i, m in zip(layers, mask.tolist()) if m)
+                start += len(branch_rows)
+        return plans
+
+    def _rows(self, step, branch, entropies) -> tuple[list[int], list[list[float]]]:
+        """The layers this branch may plan and their feature rows."""
         reads_entropy = self.policy.reads_entropy
-        if self.in_warmup(step) or step.snr is None or (reads_entropy and not entropies):
-            return frozenset()
+        if reads_entropy and not entropies:
+            return [], []
         base = (step.snr, step.latent_norm or 0.0, step.progress, step.prompt_length)
         layers, rows = [], []
         # Without entropy the seed's features lose their first one and are the same for every layer.
@@ -272,11 +301,7 @@ class PolicySchedule(Schedule):
                 row += history_features(age, *measured)
             layers.append(i)
             rows.append(row)
-        if not rows:
-            return frozenset()
-        mask = self.policy.reuse_mask(torch.tensor(rows, dtype=torch.float32), num_layers=step.num_layers,
-                                      threshold=self.config.policy_threshold, budget=self.config.policy_budget)
-        return frozenset(i for i, m in zip(layers, mask.tolist()) if m)
+        return layers, rows
 
     def reusable_ever(self, num_layers):
         return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
@@ -286,7 +311,7 @@ class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age", "adaptive_scope")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "error_images")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
