@@ -25,16 +25,16 @@ ROOT = HERE.parent
 
 
 def contenders(policies: dict, thresholds: list, order: int, warmup: float, targets=("attn", "mlp"),
-               entropy_images: int = 0) -> list:
+               entropy_images: int = 0, error_images: int = 0) -> list:
     out = []
     # The cheaper statistics get a name suffix; the exact ones keep the names of the rows measured before them.
-    cheap = f"-e{entropy_images}" if entropy_images else ""
+    cheap = (f"-e{entropy_images}" if entropy_images else "") + (f"-err{error_images}" if error_images else "")
     for tag, path in policies.items():
         for t in thresholds:
             out.append((f"policy-{tag}-thr{t:g}-{'+'.join(targets)}-o{order}-w{warmup:g}{cheap}",
                         dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
                              warmup=warmup, targets=tuple(targets), forecast_order=order,
-                             entropy_images=entropy_images)))
+                             entropy_images=entropy_images, error_images=error_images)))
     return out
 
 
@@ -68,6 +68,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=0.0, help="warmup under the policy (default 0)")
     p.add_argument("--targets", default="attn,mlp", help="comma list of targets (default attn,mlp)")
     p.add_argument("--entropy-images", type=int, default=0, help="entropy over this many images per branch (0: all)")
+    p.add_argument("--error-images", type=int, default=0,
+                   help="forecast error over this many images per branch (0: all)")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -112,7 +114,8 @@ def measure(args, policies: dict, thresholds: list) -> None:
     features = EvaluatorFeatures(load_evaluator())
     done = {r["name"] for r in read_rows(args.rows)}
     targets = tuple(t for t in args.targets.split(",") if t)
-    todo = [c for c in contenders(policies, thresholds, args.order, args.warmup, targets, args.entropy_images)
+    todo = [c for c in contenders(policies, thresholds, args.order, args.warmup, targets, args.entropy_images,
+                                   args.error_images)
             if c[0] not in done]
     if not todo:
         return

@@ -186,12 +186,19 @@ def _two_image_miss():
 
 @pytest.mark.parametrize("images, expected", [(0, 1.0 * 32 ** 0.5 / 4.0), (2, 1.0 * 32 ** 0.5 / 4.0),
                                               (1, 0.1 * 32 ** 0.5 / 2.0)])
-def test_error_images_measures_only_the_first_images(images, expected):
+def test_error_images_measures_only_some_images(images, expected):
     # Input norms 2 (image 0) and 4 (image 1): the error is the largest ||miss|| / ||x|| over the images measured.
     control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, error_images=images))
     previous, fresh = _two_image_miss()
     control.observe((0, "cond", "block"), previous, fresh, 3, (None, torch.tensor([2.0, 4.0])))
     assert control.errors[-1][-1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_error_images_are_spread_over_the_branch():
+    from dqar.method.stats import spread_rows
+    rows = lambda n, k: list(range(n))[spread_rows(n, k)]                         # noqa: E731
+    assert rows(100, 2) == [0, 50] and rows(20, 3) == [0, 6, 12] and rows(5, 1) == [0]
+    assert rows(4, 0) == rows(4, 4) == rows(4, 9) == [0, 1, 2, 3]
 
 
 def test_measurements_wait_for_a_later_step_and_a_reset_drops_them(monkeypatch):

@@ -40,7 +40,7 @@ def test_the_miss_from_the_new_difference_equals_fresh_minus_forecast(order, poi
     expected = fresh - extrapolate(previous, step, order, torch.float32)
     torch.testing.assert_close((a if b is None else a - b) * factor, expected, rtol=1e-5, atol=1e-5)
     assert b is not None or any(a is d for d in diffs)       # a subtraction to come, or a difference kept
-    a1, b1, factor1 = miss_terms(previous, fresh, step, order, diffs, images=1)
+    a1, b1, factor1 = miss_terms(previous, fresh, step, order, diffs, slice(0, 1))
     assert factor1 == factor and a1.shape[0] == 1
     torch.testing.assert_close((a1 if b1 is None else a1 - b1) * factor, expected[:1], rtol=1e-5, atol=1e-5)
 

@@ -93,8 +93,8 @@ class DQARConfig:
                the first ones of the batch, as `entropy_rows` samples query rows: an estimate of the branch
                mean at a fraction of its cost where the batch is large and the model small.
     error_images  the adaptive schedule's and policy v2's forecast error over at most this many images of each
-               CFG branch (0, default: all), the first ones of the batch; the error is the largest over the
-               images measured, so fewer images see a smaller or equal value. On a small model each
+               CFG branch (0, default: all), spread evenly over the branch (every n // k-th from the first);
+               the error is the largest over the images measured, so fewer images see a smaller or equal value. On a small model each
                measurement costs its op dispatch whatever its size, so this bounds its cost to the dispatch.
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).

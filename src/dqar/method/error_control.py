@@ -27,8 +27,8 @@ The measurement waits for the step's end: each compute queues the terms of its m
 block input (tensors that exist anyway, or views of them), and the first decision of a later step (or
 `resolve`) turns the queue into errors with a few stacked tensor operations instead of four per module and
 branch, which on a small model cost their dispatch whatever their size. No decision reads a measurement of
-its own step, so none changes. `error_images` = k > 0 measures the first k images of each branch only, so
-the stacks are small; the queue is measured early once what it keeps alive passes a byte budget.
+its own step, so none changes. `error_images` = k > 0 measures k images of each branch only, spread over
+it (dqar.method.stats.spread_rows), so the stacks are small; the queue is measured early once what it keeps alive passes a byte budget.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import torch
 from .config import DQARConfig
 from .forecast import differences, miss_terms
 from .probes import InputRows
+from .stats import spread_rows
 
 _TINY = 1e-12
 _STEP_KEY = ("step",)
@@ -125,14 +126,14 @@ class ErrorControl:
         gate, size = effect
         if diffs is None:
             diffs = differences(previous, fresh, step_index, self.order)
-        a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, self.images)
-        k = a.shape[0]
-        size = size.cut(k) if isinstance(size, InputRows) else size[:k]
+        rows = spread_rows(fresh.shape[0], self.images)
+        a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, rows)
+        size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
         self._pending.append(_Measurement(key, step_index, step_index - previous.steps[-1], a, b,
-                                          None if gate is None else gate[:k], size, factor, used))
+                                          None if gate is None else gate[rows], size, factor, used))
         # What the queue keeps alive, about: the tensors behind a, b and the input rows, each about one branch's
-        # full output (a and b are often views of the first images).
+        # full output (a and b are often views of the measured rows).
         self._held += 3 * fresh.numel() * fresh.element_size()
         if self._held > _HELD_BYTES or a.numel() > _DEFER_ELEMENTS:
             self.resolve()

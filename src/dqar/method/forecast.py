@@ -55,18 +55,20 @@ def advance(previous, fresh: torch.Tensor, step: int, order: int, store: Store, 
     return store(fresh, "output"), store(d1, "d1"), None if d2 is None else store(d2, "d2"), steps
 
 
-def miss_terms(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple, images: int = 0) -> tuple:
+def miss_terms(previous, fresh: torch.Tensor, step: int, order: int, diffs: tuple, rows: slice = slice(None)) -> tuple:
     """(a, b, c) with fresh - forecast = c * (a - b) (b None: c * a), the forecast being
     extrapolate(previous, step, order). a and b are tensors that exist anyway (the fresh output, the new or the
     stored differences, or views of them: not to be written), so the subtraction can wait and run for many
-    modules at once. `images` > 0: only the first `images` batch rows (each term is a view of those).
+    modules at once. `rows`: the batch rows measured (each term is a view of those).
 
     Newton's remainder is the next divided difference: a forecast of order k misses the fresh output by
     prod over its k + 1 points of (step - p) times the difference of order k + 1 that the fresh output
     completes, which `diffs` (this compute's differences(...)) already holds or is one subtraction from.
     So the miss costs at most one pass over the output, not a forecast and a subtraction."""
+    whole = rows == slice(None)
+
     def cut(t: torch.Tensor) -> torch.Tensor:
-        return t[:images] if images else t
+        return t if whole else t[rows]
 
     d1, d2 = diffs
     s2 = previous.steps[-1]

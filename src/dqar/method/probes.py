@@ -5,8 +5,7 @@ MLP output times the adaLN gate that scales it, relative to the block input it i
 `BlockProbe` records both with ordinary forward hooks (installed only for the adaptive schedule and
 removed with DQAR): the per-sample norm of the block input, and the gates where the layout says where
 to read them (gate 1 where it does not). Measuring every image, the norms of the whole input are taken once,
-when a module first asks; measuring the first `images` of each branch (the config's `error_images`), the
-norm waits: `effect` hands out those rows (`InputRows`) and the error control reduces them with the step's
+when a module first asks; measuring `images` of each branch (the config's `error_images`), the norm waits: `effect` hands out those rows (`InputRows`) and the error control reduces them with the step's
 others (dqar.method.error_control).
 """
 from __future__ import annotations
@@ -29,8 +28,8 @@ class InputRows:
         self.version = version      # the input's version counter when the view was taken
         self.probe = probe
 
-    def cut(self, images: int) -> "InputRows":
-        return self if images >= self.rows.shape[0] else InputRows(self.rows[:images], self.version, self.probe)
+    def cut(self, rows: slice) -> "InputRows":
+        return InputRows(self.rows[rows], self.version, self.probe)
 
     def changed(self) -> bool:
         """Whether the input was written in place since: its norm is then of the changed tensor (this once;
@@ -87,11 +86,11 @@ class BlockProbe:
 
     def effect(self, target: str, start: int, stop: int):
         """(gate or None, block input size) of batch rows start:stop for `target` ("block" has no gate): the
-        size is their (n,) norms, or with `images` the first rows themselves (`InputRows`), or None."""
+        size is their (n,) norms, or with `images` the rows themselves (`InputRows`, a view), or None."""
         gate = self.gates.get(target)
         gate = gate[start:stop] if gate is not None else None
         if self.images and self._input is not None and self._input_norm is None:
-            return gate, InputRows(self._input[start:min(stop, start + self.images)], self._input_version, self)
+            return gate, InputRows(self._input[start:stop], self._input_version, self)
         norm = self.input_norm
         return gate, norm[start:stop] if norm is not None else None
 

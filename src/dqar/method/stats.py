@@ -64,6 +64,16 @@ def first_images_index(batch: int, groups: int, images: int) -> torch.Tensor | N
     return (torch.arange(groups).unsqueeze(1) * per_group + torch.arange(images)).flatten()
 
 
+def spread_rows(batch: int, images: int) -> slice:
+    """`images` batch rows spread evenly over a branch's `batch` (every batch // images-th from the first; all
+    when `images` is 0 or covers the batch): a sample of the images for a statistic that is a maximum, which
+    the first few (in a class-ordered batch, one class) would under-read."""
+    if images <= 0 or images >= batch:
+        return slice(None)
+    step = batch // images
+    return slice(0, step * images, step)
+
+
 def schedule_snr(alpha: float, sigma: float) -> float:
     """alpha_t^2 / sigma_t^2 from the noise schedule (seed 000)."""
     return alpha * alpha / max(sigma * sigma, 1e-12)
