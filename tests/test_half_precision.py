@@ -77,6 +77,38 @@ def test_diffusers_families_in_bfloat16(name):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
 
 
+@pytest.mark.parametrize("error_images", [0, 1])
+@pytest.mark.parametrize("targets, bits", [(("attn", "mlp"), 8), (("block",), 16)])
+def test_adaptive_error_control_in_bfloat16(model, error_images, targets, bits):
+    """The measured errors (stacked at the step's end for a sample of images) work on a bf16 model with a bf16
+    or INT8 history: reuse happens, every error is finite, and images stay finite."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    config = DQARConfig(schedule="adaptive", tolerance=2.0, max_age=4, warmup=0.0, targets=targets,
+                        forecast_order=2, cache_bits=bits, error_images=error_images)
+    ctl = apply_dqar(half, config)
+    try:
+        out = _run(half, steps=10)
+        s, errors = ctl.summary(), [e[-1] for e in ctl.error_control.errors]
+    finally:
+        remove_dqar(half)
+    assert s["reuse_events"] > 0 and torch.isfinite(out).all()
+    assert errors and all(e == e and e < float("inf") for e in errors)
+
+
+def test_flux_adaptive_with_sampled_errors_in_bfloat16():
+    family, transformer, sched = ff.build("flux")
+    transformer.to(torch.bfloat16)
+    ctl = apply_dqar(transformer, DQARConfig(schedule="adaptive", tolerance=0.5, max_age=3, warmup=0.0,
+                                             targets=("attn", "mlp"), forecast_order=1, error_images=1),
+                     scheduler=sched)
+    try:
+        out = ff.denoise(family, transformer, sched, dtype=torch.bfloat16)
+        s = ctl.summary()
+    finally:
+        remove_dqar(transformer)
+    assert s["forecast_error"]["measured"] > 0 and torch.isfinite(out).all()
+
+
 def _graphs():
     from torch._dynamo.utils import counters
 
