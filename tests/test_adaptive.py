@@ -279,3 +279,25 @@ def test_an_input_written_in_place_before_the_measurement_is_noticed():
     assert not probe._eager
     x.mul_(2.0)                                          # ||x|| per image: 0.5 * sqrt(32) -> sqrt(32)
     assert control.errors[-1][-1] == pytest.approx(1.0 * 32 ** 0.5 / 32 ** 0.5, rel=1e-6) and probe._eager
+
+
+@pytest.mark.parametrize("targets, images", [(("attn", "mlp"), 0), (("block",), 1)])
+def test_measured_at_once_or_at_the_step_end_the_same(model, monkeypatch, targets, images):
+    """Large misses are measured at once (their own path), small ones queued to the step's end: either way the
+    same errors and the same images."""
+    config = DQARConfig(schedule="adaptive", warmup=0.0, tolerance=5.0, max_age=4, forecast_order=2,
+                        targets=targets, error_images=images)
+
+    def measured():
+        ctl = apply_dqar(model, config)
+        try:
+            return sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0), list(ctl.error_control.errors)
+        finally:
+            remove_dqar(model)
+
+    queued, queued_errors = measured()
+    monkeypatch.setattr("dqar.method.error_control._DEFER_ELEMENTS", 0)
+    at_once, at_once_errors = measured()
+    assert torch.equal(queued, at_once) and len(queued_errors) == len(at_once_errors) > 0
+    assert [e[:5] for e in queued_errors] == [e[:5] for e in at_once_errors]
+    assert [e[5] for e in queued_errors] == pytest.approx([e[5] for e in at_once_errors], rel=1e-5)

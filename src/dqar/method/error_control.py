@@ -41,10 +41,11 @@ import torch
 from .config import DQARConfig
 from .forecast import differences, miss_terms
 from .probes import InputRows
-from .stats import spread_rows
+from .stats import per_sample_norm, spread_rows
 
 _TINY = 1e-12
 _STEP_KEY = ("step",)
+_ALL = slice(None)
 # Misses stacked into one tensor at most (2 MiB of fp32).
 _BATCH_ELEMENTS = 1 << 19
 # A larger miss is measured at once, while its tensors are in cache: at the step's end, stacking it costs
@@ -126,12 +127,27 @@ class ErrorControl:
         gate, size = effect
         if diffs is None:
             diffs = differences(previous, fresh, step_index, self.order)
-        rows = spread_rows(fresh.shape[0], self.images)
+        rows = spread_rows(fresh.shape[0], self.images) if self.images else _ALL
         a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, rows)
-        size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
+        if rows != _ALL:
+            gate = None if gate is None else gate[rows]
+            size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
-        self._pending.append(_Measurement(key, step_index, step_index - previous.steps[-1], a, b,
-                                          None if gate is None else gate[rows], size, factor, used))
+        age = step_index - previous.steps[-1]
+        if not self._pending and a.numel() > _DEFER_ELEMENTS:
+            # A large miss, measured at once while its tensors are in cache, without the queue's bookkeeping
+            # (which showed as 1% of a run on the embedded model).
+            miss = a if b is None else torch.sub(a, b)
+            if gate is not None:
+                miss = miss * gate.unsqueeze(1) if b is None else miss.mul_(gate.unsqueeze(1))
+            norms = per_sample_norm(miss).tolist()
+            if isinstance(size, InputRows):
+                size.changed()
+                size = per_sample_norm(size.rows)
+            ratio = max(x / (y + _TINY) for x, y in zip(norms, size.tolist()))
+            self._settle(key, step_index, age, ratio * abs(factor), used)
+            return
+        self._pending.append(_Measurement(key, step_index, age, a, b, gate, size, factor, used))
         # What the queue keeps alive, about: the tensors behind a, b and the input rows, each about one branch's
         # full output (a and b are often views of the measured rows).
         self._held += 3 * fresh.numel() * fresh.element_size()
@@ -144,18 +160,21 @@ class ErrorControl:
             return
         pending, self._pending, self._held = self._pending, [], 0
         for m, ratio in zip(pending, _effect_ratios(pending)):
-            if self.per_step:
-                self._close_step(m.step)
-            measured = None
-            if ratio is None:
-                self._plan(m.key, m.step, None, ())
-            else:
-                error = ratio * abs(m.factor)
-                self._errors.append((m.step, m.key[0], m.key[1], m.key[2], m.age, error))
-                self._plan(m.key, m.step, error / remainder_factor(m.step, m.history), (m.history + (m.step,))[1:])
-                measured = (error, m.age)
-            if self.on_measured is not None:
-                self.on_measured(m.key, m.step, measured)
+            self._settle(m.key, m.step, m.age, None if ratio is None else ratio * abs(m.factor), m.history)
+
+    def _settle(self, key: tuple, step_index: int, age: int, error: float | None, history: tuple) -> None:
+        """Record a measured error (None: nothing to compare with) and plan from it."""
+        if self.per_step:
+            self._close_step(step_index)
+        measured = None
+        if error is None:
+            self._plan(key, step_index, None, ())
+        else:
+            self._errors.append((step_index, key[0], key[1], key[2], age, error))
+            self._plan(key, step_index, error / remainder_factor(step_index, history), (history + (step_index,))[1:])
+            measured = (error, age)
+        if self.on_measured is not None:
+            self.on_measured(key, step_index, measured)
 
     def _plan(self, key: tuple, step_index: int, constant: float | None, history: tuple) -> None:
         if not self.per_step:
