@@ -66,7 +66,7 @@ def remainder_factor(step: int, history: tuple) -> float:
 
 @dataclass
 class _Measurement:
-    """One compute's queued measurement; miss None: nothing to compare with (first compute or no effect)."""
+    """One compute's queued measurement; `a` None: nothing to compare with (first compute or no effect)."""
 
     key: tuple
     step: int

@@ -2,11 +2,12 @@
 
 A module's forecast error matters by its effect on the block it sits in: the error of the attention or
 MLP output times the adaLN gate that scales it, relative to the block input it is added to. A
-`BlockProbe` records both with ordinary forward hooks (installed only for the adaptive schedule and
-removed with DQAR): the per-sample norm of the block input, and the gates where the layout says where
-to read them (gate 1 where it does not). Measuring every image, the norms of the whole input are taken once,
-when a module first asks; measuring `images` of each branch (the config's `error_images`), the norm waits: `effect` hands out those rows (`InputRows`) and the error control reduces them with the step's
-others (dqar.method.error_control).
+`BlockProbe` records both with ordinary forward hooks (installed only for the adaptive schedule and policy v2,
+and removed with DQAR): the per-sample norm of the block input, and the gates where the layout says where to
+read them (gate 1 where it does not). Measuring every image, the norms of the whole input are taken once, when a
+module first asks; measuring `images` of each branch (the config's `error_images`), the norm waits: `effect`
+hands out the rows (`InputRows`) and the error control reduces them with the step's others
+(dqar.method.error_control).
 """
 from __future__ import annotations
 
