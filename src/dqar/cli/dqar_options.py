@@ -143,7 +143,8 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "adaptive-scope": ("adaptive_scope", _str,
                        "adaptive schedule: step (one decision per step for every module, default) | module (each its own)"),
     "error-images": ("error_images", _int,
-                     "adaptive schedule and policy v2: forecast error over this many images per CFG branch, spread over it (0: all)"),
+                     "adaptive schedule and policy v2: forecast error over this many images per CFG branch, "
+                     "spread over it (0: all)"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),

@@ -94,8 +94,10 @@ class DQARConfig:
                mean at a fraction of its cost where the batch is large and the model small.
     error_images  the adaptive schedule's and policy v2's forecast error over at most this many images of each
                CFG branch (0, default: all), spread evenly over the branch (every n // k-th from the first);
-               the error is the largest over the images measured, so fewer images see a smaller or equal value. On a small model each
-               measurement costs its op dispatch whatever its size, so this bounds its cost to the dispatch.
+               the error is the largest over the images measured, so fewer images see a smaller or equal
+               value and a tolerance spends less work. The errors of a step are reduced together at the next
+               step's start; on a small model that reduction is memory traffic over the measured rows, which
+               the sample cuts (docs: BENCHMARKS.md, stop 18).
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional

@@ -28,7 +28,8 @@ block input (tensors that exist anyway, or views of them), and the first decisio
 `resolve`) turns the queue into errors with a few stacked tensor operations instead of four per module and
 branch, which on a small model cost their dispatch whatever their size. No decision reads a measurement of
 its own step, so none changes. `error_images` = k > 0 measures k images of each branch only, spread over
-it (dqar.method.stats.spread_rows), so the stacks are small; the queue is measured early once what it keeps alive passes a byte budget.
+it (dqar.method.stats.spread_rows), so the stacks are small; the queue is measured early once what it keeps
+alive passes a byte budget, and a large miss at once (while its tensors are in cache).
 """
 from __future__ import annotations
 
@@ -137,10 +138,7 @@ class ErrorControl:
         if not self._pending and a.numel() > _DEFER_ELEMENTS:
             # A large miss, measured at once while its tensors are in cache, without the queue's bookkeeping
             # (which showed as 1% of a run on the embedded model).
-            miss = a if b is None else torch.sub(a, b)
-            if gate is not None:
-                miss = miss * gate.unsqueeze(1) if b is None else miss.mul_(gate.unsqueeze(1))
-            norms = per_sample_norm(miss).tolist()
+            norms = per_sample_norm(_gated_miss(a, b, gate)).tolist()
             if isinstance(size, InputRows):
                 size.changed()
                 size = per_sample_norm(size.rows)
@@ -235,16 +233,20 @@ def _norms(t: torch.Tensor) -> list[list[float]]:
     return torch.linalg.vector_norm(t.float(), dim=tuple(range(2, t.dim()))).tolist()
 
 
+def _gated_miss(a: torch.Tensor, b: torch.Tensor | None, gate: torch.Tensor | None) -> torch.Tensor:
+    """(k, T, D) gate * (a - b) of one measurement, writing only a tensor of its own (a may be the cache's)."""
+    miss = a if b is None else torch.sub(a, b)
+    if gate is None:
+        return miss
+    return miss * gate.unsqueeze(1) if b is None else miss.mul_(gate.unsqueeze(1))
+
+
 def _gated_misses(chunk: list[_Measurement]) -> torch.Tensor:
     """(M, k, ...) gate * (a - b) of same-shaped measurements; a, b and the gates are not written (they may be
     the cache's own tensors). (A norm over the tokens first, then the gate, would skip the product but
     reduces over a strided dimension: 15x slower.)"""
     if len(chunk) == 1:
-        m = chunk[0]
-        out = m.a if m.b is None else torch.sub(m.a, m.b)
-        if m.gate is not None:
-            out = out * m.gate.unsqueeze(1) if m.b is None else out.mul_(m.gate.unsqueeze(1))
-        return out.unsqueeze(0)
+        return _gated_miss(chunk[0].a, chunk[0].b, chunk[0].gate).unsqueeze(0)
     if chunk[0].b is not None:
         # One stack for both terms: the views it gathers are most of the cost.
         both = torch.stack([m.a for m in chunk] + [m.b for m in chunk])
