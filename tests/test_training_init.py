@@ -105,3 +105,42 @@ def test_a_bad_min_snr_gamma_is_refused(value, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--min-snr-gamma", str(value)])
     assert code == 2 and "--min-snr-gamma=" in capsys.readouterr().err and not out.exists()
+
+
+def test_extra_emas_track_the_same_run_without_changing_it():
+    data = _small(load_split("train"))
+    common = dict(steps=3, batch_size=4, warmup_steps=1, log_every=1, ema_decay=0.9)
+    plain = train_dit(data, DiTTrainConfig(**common), progress=False)
+    both = train_dit(data, DiTTrainConfig(extra_ema_decays=(0.0, 0.15), **common), progress=False)
+    assert sorted(both.extra_emas) == [0.0, 0.15]
+    for name, p in plain.ema.state_dict().items():
+        assert torch.equal(both.ema.state_dict()[name], p)        # the shipped EMA is the run without extras
+        assert torch.equal(both.extra_emas[0.0].state_dict()[name], both.model.state_dict()[name])   # decay 0: raw
+    # the warm-up ramp (1+n)/(10+n) is 0.1, 0.18, 0.25: decay 0.15 caps steps 2 and 3, 0.9 caps none
+    name = "blocks.0.attn.qkv.weight"
+    half, ema = both.extra_emas[0.15].state_dict()[name], both.ema.state_dict()[name]
+    assert not torch.equal(half, ema) and not torch.equal(half, both.model.state_dict()[name])
+
+
+def test_extra_emas_are_written_as_complete_model_folders(tmp_path, capsys):
+    import json
+
+    from dqar.digits.embedded import load_embedded_model
+
+    out = tmp_path / "run"
+    code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--extra-ema", "0,0.9", "--no-progress", "--threads", "1"])
+    assert code == 0
+    for sub, label in (("ema-0", "the raw trained weights (no EMA)"), ("ema-0.9", "EMA of the trained weights, decay 0.9")):
+        card = json.loads((out / sub / "dit_digits.json").read_text())
+        assert card["weights"] == label and "--extra-ema 0,0.9" in card["training"]["command"]
+        load_embedded_model(out / sub / "dit_digits_ema.safetensors")      # digest checks out
+
+
+@pytest.mark.parametrize("spec, words", [("0.5,abc", "'abc' is not a number"), ("1.5", "must be a number in [0, 1)"),
+                                         ("0.999", "must differ"), ("0.5,0.5", "must differ")])
+def test_a_bad_extra_ema_is_refused_before_anything_is_written(spec, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "1", "--extra-ema", spec])
+    err = capsys.readouterr().err
+    assert code == 2 and "--extra-ema" in err and words in err and not out.exists()

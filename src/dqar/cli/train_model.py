@@ -8,6 +8,7 @@ src/dqar/digits/assets/`. Measured quality is added to the cards afterwards by `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from . import UsageError
 
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="DiT batch size (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="DiT peak learning rate (default 1e-3)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the shipped weights (0.999)")
+    parser.add_argument("--extra-ema", default="",
+                        help="comma-separated further EMA decays of the same run, each written to OUT/ema-DECAY/ "
+                             "(0: the raw weights); e.g. 0,0.998,0.999 (default: none)")
     parser.add_argument("--preset", default="DiT-Digits", help="DiT preset to train (default DiT-Digits)")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="after warmup: constant (DiT; checkpoints equal shorter runs) or cosine decay "
@@ -58,6 +62,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         parts.append(f"--augment-from-t {args.augment_from_t}")
     if args.min_snr_gamma:
         parts.append(f"--min-snr-gamma {args.min_snr_gamma:g}")
+    if args.extra_ema:
+        parts.append(f"--extra-ema {args.extra_ema}")
     if args.init_from is not None:
         parts.append(f"--init-from {args.init_from}")
     if args.threads is not None:
@@ -112,16 +118,35 @@ def _train_evaluator(args, out, train, test, data_card, env, progress) -> None:
           f"({summary['wall_time_s']:.0f} s)", file=sys.stderr)
 
 
-def _write_dit(out, result, args, data_card, env) -> None:
-    """Weights, card and loss log of a finished run or checkpoint (the card's command reproduces exactly it)."""
+def parse_extra_ema(spec: str) -> tuple[float, ...]:
+    """--extra-ema as a tuple of decays; anything but comma-separated numbers is refused here."""
+    decays = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            decays.append(float(part))
+        except ValueError:
+            raise UsageError(f"--extra-ema={spec!r}: {part!r} is not a number; give decays in [0, 1) separated "
+                             "by commas, e.g. 0,0.998,0.999") from None
+    return tuple(decays)
+
+
+def _write_dit(out, result, args, data_card, env, decay: float | None = None) -> None:
+    """Weights, card and loss log of a finished run or checkpoint (the card's command reproduces exactly it);
+    each extra EMA goes to its own subfolder, a complete model folder of its own."""
     from dqar.digits.data import IMAGE_SIZE
     from dqar.digits.embedded import DIT_CARD, DIT_FILE, save_embedded_dit, tensor_digest
+
+    decay = result.config.ema_decay if decay is None else decay
+    for extra, average in result.extra_emas.items():
+        sub = out / f"ema-{extra:g}"
+        sub.mkdir(exist_ok=True)
+        _write_dit(sub, dataclasses.replace(result, ema=average, extra_emas={}), args, data_card, env, extra)
 
     with open(out / "dit_loss.csv", "w", encoding="utf-8") as f:
         f.write("step,loss,lr,elapsed_s\n")
         for row in result.loss_log:
             f.write(f"{row['step']},{row['loss']:.6f},{row['lr']:.6g},{row['elapsed_s']:.2f}\n")
-    save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema"})
+    save_embedded_dit(result.ema, out / DIT_FILE, {"dqar_weights": "ema" if decay else "raw"})
     config = result.ema.config
     steps = result.config.steps
     if args.lr_schedule == "constant" or steps == args.steps:
@@ -133,7 +158,8 @@ def _write_dit(out, result, args, data_card, env) -> None:
         "image_shape": [config.in_channels, config.input_size, config.input_size],
         "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
         "parameters": sum(p.numel() for p in result.ema.parameters()),
-        "weights": "EMA of the trained weights", "weights_sha256": tensor_digest(result.ema.state_dict()),
+        "weights": f"EMA of the trained weights, decay {decay:g}" if decay else "the raw trained weights (no EMA)",
+        "weights_sha256": tensor_digest(result.ema.state_dict()),
         "data": data_card,
         "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                      "prediction": "epsilon", "loss": "MSE", "label_dropout": config.class_dropout_prob},
@@ -199,12 +225,14 @@ def run(args: argparse.Namespace) -> int:
                                  min_lr_ratio=args.min_lr_ratio, max_shift=args.max_shift,
                                  rotate_deg=args.rotate, scale_jitter=args.scale_jitter,
                                  augment_from_t=args.augment_from_t, min_snr_gamma=args.min_snr_gamma,
+                                 extra_ema_decays=parse_extra_ema(args.extra_ema),
                                  init_from=_init_path(args.init_from))
     except ValueError as exc:
         flags = {"steps=": "--steps=", "batch_size=": "--batch-size=", "preset=": "--preset=",
                  "min_lr_ratio=": "--min-lr-ratio=", "max_shift=": "--max-shift=", "rotate_deg=": "--rotate=",
                  "scale_jitter=": "--scale-jitter=", "ema_decay=": "--ema-decay=", "lr=": "--lr=",
-                 "augment_from_t=": "--augment-from-t=", "min_snr_gamma=": "--min-snr-gamma="}
+                 "augment_from_t=": "--augment-from-t=", "min_snr_gamma=": "--min-snr-gamma=",
+                 "extra_ema_decays=": "--extra-ema: "}
         message = str(exc)
         for field_name, flag in flags.items():
             if message.startswith(field_name):

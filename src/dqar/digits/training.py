@@ -44,6 +44,9 @@ class DiTTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # More EMAs of the same run, kept beside the shipped one (0: the raw weights), so the averaging length can
+    # be chosen after training from one run instead of one run per decay.
+    extra_ema_decays: tuple[float, ...] = ()
     max_shift: int = 0
     rotate_deg: float = 0.0                    # affine jitter: rotation drawn uniformly in +-rotate_deg
     scale_jitter: float = 0.0                  # affine jitter: isotropic scale drawn in 1 +- scale_jitter
@@ -71,6 +74,13 @@ class DiTTrainConfig:
             raise ValueError(f"lr={self.lr!r} is not allowed: must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: must be in [0, 1)")
+        for decay in self.extra_ema_decays:
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+                raise ValueError(f"extra_ema_decays={self.extra_ema_decays!r} is not allowed: each decay must be "
+                                 "a number in [0, 1) (0: the raw weights)")
+        if len(set(self.extra_ema_decays)) != len(self.extra_ema_decays) or self.ema_decay in self.extra_ema_decays:
+            raise ValueError(f"extra_ema_decays={self.extra_ema_decays!r} is not allowed: decays must differ from "
+                             f"each other and from ema_decay={self.ema_decay!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not known; allowed: {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -94,6 +104,7 @@ class DiTTrainConfig:
 class TrainResult:
     ema: DiT                                   # the weights that ship (eval mode)
     model: DiT                                 # the raw trained weights
+    extra_emas: dict[float, DiT] = field(default_factory=dict)   # decay -> EMA, for cfg.extra_ema_decays
     loss_log: list[dict] = field(default_factory=list)   # one row per log_every steps
     final_loss: float = float("nan")           # mean training loss over the last 10% of steps
     wall_time_s: float = 0.0
@@ -157,9 +168,10 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         pending = pending[batch_size:]
 
 
-def _result(ema, model, log, losses, start, cfg, steps_done) -> TrainResult:
+def _result(ema, model, log, losses, start, cfg, steps_done, extras) -> TrainResult:
     tail = losses[-max(1, steps_done // 10):]
-    return TrainResult(ema=ema, model=model, loss_log=list(log), final_loss=sum(tail) / len(tail),
+    return TrainResult(ema=ema, model=model, extra_emas=dict(extras), loss_log=list(log),
+                       final_loss=sum(tail) / len(tail),
                        wall_time_s=time.perf_counter() - start, config=replace(cfg, steps=steps_done))
 
 
@@ -178,6 +190,7 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
         raise ValueError(f"training images have shape {tuple(data.images.shape[1:])} but preset "
                          f"{cfg.preset!r} expects {shape}")
     ema = copy.deepcopy(model).requires_grad_(False)
+    extras = {decay: copy.deepcopy(model).requires_grad_(False) for decay in cfg.extra_ema_decays}
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     acp = training_alphas_cumprod()
@@ -203,7 +216,10 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        warm = (1 + step) / (10 + step)
+        update_ema(ema, model, min(cfg.ema_decay, warm))
+        for decay, average in extras.items():
+            update_ema(average, model, min(decay, warm))
         value = loss.item()
         window.append(value)
         losses.append(value)
@@ -218,7 +234,8 @@ def train_dit(data: DigitsSplit, cfg: DiTTrainConfig = DiTTrainConfig(), progres
             bar.update(1)
         if checkpoint_every and on_checkpoint is not None and (step + 1) % checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
-            on_checkpoint(_result(ema, model, log, losses, start, cfg, step + 1))
+            on_checkpoint(_result(ema, model, log, losses, start, cfg, step + 1, extras))
     if bar is not None:
         bar.close()
-    return _result(ema.eval(), model.eval(), log, losses, start, cfg, cfg.steps)
+    return _result(ema.eval(), model.eval(), log, losses, start, cfg, cfg.steps,
+                   {decay: average.eval() for decay, average in extras.items()})
