@@ -281,7 +281,31 @@ def test_an_input_written_in_place_before_the_measurement_is_noticed():
     assert control.errors[-1][-1] == pytest.approx(1.0 * 32 ** 0.5 / 32 ** 0.5, rel=1e-6) and probe._eager
 
 
-@pytest.mark.parametrize("targets, images", [(("attn", "mlp"), 0), (("block",), 1)])
+def test_modules_of_one_block_share_the_reduction_of_their_input_rows(monkeypatch):
+    """Attention and MLP of a block hold the same input rows: reduced once, each error still its own."""
+    from dqar.method import error_control
+    from dqar.method.probes import InputRows
+
+    class Probe:
+        _eager = False
+
+    reduced = []
+    real = error_control._grouped_norms
+    monkeypatch.setattr(error_control, "_grouped_norms",
+                        lambda items, *a: reduced.append(len(items)) or real(items, *a))
+    probe = Probe()
+    x, y = torch.full((2, 4, 8), 0.5), torch.full((2, 4, 8), 2.0)
+    previous, fresh = _two_image_miss()
+    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, error_images=1))
+    for key, inp in (((0, "cond", "attn"), x), ((0, "cond", "mlp"), x), ((1, "cond", "attn"), y)):
+        control.observe(key, previous, fresh, 3, (None, InputRows(inp[0:2], inp._version, probe)))
+    errors = [e[-1] for e in control.errors]
+    # image 0 only: ||miss|| = 0.1 sqrt(32), ||x_0|| = 0.5 sqrt(32), ||y_0|| = 2 sqrt(32)
+    assert errors == pytest.approx([0.2, 0.2, 0.05], rel=1e-6)
+    assert reduced == [3, 2]                  # three misses, two distinct input views
+
+
+@pytest.mark.parametrize("targets, images", [(("attn", "mlp"), 0), (("attn", "mlp"), 1), (("block",), 1)])
 def test_measured_at_once_or_at_the_step_end_the_same(model, monkeypatch, targets, images):
     """Large misses are measured at once (their own path), small ones queued to the step's end: either way the
     same errors and the same images."""

@@ -210,6 +210,28 @@ def test_ideal_speedup_does_not_depend_on_the_previous_batch_shape(model):
     assert after_other_shape == run(model, cfg, [2], [99])[1]["ideal_speedup"]
 
 
+def test_sampled_entropies_form_their_logits_at_the_step_end_with_the_same_values(model, monkeypatch):
+    """With entropy_images the hooks queue q and k views (QKRows) and the step's logits are formed together:
+    the same entropies, bit for bit, and the same decisions as logits formed in each hook."""
+    import dqar.method.pending_entropy as pending_module
+    from dqar.method.stats import QKRows
+
+    config = DQARConfig(schedule="gate", warmup=0.0, tau0=20.0, snr_range=(0.0, 1e9), entropy_images=1)
+    queued_kinds = []
+    real_add = pending_module.PendingEntropies.add
+    monkeypatch.setattr(pending_module.PendingEntropies, "add",
+                        lambda self, item, parts: (queued_kinds.append(type(item)), real_add(self, item, parts))[1])
+    images, deferred, ctl = run(model, config)
+    assert set(queued_kinds) == {QKRows} and len(ctl.pending_entropy) == 0
+    queued_kinds.clear()
+    monkeypatch.setattr(pending_module, "DEFER_ELEMENTS", -1)
+    again, at_once, _ = run(model, config)
+    assert set(queued_kinds) == {torch.Tensor}
+    assert deferred["reuse_events"] > 0 and torch.equal(images, again)
+    assert deferred["entropy_per_step"] == at_once["entropy_per_step"]
+    assert deferred["events_per_step"] == at_once["events_per_step"]
+
+
 def test_entropies_wait_for_the_step_end_and_equal_the_per_call_values(model):
     """The hooks queue each attention call's logits; the controller turns a step's queue into entropies at the
     next begin_step (one batched pass). Same per-step entropies and gate decisions as the per-call path

@@ -273,6 +273,8 @@ def test_train_policy_v2_end_to_end_writes_a_loadable_v2_policy(tmp_path):
     (["--features", "v2", "--n-runs", "1"], "--n-runs=1 is not allowed: must be >= 2"),
     (["--features", "v2", "--label-tolerance", "-1"], "--label-tolerance=-1.0 is not allowed"),
     (["--features", "v2", "--forecast-order", "3"], "--forecast-order=3 is not allowed"),
+    (["--features", "v2", "--error-images", "-1"], "--error-images=-1 is not allowed: must be >= 0"),
+    (["--error-images", "1"], "--error-images applies only to --features v2"),
 ])
 def test_train_policy_v2_bad_values_exit_2_before_any_work(tmp_path, capsys, argv, message):
     from dqar.cli import main
@@ -280,6 +282,32 @@ def test_train_policy_v2_bad_values_exit_2_before_any_work(tmp_path, capsys, arg
     assert main(["train-policy", "--model", "DiT-Tiny", "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_policy_v2_with_error_images_measures_the_same_runs_on_fewer_images(tmp_path, capsys):
+    """The refresh plan is random, not error-driven, so both settings run the same trajectories: each row's
+    harm over one image per branch is at most the every-image maximum, and the card says what it was trained on."""
+    from dqar.cli import main
+
+    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
+              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
+              "--val-fraction", "0.5"]
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert main([*common, "--out", str(tmp_path / "one"), "--error-images", "1"]) == 0
+    every, one = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]
+                  for d in ("all", "one"))
+    keys = [(r["run"], r["step"], r["layer"], r["branch"]) for r in every]
+    assert keys == [(r["run"], r["step"], r["layer"], r["branch"]) for r in one]
+    assert {r["error_images"] for r in one} == {1} and {r["error_images"] for r in every} == {0}
+    assert all(a["harm"] <= b["harm"] * (1 + 1e-6) for a, b in zip(one, every))
+    assert any(a["harm"] < 0.99 * b["harm"] for a, b in zip(one, every))
+    card = json.loads((tmp_path / "one" / "policy_digits.json").read_text())
+    assert card["use_with"]["error_images"] == 1 and "--error-images 1" in card["command"]
+    assert "1 image(s) per branch" in card["labels"]["rule"]
+    # rows measured one way do not train a policy meant for the other
+    assert main([*common, "--out", str(tmp_path / "mixed"), "--from", str(tmp_path / "all"), "--error-images",
+                 "1"]) == 2
+    assert "measured with error_images [0], not --error-images 1" in capsys.readouterr().err
 
 
 def test_step_scaled_labels_divide_by_the_steps_median_one_step_harm():

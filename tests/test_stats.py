@@ -203,3 +203,52 @@ def test_pending_entropies_batch_within_the_element_budget(monkeypatch):
     got = [e for *_, e in pending.resolve()]
     assert seen == [4, 4, 2]                        # two items per batch, the last alone
     assert got == pytest.approx([float(real(t).mean()) for t in logits], rel=1e-6)
+
+
+def _strided_qk(seed: int, n: int = 6, tokens: int = 5, heads: int = 2, hd: int = 4):
+    """q, k as the DiT makes them: strided views of one fused projection."""
+    qkv = torch.randn(n, tokens, 3, heads, hd, generator=torch.Generator().manual_seed(seed)).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1]
+
+
+def test_queued_q_and_k_give_the_per_call_logits_exactly():
+    from dqar.method.stats import QKRows, stacked_logits
+
+    rows = [torch.tensor([1, 3]), torch.tensor([0, 4]), torch.tensor([2, 3])]    # each layer samples its own
+    calls = [_strided_qk(s) for s in range(3)]
+    queued = [QKRows(q, k, r, groups=2, images=2) for (q, k), r in zip(calls, rows)]
+    assert len({c.kind() for c in queued}) == 1 and queued[0].batch == 4
+    formed = stacked_logits(queued)
+    keep = first_images_index(6, 2, 2)
+    assert formed.shape == (3, 4, 2, 2, 5)
+    for got, (q, k), r in zip(formed, calls, rows):
+        assert torch.equal(got, attention_logits(q, k, r, images=keep))
+    calls[1][0].mul_(2.0)                       # q written in place after the call: refused, not mis-measured
+    with pytest.raises(RuntimeError, match="written in place"):
+        stacked_logits(queued)
+
+
+def test_pending_entropies_of_queued_calls_equal_those_of_formed_logits(monkeypatch):
+    """QKRows and ready logits in one queue, resolved together, and a queue past its byte budget formed early:
+    the same values as logits formed in the hook, in the order added."""
+    import dqar.method.pending_entropy as pending_module
+    from dqar.method.stats import QKRows
+
+    rows, keep = torch.tensor([0, 2, 4]), first_images_index(6, 2, 1)
+    calls = [_strided_qk(10 + s) for s in range(4)]
+    want = [float(logits_entropy(attention_logits(q, k, rows, images=keep))[j]) for q, k in calls for j in (0, 1)]
+    for budget in (pending_module.HELD_BYTES, 1):
+        monkeypatch.setattr(pending_module, "HELD_BYTES", budget)
+        pending = PendingEntropies()
+        for layer, (q, k) in enumerate(calls):
+            item = QKRows(q, k, rows, 2, 1) if layer != 2 else attention_logits(q, k, rows, images=keep)
+            pending.add(item, [(layer, "cond", None), (layer, "uncond", None)])
+        held = sum(isinstance(it, QKRows) for it, _ in pending._items)
+        assert held == (3 if budget > 1 else 0)
+        got = pending.resolve()
+        assert [g[:2] for g in got] == [(layer, b) for layer in range(4) for b in ("cond", "uncond")]
+        assert [g[3] for g in got] == pytest.approx(want, rel=1e-6)
+    assert PendingEntropies.defers(calls[0][0], 1, 2)
+    assert not PendingEntropies.defers(calls[0][0], 0, 2)          # every image: formed in the hook
+    monkeypatch.setattr(pending_module, "DEFER_ELEMENTS", 8)
+    assert not PendingEntropies.defers(calls[0][0], 1, 2)          # large: formed in the hook

@@ -13,7 +13,8 @@ import math
 from . import UsageError
 
 V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", "max_age": 6, "forecast_order": 2,
-               "label_tolerance": None, "warmup": 0.0, "label_scale": "none", "max_cache_age": None}
+               "label_tolerance": None, "warmup": 0.0, "label_scale": "none", "max_cache_age": None,
+               "error_images": 0}
 
 
 def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,9 @@ def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-scale", choices=("none", "step"), default=None,
                         help="v2: 'step' divides each harm by its step's median one-step harm before labelling, "
                              f"'none' labels the raw harm (default {d['label_scale']})")
+    parser.add_argument("--error-images", type=int, default=None,
+                        help="v2: measure forecast errors (feature and harm) over this many images per CFG branch, "
+                             "as a run with --error-images does; recorded in the card's use_with (default 0: all)")
 
 
 def v2_settings(args: argparse.Namespace) -> dict:
@@ -61,7 +65,7 @@ def v2_settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"--p-forecast={s['p_forecast']!r} is not allowed: a comma list of numbers in [0, 1]") from None
     if not s["p_forecast"] or not all(0.0 <= p <= 1.0 for p in s["p_forecast"]):
         raise UsageError(f"--p-forecast={args.p_forecast!r} is not allowed: a comma list of numbers in [0, 1]")
-    for name, low in (("n_runs", 2), ("per_class", 1), ("max_age", 1), ("max_cache_age", 1)):
+    for name, low in (("n_runs", 2), ("per_class", 1), ("max_age", 1), ("max_cache_age", 1), ("error_images", 0)):
         if s[name] is not None and s[name] < low:
             raise UsageError(f"--{name.replace('_', '-')}={s[name]} is not allowed: must be >= {low}")
     if s["forecast_order"] not in (0, 1, 2):
@@ -87,6 +91,8 @@ def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
         parts.append(f"--label-tolerance {s['label_tolerance']:g}")
     if s["max_cache_age"] is not None:
         parts.append(f"--max-cache-age {s['max_cache_age']}")
+    if s["error_images"]:
+        parts.append(f"--error-images {s['error_images']}")
     if args.from_dir:
         parts.append(f"--from {args.from_dir}")
     if args.threads is not None:
@@ -120,6 +126,10 @@ def read_rows(from_dir: str, s: dict, steps: int) -> list:
             k = bad[0] if bad else "harm"
             raise UsageError(f"--from: {str(path)!r} record {n}: {k}={r[k]!r} is not a finite number"
                              f"{' >= 0' if k == 'harm' else ''}")
+    measured_over = {r.get("error_images", 0) for r in rows}     # rows before error_images: every image
+    if measured_over != {s["error_images"]}:
+        raise UsageError(f"--from={from_dir!r} holds rows measured with error_images {sorted(measured_over)}, not "
+                         f"--error-images {s['error_images']}")
     if {r["total_steps"] for r in rows} != {steps}:
         raise UsageError(f"--from={from_dir!r} holds rows of {sorted({r['total_steps'] for r in rows})} steps, "
                          f"not --steps {steps}")
@@ -153,7 +163,7 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
         try:
             rows = pv.collect_rows_v2(model, plan, max_age=s["max_age"], steps=args.steps, cfg_scale=cfg_scale,
                                       sampler=args.sampler, forecast_order=s["forecast_order"], warmup=s["warmup"],
-                                      progress=bar)
+                                      error_images=s["error_images"], progress=bar)
         finally:
             bar.close()
     if not rows:
@@ -168,6 +178,7 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
     max_age = int(max(r["cache_age"] for r in rows))
     if s["max_cache_age"] is not None:
         max_age = min(max_age, s["max_cache_age"])
+    over = f"{s['error_images']} image(s) per branch" if s["error_images"] else "the batch"
     info = {
         "feature_set": args.features,
         "trained_on": {"model": described, "weights_file_sha256": _file_sha256(args.model), "sampler": args.sampler,
@@ -175,15 +186,14 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
                        "images_per_run": len(plan[0][1]), "seeds": [plan[0][2][0], plan[-1][2][-1]],
                        "rows": len(rows), "positive_rate": float(y.mean()),
                        "targets": ["attn", "mlp"], "forecast_order": s["forecast_order"], "max_age": s["max_age"],
-                       "p_forecast": s["p_forecast"], "warmup": s["warmup"]},
+                       "p_forecast": s["p_forecast"], "warmup": s["warmup"], "error_images": s["error_images"]},
         "labels": {"rule": "1 if harm <= tolerance; harm = the adaLN-gated effect of forecasting there given the "
-                           "actual history, max over the batch, summed over the layer's targets "
-                           "(ErrorControl.observe)" + ("; divided by the step's median one-step harm"
-                                                      if scales else ""), "tolerance": tol,
+                           f"actual history, max over {over}, summed over the layer's targets (ErrorControl.observe)"
+                           + ("; divided by the step's median one-step harm" if scales else ""), "tolerance": tol,
                    "scale": s["label_scale"], "step_scales": {str(k): v for k, v in sorted((scales or {}).items())},
                    "tolerance_from": "given" if s["label_tolerance"] is not None else "median (scaled) harm at cache age 2"},
         "use_with": {"schedule": "policy", "targets": ["attn", "mlp"], "forecast_order": s["forecast_order"],
-                     "warmup": s["warmup"]},
+                     "warmup": s["warmup"], "error_images": s["error_images"]},
         "signal_auc": pv.signal_auc(rows, y),
         "training": {"epochs": args.epochs, "lr": args.lr, "l2": args.l2, "optimizer": "Adam, full batch",
                      "val_fraction": args.val_fraction, "seed": args.seed, "split": "by training run"},

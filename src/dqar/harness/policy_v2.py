@@ -98,11 +98,15 @@ class RefreshSchedule(Schedule):
 
 def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int], *, p_forecast: float,
                       max_age: int, run_seed: int, steps: int = 50, cfg_scale: float = 1.5, sampler: str = "ddim",
-                      targets: tuple = ("attn", "mlp"), forecast_order: int = 2, warmup: float = 0.0) -> list[dict]:
-    """Rows of one generation of `labels`/`seeds` (one batch) under RefreshSchedule, tagged with `run_seed`."""
+                      targets: tuple = ("attn", "mlp"), forecast_order: int = 2, warmup: float = 0.0,
+                      error_images: int = 0) -> list[dict]:
+    """Rows of one generation of `labels`/`seeds` (one batch) under RefreshSchedule, tagged with `run_seed`.
+
+    `error_images` (DQARConfig's) measures errors, the feature and the harm alike, over that many images per
+    branch, so a policy meant to run with it is trained on what it will see."""
     # schedule="adaptive" makes apply_dqar install the block probes; the swapped-in schedule then decides alone.
     config = DQARConfig(schedule="adaptive", warmup=warmup, targets=targets, forecast_order=forecast_order,
-                        record_entropy=True)
+                        record_entropy=True, error_images=error_images)
     ctl = apply_dqar(model, config)
     schedule = RefreshSchedule(config, p_forecast, max_age, run_seed)
     ctl.use_schedule(schedule)
@@ -113,7 +117,8 @@ def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequ
     finally:
         remove_dqar(model)
     for r in schedule.rows:
-        r.update(run=int(run_seed), p_forecast=float(p_forecast), reuse_fraction=summary["reuse_fraction"])
+        r.update(run=int(run_seed), p_forecast=float(p_forecast), reuse_fraction=summary["reuse_fraction"],
+                 error_images=int(error_images))
     return schedule.rows
 
 
@@ -200,13 +205,14 @@ def run_plan(n_runs: int, per_class: int, num_classes: int, first_seed: int, p_f
 
 def collect_rows_v2(model: torch.nn.Module, plan: Sequence[tuple], *, max_age: int, steps: int = 50,
                     cfg_scale: float = 1.5, sampler: str = "ddim", targets: tuple = ("attn", "mlp"),
-                    forecast_order: int = 2, warmup: float = 0.0, progress=None) -> list[dict]:
+                    forecast_order: int = 2, warmup: float = 0.0, error_images: int = 0,
+                    progress=None) -> list[dict]:
     """Rows of every run of `plan` (see run_plan), in order."""
     rows = []
     for n, (k, labels, seeds, p) in enumerate(plan):
         rows += trace_refresh_run(model, labels, seeds, p_forecast=p, max_age=max_age, run_seed=k, steps=steps,
                                   cfg_scale=cfg_scale, sampler=sampler, targets=targets,
-                                  forecast_order=forecast_order, warmup=warmup)
+                                  forecast_order=forecast_order, warmup=warmup, error_images=error_images)
         if progress:
             progress(n + 1, len(plan))
     return rows

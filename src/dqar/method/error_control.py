@@ -265,12 +265,21 @@ def _input_norms(measured: list[_Measurement]) -> list[list[float]]:
         rows.changed()              # written in place since: this once the norm is of the changed tensor
     if len(measured) == 1:          # measured at once: no concatenation
         return [measured[0].size.tolist() if not held else _norms(held[0].rows.unsqueeze(0))[0]]
-    from_rows = iter(_grouped_norms(held, lambda r: r.rows, lambda r: (), lambda chunk: (
-        chunk[0].rows.unsqueeze(0) if len(chunk) == 1 else torch.stack([r.rows for r in chunk]))))
+    # The modules of one block (attention and MLP) and branch hold the same rows: each view is reduced once.
+    distinct: dict[tuple, InputRows] = {}
+    for r in held:
+        distinct.setdefault(_view_key(r.rows), r)
+    norms = dict(zip(distinct, _grouped_norms(list(distinct.values()), lambda r: r.rows, lambda r: (), lambda chunk: (
+        chunk[0].rows.unsqueeze(0) if len(chunk) == 1 else torch.stack([r.rows for r in chunk])))))
     taken = [m.size for m in measured if not isinstance(m.size, InputRows)]
     flat = iter(torch.cat(taken).float().tolist() if taken else ())
-    return [next(from_rows) if isinstance(m.size, InputRows) else [next(flat) for _ in range(len(m.size))]
+    return [norms[_view_key(m.size.rows)] if isinstance(m.size, InputRows) else [next(flat) for _ in range(len(m.size))]
             for m in measured]
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """Equal for two views of the same elements of one storage (their values then agree)."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
 
 
 def _grouped_norms(items: list, tensor_of, kind_of, stack) -> list[list[float]]:

@@ -47,6 +47,53 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale
     return torch.matmul(qs.float(), k.float().transpose(-1, -2)).mul_(scale)
 
 
+class QKRows:
+    """q and k of one attention call whose sampled logits are formed at the step's end, with the step's others
+    (dqar.method.pending_entropy): views of the call's own projections, the first `images` images of each of
+    `groups` equal branch parts and the query rows `rows`, as attention_logits(q, k, rows, images=
+    first_images_index(...)) would take them now. A plain class: one is made per attention call."""
+
+    __slots__ = ("q", "k", "rows", "groups", "images", "versions")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, groups: int, images: int):
+        self.q, self.k, self.rows, self.groups, self.images = q, k, rows, groups, images
+        self.versions = (q._version, k._version)
+
+    @property
+    def batch(self) -> int:
+        """Logit rows this call gives: its kept images."""
+        return self.groups * self.images
+
+    @property
+    def logits_numel(self) -> int:
+        return self.batch * self.q.shape[1] * self.rows.numel() * self.k.shape[2]
+
+    def kind(self) -> tuple:
+        """Calls of one kind stack into one tensor each for q and k (stacked_logits)."""
+        q, k = self.q, self.k
+        return (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, self.rows.numel(), self.groups,
+                self.images)
+
+    def kept(self, t: torch.Tensor) -> torch.Tensor:
+        """(groups, images, H, T, hd): a view of t's kept images."""
+        return t.unflatten(0, (self.groups, t.shape[0] // self.groups))[:, :self.images]
+
+
+def stacked_logits(calls: list[QKRows]) -> torch.Tensor:
+    """(M, n, H, r, T) attention_logits of M calls of one kind (QKRows.kind): one stack for each of q, k and
+    the sampled rows (each layer samples its own), one gather, one product, whatever M."""
+    for c in calls:
+        if (c.q._version, c.k._version) != c.versions:
+            raise RuntimeError("DQAR: an attention's q or k was written in place after the call, before its entropy "
+                               "was measured at the step's end; run this model with entropy_images=0")
+    q = torch.stack([c.kept(c.q) for c in calls]).flatten(1, 2)           # (M, n, H, T, hd), contiguous
+    k = torch.stack([c.kept(c.k) for c in calls]).flatten(1, 2)
+    m, n, h, _, hd = q.shape
+    rows = torch.stack([c.rows for c in calls]).to(q.device)               # (M, r)
+    qs = q.gather(3, rows.view(m, 1, 1, -1, 1).expand(m, n, h, rows.shape[1], hd))
+    return torch.matmul(qs.float(), k.float().transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+
+
 def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
     """(N,) mean over heads and rows of the softmax entropy of (N, H, r, T) logits. In-place steps give the
     same values with fewer tensors."""

@@ -16,7 +16,8 @@ from .controller import DQARController
 from .flops import FlopProfiler
 from .layouts import BlockLayout, block_streams
 from .probes import BlockProbe
-from .stats import attention_logits, first_images_index, logits_entropy, sample_query_rows
+from .pending_entropy import PendingEntropies
+from .stats import QKRows, attention_logits, first_images_index, logits_entropy, sample_query_rows
 from .streams import BlockStreams, OutputForm, cat_outputs, hidden_states, slice_call
 
 
@@ -144,18 +145,24 @@ class TargetHook:
             return self.original(*args, **kwargs), None
         ops, m = self.ops, self.module
         q, k, v = ops.qkv(m, x)
-        return ops.attend(m, q, k, v), self._logits(q, k, groups)
+        # Logits that wait for the step's end (QKRows) unless a trace reads the entropy now or FLOPs are counted.
+        defer = not (self.ctl.config.trace or self.flops.measuring)
+        return ops.attend(m, q, k, v), self._logits(q, k, groups, defer)
 
-    def _logits(self, q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, groups: int, defer: bool = False) -> torch.Tensor | QKRows:
         """Attention logits of the config's sampled query rows and images (`groups` branches), from which the
-        entropy comes (dqar.method.stats.logits_entropy; the controller batches that part over a step)."""
+        entropy comes (dqar.method.stats.logits_entropy; the controller batches that part over a step); with
+        `defer`, a small call's q and k to form them from at the step's end (QKRows)."""
         cfg = self.ctl.config
         if self.rows is None or self.rows.numel() > q.shape[2]:
             self.rows = sample_query_rows(q.shape[2], cfg.entropy_rows, cfg.entropy_seed + self.layer)
         shape = (q.shape[0], groups)
         if shape not in self._images:
             self._images[shape] = first_images_index(q.shape[0], groups, cfg.entropy_images)
-        return self.flops.uncounted(lambda: attention_logits(q, k, self.rows, images=self._images[shape]))
+        images = self._images[shape]
+        if defer and images is not None and PendingEntropies.defers(q, cfg.entropy_images, groups):
+            return QKRows(q, k, self.rows, groups, cfg.entropy_images)
+        return self.flops.uncounted(lambda: attention_logits(q, k, self.rows, images=images))
 
     def _entropy_unavailable(self, why: list) -> None:
         self.ctl.entropy_unavailable += 1
