@@ -26,7 +26,7 @@ ROOT = HERE.parent
 
 def contenders(policies: dict, thresholds: list, order: int, warmup: float, targets=("attn", "mlp"),
                entropy_images: int = 0, error_images: int = 0) -> list:
-    out = []
+    out = []      # (row name, config kwargs, tag)
     # The cheaper statistics get a name suffix; the exact ones keep the names of the rows measured before them.
     cheap = (f"-e{entropy_images}" if entropy_images else "") + (f"-err{error_images}" if error_images else "")
     for tag, path in policies.items():
@@ -34,7 +34,7 @@ def contenders(policies: dict, thresholds: list, order: int, warmup: float, targ
             out.append((f"policy-{tag}-thr{t:g}-{'+'.join(targets)}-o{order}-w{warmup:g}{cheap}",
                         dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
                              warmup=warmup, targets=tuple(targets), forecast_order=order,
-                             entropy_images=entropy_images, error_images=error_images)))
+                             entropy_images=entropy_images, error_images=error_images), tag))
     return out
 
 
@@ -128,8 +128,8 @@ def measure(args, policies: dict, thresholds: list) -> None:
             save_file({"images": reference.contiguous()}, str(cache))
     args.rows.parent.mkdir(parents=True, exist_ok=True)
     for spec in todo:
-        row = run_one(model, labels, seeds, args.steps, args.cfg_scale, reference, features, "dqar", spec, "cpu")
-        row["policy_file"] = policies[spec[0].split("-")[1]]
+        row = run_one(model, labels, seeds, args.steps, args.cfg_scale, reference, features, "dqar", spec[:2], "cpu")
+        row["policy_file"] = policies[spec[2]]
         with args.rows.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{row['name']}: work {row['work']:.3f} PSNR {row['psnr_db']:.2f} dB FID {row['fid_vs_uncached']:.4f} "

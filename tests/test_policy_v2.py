@@ -179,11 +179,17 @@ def test_the_history_error_is_error_control_measurement_summed_over_targets(mode
     try:
         ctl.begin_step(0, STEPS)
         assert ctl.needs_effect and ctl.history is ctl.schedule.history
+        # The meter plans nothing and keeps no list: its errors go to the history; listen in on them.
+        assert not ctl.effect_meter.plans
+        errors, to_history = [], ctl.effect_meter.on_measured
+        ctl.effect_meter.on_measured = lambda key, step, m: (
+            m is not None and errors.append((step, *key, m[1], m[0])), to_history(key, step, m))
         sample(model, LABELS, SEEDS, steps=STEPS - 1, cfg_scale=2.0)       # ends at step 10, state still there
-        errors = list(ctl.effect_meter.errors)                # (step, layer, branch, target, age, error)
+        ctl.resolve_measurements()
         history = dict(ctl.history.error), dict(ctl.history.last_compute)
         ctl.begin_step(0, STEPS)                              # a new generation forgets it all
-        assert not ctl.history.last_compute and not ctl.history.error and not ctl.effect_meter.errors
+        assert not ctl.history.last_compute and not ctl.history.error and not ctl.effect_meter._pending
+        assert not ctl.effect_meter.errors and not ctl.effect_meter._refresh_at
     finally:
         remove_dqar(model)
     assert errors and {e[3] for e in errors} == {"attn", "mlp"}

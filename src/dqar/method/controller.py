@@ -95,7 +95,8 @@ class DQARController:
         self.needs_entropy = self.config.needs_entropy or bool(getattr(self.schedule, "reads_entropy", False))
         uses = bool(getattr(self.schedule, "uses_history", False))
         self.history = ModuleHistory() if uses else None
-        self.effect_meter = ErrorControl(self.config, on_measured=self._history_measured) if uses else None
+        self.effect_meter = (ErrorControl(self.config, on_measured=self._history_measured, plans=False)
+                             if uses else None)
         if uses:
             self.schedule.history = self.history
 

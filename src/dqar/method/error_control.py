@@ -85,13 +85,17 @@ Measured = Callable[[tuple, int, "tuple[float, int] | None"], None]
 
 
 class ErrorControl:
-    def __init__(self, config: DQARConfig, on_measured: Measured | None = None):
+    """`on_measured` hears of every measured compute; with `plans=False` the errors only go there (a meter for
+    another schedule, policy v2): no refresh is planned and no error list is kept."""
+
+    def __init__(self, config: DQARConfig, on_measured: Measured | None = None, plans: bool = True):
         self.tolerance = config.tolerance
         self.max_age = config.max_age
         self.order = config.forecast_order
         self.images = config.error_images
-        self.per_step = config.adaptive_scope == "step"
+        self.per_step = plans and config.adaptive_scope == "step"
         self.on_measured = on_measured
+        self.plans = plans
         self.reset()
 
     def reset(self) -> None:
@@ -131,8 +135,13 @@ class ErrorControl:
         rows = spread_rows(fresh.shape[0], self.images) if self.images else _ALL
         a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, rows)
         if rows != _ALL:
-            gate = None if gate is None else gate[rows]
-            size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
+            # A block probe hands out only the measured rows already (BlockProbe.effect); other effects are cut.
+            if gate is not None and gate.shape[0] == fresh.shape[0]:
+                gate = gate[rows]
+            if isinstance(size, InputRows):
+                size = size.cut(rows) if size.rows.shape[0] == fresh.shape[0] else size
+            elif size.shape[0] == fresh.shape[0]:
+                size = size[rows]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
         age = step_index - previous.steps[-1]
         if not self._pending and a.numel() > _DEFER_ELEMENTS:
@@ -162,6 +171,9 @@ class ErrorControl:
 
     def _settle(self, key: tuple, step_index: int, age: int, error: float | None, history: tuple) -> None:
         """Record a measured error (None: nothing to compare with) and plan from it."""
+        if not self.plans:
+            self.on_measured(key, step_index, None if error is None else (error, age))
+            return
         if self.per_step:
             self._close_step(step_index)
         measured = None

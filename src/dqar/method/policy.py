@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_SETS
 
@@ -90,8 +91,12 @@ class ReusePolicy(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid scores (N,), for a numerically stable BCE during training."""
         z = (_check_features(features, self.feature_names) - self.feature_mean) / self.feature_std
-        h = self.net[:-1](z)                                                   # (N, 1)
-        return h.squeeze(-1)
+        # The layers called as functions: the same ops as self.net[:-1](z), without building a Sequential and
+        # dispatching six modules per call (the policy plans every step).
+        first, _, second, _, last, _ = self.net
+        h = torch.tanh(F.linear(z, first.weight, first.bias))
+        h = torch.tanh(F.linear(h, second.weight, second.bias))
+        return F.linear(h, last.weight, last.bias).squeeze(-1)                 # (N,)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """p_reuse (N,) in [0, 1]."""
