@@ -9,6 +9,8 @@ round; reported: the median ratio, its spread (min..max over rounds) and the wor
 
     python benchmarks/policy_speed.py --policy v1=shipped --policy v2=src/dqar/digits/assets/policy_digits.safetensors \
         --thresholds 0.3,0.5,0.7,0.9 --intervals 3 --rounds 7 --threads 2 --json out/policy_speed.json
+    python benchmarks/policy_speed.py --policy v2ne1=docs/policy/policy_v2_noentropy_err1.safetensors \
+        --error-images 1 --thresholds 0.5,0.7 --intervals 3 --per-class 2 --rounds 5 --threads 2
     python benchmarks/policy_speed.py --policy v1=shipped --thresholds 0.5 --per-class 1 --steps 5 --rounds 1 \
         --warmup-runs 0                                          # smoke test
 
@@ -39,6 +41,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--error-images", type=int, default=0,
+                   help="the policies' forecast error over this many images per branch (0: all, the default)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup-runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -59,8 +63,9 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("nothing to time: give --policy TAG=FILE and/or --intervals")
     if not all(0.0 <= t <= 1.0 for t in args.threshold_list):
         p.error(f"--thresholds={args.thresholds!r} is not allowed: numbers in [0, 1]")
-    if args.rounds < 1 or args.warmup_runs < 0 or args.per_class < 1 or args.steps < 2:
-        p.error("--rounds >= 1, --warmup-runs >= 0, --per-class >= 1 and --steps >= 2 are required")
+    if args.rounds < 1 or args.warmup_runs < 0 or args.per_class < 1 or args.steps < 2 or args.error_images < 0:
+        p.error("--rounds >= 1, --warmup-runs >= 0, --per-class >= 1, --steps >= 2 and --error-images >= 0 are "
+                "required")
     return args
 
 
@@ -70,7 +75,7 @@ def configs(args) -> dict:
         for t in args.threshold_list:
             out[f"policy-{tag}-thr{t:g}"] = DQARConfig(schedule="policy", policy_path=path, policy_threshold=t,
                                                        warmup=0.0, targets=("attn", "mlp"),
-                                                       forecast_order=args.order)
+                                                       forecast_order=args.order, error_images=args.error_images)
     for k in args.interval_list:
         out[f"interval{k}"] = DQARConfig(schedule="interval", interval=k, warmup=0.0, targets=("attn", "mlp"),
                                          forecast_order=args.order)

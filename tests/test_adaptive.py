@@ -326,28 +326,3 @@ def test_measured_at_once_or_at_the_step_end_the_same(model, monkeypatch, target
     assert [e[:5] for e in queued_errors] == [e[:5] for e in at_once_errors]
     assert [e[5] for e in queued_errors] == pytest.approx([e[5] for e in at_once_errors], rel=1e-5)
 
-
-def test_a_block_probe_hands_out_only_the_measured_rows(model):
-    """With error_images the probe's gate and input rows are the branch's spread sample (stats.spread_rows),
-    offset to the branch; every image: the branch's rows."""
-    from dqar.method.layouts import find_layout
-    from dqar.method.probes import BlockProbe, InputRows
-
-    block = model.blocks[0]
-    x, c = torch.randn(8, 16, model.config.hidden_size), torch.randn(8, model.config.hidden_size)
-    for images, want in ((0, [4, 5, 6, 7]), (2, [4, 6]), (1, [4])):
-        probe = BlockProbe(block, find_layout(model), images)
-        try:
-            with torch.no_grad():
-                block(x, c)
-                probe._input = x                       # as during the forward, when the modules measure
-                gate, size = probe.effect("attn", 4, 8)
-        finally:
-            probe.remove()
-        full = probe.gates["attn"]
-        assert torch.equal(gate, full[want])
-        rows = size.rows if isinstance(size, InputRows) else None
-        if images:
-            assert torch.equal(rows, x[want])
-        else:
-            assert torch.allclose(size, x[4:8].flatten(1).norm(dim=1))

@@ -135,13 +135,8 @@ class ErrorControl:
         rows = spread_rows(fresh.shape[0], self.images) if self.images else _ALL
         a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, rows)
         if rows != _ALL:
-            # A block probe hands out only the measured rows already (BlockProbe.effect); other effects are cut.
-            if gate is not None and gate.shape[0] == fresh.shape[0]:
-                gate = gate[rows]
-            if isinstance(size, InputRows):
-                size = size.cut(rows) if size.rows.shape[0] == fresh.shape[0] else size
-            elif size.shape[0] == fresh.shape[0]:
-                size = size[rows]
+            gate = None if gate is None else gate[rows]
+            size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
         age = step_index - previous.steps[-1]
         if not self._pending and a.numel() > _DEFER_ELEMENTS:

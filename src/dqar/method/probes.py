@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .layouts import BlockLayout
-from .stats import per_sample_norm, spread_rows
+from .stats import per_sample_norm
 
 
 class InputRows:
@@ -87,20 +87,13 @@ class BlockProbe:
 
     def effect(self, target: str, start: int, stop: int):
         """(gate or None, block input size) of batch rows start:stop for `target` ("block" has no gate): the
-        size is their (n,) norms, or with `images` the rows themselves (`InputRows`, a view), or None. With
-        `images` only the rows the error control measures are handed out (stats.spread_rows of the branch):
-        one view each instead of a branch's view and then its sample's."""
-        rows = slice(start, stop)
-        if self.images:
-            spread = spread_rows(stop - start, self.images)
-            if spread != slice(None):
-                rows = slice(start + spread.start, start + spread.stop, spread.step)
+        size is their (n,) norms, or with `images` the rows themselves (`InputRows`, a view), or None."""
         gate = self.gates.get(target)
-        gate = gate[rows] if gate is not None else None
+        gate = gate[start:stop] if gate is not None else None
         if self.images and self._input is not None and self._input_norm is None:
-            return gate, InputRows(self._input[rows], self._input_version, self)
+            return gate, InputRows(self._input[start:stop], self._input_version, self)
         norm = self.input_norm
-        return gate, norm[rows] if norm is not None else None
+        return gate, norm[start:stop] if norm is not None else None
 
     def remove(self) -> None:
         for handle in self._handles:
