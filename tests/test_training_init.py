@@ -131,10 +131,23 @@ def test_extra_emas_are_written_as_complete_model_folders(tmp_path, capsys):
     code = main(["train-model", "--only", "dit", "--out", str(out), "--steps", "2", "--batch-size", "4",
                  "--extra-ema", "0,0.9", "--no-progress", "--threads", "1"])
     assert code == 0
-    for sub, label in (("ema-0", "the raw trained weights (no EMA)"), ("ema-0.9", "EMA of the trained weights, decay 0.9")):
+    never = " (never reached in 2 steps: the (1+n)/(10+n) warm-up ramp decides the average)"
+    for sub, label in (("ema-0", "the raw trained weights (no EMA)"),
+                       ("ema-0.9", "EMA of the trained weights, decay 0.9" + never)):
         card = json.loads((out / sub / "dit_digits.json").read_text())
         assert card["weights"] == label and "--extra-ema 0,0.9" in card["training"]["command"]
         load_embedded_model(out / sub / "dit_digits_ema.safetensors")      # digest checks out
+    # 0.999 and 0.9 never bind in 2 steps (the ramp is 0.1, 0.18): said once, before training
+    assert "note: EMA decay 0.999, 0.9 never binds in 2 steps" in capsys.readouterr().err
+
+
+def test_a_decay_binds_only_once_the_warmup_ramp_passes_it():
+    from dqar.digits.training import decay_binds, ema_warmup
+
+    assert ema_warmup(0) == pytest.approx(0.1) and ema_warmup(3999) == pytest.approx(4000 / 4009)
+    # The shipped recipe's 0.9995 over 4,000 steps is the ramp throughout; 0.995 binds from step 1,791 on.
+    assert not decay_binds(0.9995, 4000) and not decay_binds(0.998, 4000) and decay_binds(0.995, 4000)
+    assert decay_binds(0.9995, 20000)
 
 
 @pytest.mark.parametrize("spec, words", [("0.5,abc", "'abc' is not a number"), ("1.5", "must be a number in [0, 1)"),

@@ -135,6 +135,7 @@ def _write_dit(out, result, args, data_card, env, decay: float | None = None) ->
     each extra EMA goes to its own subfolder, a complete model folder of its own."""
     from dqar.digits.data import IMAGE_SIZE
     from dqar.digits.embedded import DIT_CARD, DIT_FILE, save_embedded_dit, tensor_digest
+    from dqar.digits.training import decay_binds
 
     decay = result.config.ema_decay if decay is None else decay
     for extra, average in result.extra_emas.items():
@@ -158,7 +159,9 @@ def _write_dit(out, result, args, data_card, env, decay: float | None = None) ->
         "image_shape": [config.in_channels, config.input_size, config.input_size],
         "resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE} grey, pixel space (no VAE)", "tokens": config.num_tokens,
         "parameters": sum(p.numel() for p in result.ema.parameters()),
-        "weights": f"EMA of the trained weights, decay {decay:g}" if decay else "the raw trained weights (no EMA)",
+        "weights": (("the raw trained weights (no EMA)" if not decay else f"EMA of the trained weights, decay {decay:g}"
+                     + ("" if decay_binds(decay, steps) else
+                        f" (never reached in {steps} steps: the (1+n)/(10+n) warm-up ramp decides the average)"))),
         "weights_sha256": tensor_digest(result.ema.state_dict()),
         "data": data_card,
         "schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
@@ -240,6 +243,13 @@ def run(args: argparse.Namespace) -> int:
                 break
         raise UsageError(message) from None
     _check_init(dit_cfg.init_from, args.preset)
+    from dqar.digits.training import decay_binds, ema_warmup
+
+    idle = [d for d in (dit_cfg.ema_decay, *dit_cfg.extra_ema_decays) if d and not decay_binds(d, dit_cfg.steps)]
+    if idle:
+        print(f"note: EMA decay {', '.join(f'{d:g}' for d in idle)} never binds in {dit_cfg.steps} steps: the "
+              f"(1+n)/(10+n) warm-up stays below it (it reaches {ema_warmup(dit_cfg.steps - 1):.5f}), so the "
+              "average is the warm-up ramp's, the same for every such decay", file=sys.stderr)
     setup_torch(argparse.Namespace(threads=args.threads, device="cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
