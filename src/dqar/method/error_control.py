@@ -89,6 +89,8 @@ class ErrorControl:
     another schedule, policy v2): no refresh is planned and no error list is kept."""
 
     def __init__(self, config: DQARConfig, on_measured: Measured | None = None, plans: bool = True):
+        if not plans and on_measured is None:
+            raise ValueError("an ErrorControl that plans nothing needs on_measured: its errors would go nowhere")
         self.tolerance = config.tolerance
         self.max_age = config.max_age
         self.order = config.forecast_order

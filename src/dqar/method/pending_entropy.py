@@ -30,9 +30,9 @@ HELD_BYTES = 1 << 27                # projections the queued views keep alive, a
 
 class PendingEntropies:
     def __init__(self):
-        # (logits (n, H, r, T), parts): the batch rows split into len(parts) equal parts, one per CFG
-        # branch, each part's mean the entropy of (layer, branch); entry: the cache entry that records it.
-        # (logits (n, H, r, T) or the QKRows to form them from, parts)
+        # (logits (n, H, r, T) or the QKRows to form them from, parts): the batch rows split into len(parts)
+        # equal parts, one per CFG branch, each part's mean the entropy of (layer, branch); entry: the cache
+        # entry that records it.
         self._items: list[tuple[torch.Tensor | QKRows, list[tuple[int, str, object]]]] = []
         self._held = 0
 
@@ -53,9 +53,11 @@ class PendingEntropies:
             # What the views keep alive: the projection behind q and k (a fused qkv: three times q).
             self._held += 3 * logits.q.numel() * logits.q.element_size()
             if self._held > HELD_BYTES:
-                self._items = [(_formed([it])[0] if isinstance(it, QKRows) else it, p) for it, p in self._items]
+                # Rare (a large model's small calls): form what is queued now, one call at a time.
+                self._items = [(stacked_logits([it])[0] if isinstance(it, QKRows) else it, p)
+                               for it, p in self._items]
                 self._held = 0
-                logits = _formed([logits])[0]
+                logits = stacked_logits([logits])[0]
         self._items.append((logits, parts))
 
     def has_layer(self, layer: int) -> bool:
@@ -111,8 +113,3 @@ def _within_budget(members: list[int], sizes: list[int]) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
-
-
-def _formed(calls: list[QKRows]) -> list[torch.Tensor]:
-    """The logits of queued calls, formed now (one stack per kind)."""
-    return list(stacked_logits(calls).unbind(0))
