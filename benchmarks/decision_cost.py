@@ -26,12 +26,14 @@ run, so machine drift cancels. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -41,25 +43,37 @@ from dqar.digits.embedded import load_embedded_model
 from dqar.harness.timing import dqar_contender, interleaved_timing
 from dqar.method.controller import DQARController
 from dqar.method.error_control import ErrorControl
+from dqar.method.policy import shipped_policy_path
 from dqar.method.probes import BlockProbe
 from dqar.models import build_dit
 from dqar.sampling import sample
 
 
 def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | None = None,
-            error_images: int = 0) -> dict[str, DQARConfig]:
+            error_images: int = 0, policy_targets: tuple | None = None,
+            branch_decisions: str = "each") -> dict[str, DQARConfig]:
     common = dict(warmup=0.0, targets=targets, forecast_order=order)
+    # The policy runs on the targets its card names (use_with): those its error feature was measured on.
+    policy_targets = policy_targets or policy_use_with(policy).get("targets", ("attn",))
     return {
         "hooks+history": DQARConfig(schedule="interval", interval=1, **common),
-        "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, error_images=error_images, **common),
+        "adaptive": DQARConfig(schedule="adaptive", tolerance=1e-12, max_age=6, error_images=error_images,
+                               branch_decisions=branch_decisions, **common),
         # The gate and the policy read attention entropy, so they decide on attention (and keep its history).
         "gate": DQARConfig(schedule="gate", tau0=1e-6, warmup=0.0, forecast_order=order,
                            entropy_images=entropy_images),
         # Threshold 1.0 alone can pass (a float32 sigmoid reaches 1.0); a budget below one layer never does.
         "policy": DQARConfig(schedule="policy", policy_path=policy, policy_threshold=1.0, policy_budget=0.01,
                              warmup=0.0, forecast_order=order, entropy_images=entropy_images,
-                             error_images=error_images),
+                             error_images=error_images, targets=tuple(policy_targets),
+                             branch_decisions=branch_decisions),
     }
+
+
+def policy_use_with(path: str | None) -> dict:
+    """The `use_with` of a policy's card (the .json beside it; the shipped policy's when path is None), or {}."""
+    card = Path(path).with_suffix(".json") if path else shipped_policy_path().with_suffix(".json")
+    return json.loads(card.read_text(encoding="utf-8")).get("use_with", {}) if card.is_file() else {}
 
 
 class DecisionTimers:
@@ -148,6 +162,10 @@ def main() -> int:
     ap.add_argument("--policy", default=None,
                     help="the policy contender's file (default: the shipped one), e.g. "
                          "docs/policy/policy_v2_noentropy.safetensors")
+    ap.add_argument("--policy-targets", default=None,
+                    help="the policy contender's targets (default: its card's use_with, else attn)")
+    ap.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
+                    help="adaptive and policy: each branch decides on its own (each) or cond's plan serves both")
     ap.add_argument("--only", default=None, help="comma list of contenders to time besides plain and hooks+history")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -171,7 +189,8 @@ def main() -> int:
 
     contenders = {"plain": run}
     chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images, args.policy,
-                     args.error_images)
+                     args.error_images, tuple(args.policy_targets.split(",")) if args.policy_targets else None,
+                     args.branch_decisions)
     if args.only:
         keep = {"hooks+history", *args.only.split(",")}
         unknown = keep - set(chosen)
@@ -209,6 +228,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "steps": args.steps, "rounds": args.rounds, "rows": rows,
+                       "configs": {k: dataclasses.asdict(v) for k, v in chosen.items()},
                        "decision_share": shares}, f, indent=1)
     return 0
 

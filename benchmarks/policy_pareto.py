@@ -25,16 +25,18 @@ ROOT = HERE.parent
 
 
 def contenders(policies: dict, thresholds: list, order: int, warmup: float, targets=("attn", "mlp"),
-               entropy_images: int = 0, error_images: int = 0) -> list:
+               entropy_images: int = 0, error_images: int = 0, branch_decisions: str = "each") -> list:
     out = []      # (row name, config kwargs, tag)
     # The cheaper statistics get a name suffix; the exact ones keep the names of the rows measured before them.
-    cheap = (f"-e{entropy_images}" if entropy_images else "") + (f"-err{error_images}" if error_images else "")
+    cheap = ((f"-e{entropy_images}" if entropy_images else "") + (f"-err{error_images}" if error_images else "")
+             + ("-bcond" if branch_decisions == "cond" else ""))
     for tag, path in policies.items():
         for t in thresholds:
             out.append((f"policy-{tag}-thr{t:g}-{'+'.join(targets)}-o{order}-w{warmup:g}{cheap}",
                         dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
                              warmup=warmup, targets=tuple(targets), forecast_order=order,
-                             entropy_images=entropy_images, error_images=error_images), tag))
+                             entropy_images=entropy_images, error_images=error_images,
+                             branch_decisions=branch_decisions), tag))
     return out
 
 
@@ -70,6 +72,8 @@ def main() -> int:
     p.add_argument("--entropy-images", type=int, default=0, help="entropy over this many images per branch (0: all)")
     p.add_argument("--error-images", type=int, default=0,
                    help="forecast error over this many images per branch (0: all)")
+    p.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
+                   help="each CFG branch decides on its own (each, default) or cond's plan serves both")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -115,7 +119,7 @@ def measure(args, policies: dict, thresholds: list) -> None:
     done = {r["name"] for r in read_rows(args.rows)}
     targets = tuple(t for t in args.targets.split(",") if t)
     todo = [c for c in contenders(policies, thresholds, args.order, args.warmup, targets, args.entropy_images,
-                                   args.error_images)
+                                   args.error_images, args.branch_decisions)
             if c[0] not in done]
     if not todo:
         return

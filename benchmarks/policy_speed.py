@@ -43,6 +43,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--error-images", type=int, default=0,
                    help="the policies' forecast error over this many images per branch (0: all, the default)")
+    p.add_argument("--targets", default="attn,mlp", help="what the policies and intervals cache (default attn,mlp)")
+    p.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
+                   help="the policies: each CFG branch decides on its own (each) or cond's plan serves both")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup-runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -71,13 +74,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def configs(args) -> dict:
     out = {}
+    targets = tuple(t for t in args.targets.split(",") if t)
     for tag, path in args.policies.items():
         for t in args.threshold_list:
             out[f"policy-{tag}-thr{t:g}"] = DQARConfig(schedule="policy", policy_path=path, policy_threshold=t,
-                                                       warmup=0.0, targets=("attn", "mlp"),
-                                                       forecast_order=args.order, error_images=args.error_images)
+                                                       warmup=0.0, targets=targets,
+                                                       forecast_order=args.order, error_images=args.error_images,
+                                                       branch_decisions=args.branch_decisions)
     for k in args.interval_list:
-        out[f"interval{k}"] = DQARConfig(schedule="interval", interval=k, warmup=0.0, targets=("attn", "mlp"),
+        out[f"interval{k}"] = DQARConfig(schedule="interval", interval=k, warmup=0.0, targets=targets,
                                          forecast_order=args.order)
     return out
 

@@ -158,6 +158,10 @@ def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, t
     (dict(error_images=-1), r"error_images=-1 is not allowed: must be an integer >= 0 \(0: every image\)"),
     (dict(error_images=1.5), r"error_images=1.5 is not allowed"),
     (dict(error_images=True), r"error_images=True is not allowed"),
+    (dict(schedule="adaptive", branch_decisions="uncond"), r"branch_decisions='uncond' is not allowed: must be one "
+                                                           r"of each, cond"),
+    (dict(schedule="interval", branch_decisions="cond"), r"branch_decisions='cond' is not allowed: applies to the "
+                                                         r"schedules that measure forecast errors"),
 ])
 def test_bad_adaptive_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -281,8 +285,10 @@ def test_an_input_written_in_place_before_the_measurement_is_noticed():
     assert control.errors[-1][-1] == pytest.approx(1.0 * 32 ** 0.5 / 32 ** 0.5, rel=1e-6) and probe._eager
 
 
-def test_modules_of_one_block_share_the_reduction_of_their_input_rows(monkeypatch):
-    """Attention and MLP of a block hold the same input rows: reduced once, each error still its own."""
+@pytest.mark.parametrize("images", [1, 2])
+def test_modules_of_one_block_share_the_reduction_of_their_input_rows(monkeypatch, images):
+    """Attention and MLP of a block hold the same input rows: reduced once, each error still its own (one image:
+    norms of the views themselves; more: stacked)."""
     from dqar.method import error_control
     from dqar.method.probes import InputRows
 
@@ -290,19 +296,51 @@ def test_modules_of_one_block_share_the_reduction_of_their_input_rows(monkeypatc
         _eager = False
 
     reduced = []
-    real = error_control._grouped_norms
+    stacked, listed = error_control._grouped_norms, torch._foreach_norm
     monkeypatch.setattr(error_control, "_grouped_norms",
-                        lambda items, *a: reduced.append(len(items)) or real(items, *a))
+                        lambda items, *a: reduced.append(len(items)) or stacked(items, *a))
+    monkeypatch.setattr(torch, "_foreach_norm", lambda tensors: reduced.append(len(tensors)) or listed(tensors))
     probe = Probe()
     x, y = torch.full((2, 4, 8), 0.5), torch.full((2, 4, 8), 2.0)
     previous, fresh = _two_image_miss()
-    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, error_images=1))
+    control = ErrorControl(DQARConfig(schedule="adaptive", forecast_order=0, error_images=images))
     for key, inp in (((0, "cond", "attn"), x), ((0, "cond", "mlp"), x), ((1, "cond", "attn"), y)):
         control.observe(key, previous, fresh, 3, (None, InputRows(inp[0:2], inp._version, probe)))
     errors = [e[-1] for e in control.errors]
-    # image 0 only: ||miss|| = 0.1 sqrt(32), ||x_0|| = 0.5 sqrt(32), ||y_0|| = 2 sqrt(32)
-    assert errors == pytest.approx([0.2, 0.2, 0.05], rel=1e-6)
-    assert reduced == [3, 2]                  # three misses, two distinct input views
+    if images == 1:
+        # image 0 only: ||miss|| = 0.1 sqrt(32), ||x_0|| = 0.5 sqrt(32), ||y_0|| = 2 sqrt(32)
+        assert errors == pytest.approx([0.2, 0.2, 0.05], rel=1e-6)
+        assert reduced == [3 + 2]             # one list: three misses, two distinct input views
+    else:
+        # both images: image 1's ratio is the larger, 1.0 / 0.5 for x and 1.0 / 2.0 for y
+        assert errors == pytest.approx([2.0, 2.0, 0.5], rel=1e-6)
+        assert reduced == [3, 2]              # three misses, two distinct input views
+
+
+def test_one_image_measurements_equal_the_stacked_ones():
+    """The one-image path (norms of the views) gives the stacked path's ratios for every kind of miss (two terms
+    or one, with a gate or without) and writes none of the terms it is handed."""
+    from dqar.method.error_control import _Measurement, _effect_ratios, _one_image_ratios, _stacked_ratios
+    from dqar.method.probes import InputRows
+
+    class Probe:
+        _eager = False
+
+    g = torch.Generator().manual_seed(0)
+    probe, x, y = Probe(), torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+
+    def one(two_terms, gated, inp):
+        return _Measurement((0, "cond", "attn"), 3, 1, torch.randn(1, 4, 8, generator=g),
+                            torch.randn(1, 4, 8, generator=g) if two_terms else None,
+                            torch.randn(1, 8, generator=g) if gated else None, InputRows(inp, inp._version, probe), 2.0)
+
+    measured = [one(t, gt, inp) for t in (True, False) for gt in (True, False) for inp in (x, y)]
+    kept = [(m.a.clone(), None if m.b is None else m.b.clone()) for m in measured]
+    fast = _one_image_ratios(measured)
+    assert fast == pytest.approx(_stacked_ratios(measured), rel=1e-6) and len(set(fast)) == len(fast)
+    assert all(torch.equal(m.a, a) and (b is None or torch.equal(m.b, b)) for m, (a, b) in zip(measured, kept))
+    unmeasured = _Measurement((1, "cond", "attn"), 3)
+    assert _effect_ratios([unmeasured] + measured) == [None] + fast
 
 
 @pytest.mark.parametrize("targets, images", [(("attn", "mlp"), 0), (("attn", "mlp"), 1), (("block",), 1)])
@@ -326,3 +364,47 @@ def test_measured_at_once_or_at_the_step_end_the_same(model, monkeypatch, target
     assert [e[:5] for e in queued_errors] == [e[:5] for e in at_once_errors]
     assert [e[5] for e in queued_errors] == pytest.approx([e[5] for e in at_once_errors], rel=1e-5)
 
+
+
+def test_conditional_decisions_refresh_both_branches_together(model, baseline):
+    """branch_decisions="cond" (module scope): only conditional computes are measured and the unconditional
+    branch refreshes when the conditional one does; a tiny tolerance still computes everything."""
+    config = DQARConfig(schedule="adaptive", adaptive_scope="module", warmup=0.0, tolerance=0.05, max_age=4,
+                        forecast_order=1, targets=("attn", "mlp"), branch_decisions="cond")
+    ctl = apply_dqar(model, config)
+    try:
+        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        s, branches = ctl.summary(), {e[2] for e in ctl.error_control.errors}
+    finally:
+        remove_dqar(model)
+    assert s["reuse_events"] > 0 and branches == {"cond"}
+    each, s_each, _ = run(model, DQARConfig(**{**config.__dict__, "branch_decisions": "each"}))
+    assert s_each["reuse_events"] > 0 and not torch.equal(images, each)
+    # Every reuse event is a pair: both branches of a layer and target decided alike.
+    assert all(n % 2 == 0 for n in s["events_per_step"])
+    again, s2, _ = run(model, config)
+    assert torch.equal(images, again) and s2["events_per_step"] == s["events_per_step"]
+    exact, s0, _ = run(model, DQARConfig(**{**config.__dict__, "tolerance": 1e-12}))
+    assert s0["reuse_events"] == 0 and torch.equal(exact, baseline)
+
+
+def test_probe_hands_the_modules_of_a_block_one_set_of_measured_rows(model):
+    """With error_images, attention and MLP of one block and branch share the InputRows the probe cut once."""
+    from dqar.method.probes import InputRows
+
+    handed = []
+    ctl = apply_dqar(model, DQARConfig(schedule="adaptive", warmup=0.0, tolerance=1e-12, targets=("attn", "mlp"),
+                                       forecast_order=1, error_images=1))
+    observe = ctl.error_control.observe
+    ctl.error_control.observe = lambda key, prev, fresh, step, effect, diffs=None: (
+        handed.append((key, step, effect)) or observe(key, prev, fresh, step, effect, diffs))
+    try:
+        sample(model, LABELS, SEEDS, steps=4, cfg_scale=2.0)
+    finally:
+        remove_dqar(model)
+    by = {}
+    for (layer, branch, target), step, effect in handed:
+        if effect is not None and isinstance(effect[1], InputRows):
+            by.setdefault((layer, branch, step), {})[target] = effect
+    assert by and all(e["attn"][1] is e["mlp"][1] and e["attn"][1].sampled for e in by.values())
+    assert all(e["attn"][1].rows.shape[0] == 1 and e["attn"][0].shape[0] == 1 for e in by.values())

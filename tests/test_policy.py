@@ -473,3 +473,14 @@ def test_train_policy_more_calibration_positions_than_a_trace_has_is_refused_bef
     # DiT-Tiny: 4 layers; 6 steps trace steps 2..5; CFG gives 2 branches: 4 * 4 * 2 = 32 positions.
     assert rc == 2 and "--calib-positions=33 exceeds the 32 (step, layer, branch) positions" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_the_threshold_compares_as_float32_like_a_tensor_comparison():
+    """chosen() reads the probabilities as a list; its threshold test must agree with `p >= threshold` on the
+    float32 tensor, also where the threshold is not a float32 number (0.7 rounds down to 0.69999999)."""
+    policy = ReusePolicy()
+    p = torch.tensor([0.7, 0.69999993, 0.70000005, 0.5], dtype=torch.float32)
+    for thr in (0.7, 0.69999993, 0.5, 1.0, 0.0):
+        assert policy.chosen(p.tolist(), 8, thr) == (p >= thr).tolist()
+    # With a budget the most confident win, ties in row order.
+    assert policy.chosen([0.9, 0.95, 0.9, 0.2], 4, 0.5, budget=0.5) == [True, True, False, False]

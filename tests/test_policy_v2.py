@@ -281,6 +281,10 @@ def test_train_policy_v2_end_to_end_writes_a_loadable_v2_policy(tmp_path):
     (["--features", "v2", "--forecast-order", "3"], "--forecast-order=3 is not allowed"),
     (["--features", "v2", "--error-images", "-1"], "--error-images=-1 is not allowed: must be >= 0"),
     (["--error-images", "1"], "--error-images applies only to --features v2"),
+    (["--features", "v2-noentropy", "--targets", "mlp"], "--targets='mlp' is not allowed: must be one of attn,mlp, block"),
+    (["--features", "v2", "--targets", "block"], "--targets block measures no attention entropy"),
+    (["--features", "v2", "--branch-decisions", "both"], "--branch-decisions='both' is not allowed: must be each or cond"),
+    (["--branch-decisions", "cond"], "--branch-decisions applies only to --features v2"),
 ])
 def test_train_policy_v2_bad_values_exit_2_before_any_work(tmp_path, capsys, argv, message):
     from dqar.cli import main
@@ -423,3 +427,54 @@ def test_both_branches_planned_in_one_forward_equal_each_planned_alone(model, tm
         remove_dqar(model)
     assert together == alone
     assert all(len(plan) == model.config.depth // 2 for plan in together.values())     # the budget bound
+
+
+# ------------------------------------------------------------------------------------------------ branch_decisions
+
+def test_conditional_decisions_serve_both_branches_and_measure_only_cond(model, baseline, tmp_path, monkeypatch):
+    """branch_decisions="cond": the policy plans the conditional branch alone (its rows only), the
+    unconditional branch takes that plan, only cond computes are measured; each generation starts afresh and
+    a policy that never forecasts gives the plain model's images."""
+    path, _ = save_policy(_constant_policy(10.0, max_cache_age=2, feature_set="v2-noentropy"), tmp_path / "y.safetensors")
+    forwards = []
+    real = ReusePolicy.forward
+    monkeypatch.setattr(ReusePolicy, "forward", lambda self, x: forwards.append(x.shape[0]) or real(self, x))
+    from dqar.method.controller import ModuleHistory
+    measured, computed = [], ModuleHistory.computed
+    monkeypatch.setattr(ModuleHistory, "computed",
+                        lambda self, layer, branch, step, m: measured.append(branch) or computed(self, layer, branch, step, m))
+    images, summary, ctl, seen = _run(model, path, branch_decisions="cond")
+    assert measured and set(measured) == {"cond"}
+    assert all(rows <= model.config.depth for rows in forwards) and forwards      # one branch's layers per plan
+    # The spy saw every branch's plan: the two branches of a step plan the same layers.
+    assert all(seen[i].keys() == seen[i + 1].keys() for i in range(0, len(seen), 2))
+    assert summary["reuse_events"] > 0 and not torch.equal(images, baseline)
+    images2, summary2, _, _ = _run(model, path, branch_decisions="cond")
+    assert torch.equal(images, images2) and summary2["events_per_step"] == summary["events_per_step"]
+    never, _ = save_policy(_constant_policy(-10.0, feature_set="v2-noentropy"), tmp_path / "n.safetensors")
+    plain, s, _, _ = _run(model, never, branch_decisions="cond")
+    assert s["reuse_events"] == 0 and torch.equal(plain, baseline)
+
+
+def test_train_policy_on_the_block_target_with_conditional_decisions(tmp_path, capsys):
+    """--targets block --branch-decisions cond: rows of the conditional branch only, measured on the block
+    target (no entropy: v2-noentropy), recorded in the rows and the card; rows measured otherwise are refused."""
+    from dqar.cli import main
+
+    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
+              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
+              "--val-fraction", "0.5", "--targets", "block"]
+    assert main([*common, "--out", str(tmp_path / "each")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cond"), "--branch-decisions", "cond"]) == 0
+    each, cond = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]
+                  for d in ("each", "cond"))
+    assert {r["branch"] for r in each} == {"cond", "uncond"} and {r["branch"] for r in cond} == {"cond"}
+    assert {(r["targets"], r["branch_decisions"]) for r in cond} == {("block", "cond")}
+    card = json.loads((tmp_path / "cond" / "policy_digits.json").read_text())
+    assert card["use_with"]["targets"] == ["block"] and card["use_with"]["branch_decisions"] == "cond"
+    assert "--targets block --branch-decisions cond" in card["command"]
+    policy = load_policy(tmp_path / "cond" / "policy_digits.safetensors")
+    assert policy.feature_set == "v2-noentropy"
+    assert main([*common, "--out", str(tmp_path / "mixed"), "--from", str(tmp_path / "each"), "--branch-decisions",
+                 "cond"]) == 2
+    assert "measured with branch_decisions ['each'], not --branch-decisions cond" in capsys.readouterr().err

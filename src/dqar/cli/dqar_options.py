@@ -145,6 +145,9 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "error-images": ("error_images", _int,
                      "adaptive schedule and policy v2: forecast error over this many images per CFG branch, "
                      "spread over it (0: all)"),
+    "branch-decisions": ("branch_decisions", _str,
+                         "adaptive schedule and policy v2 under CFG: each (every branch its own, default) | cond (the "
+                         "conditional branch is measured and decides for both)"),
     "policy": ("policy_path", _optional_str, "policy file (.safetensors) for --schedule policy"),
     "policy-threshold": ("policy_threshold", _float, "reuse when p_reuse >= this"),
     "policy-budget": ("policy_budget", _float, "max fraction of layers reused per step"),

@@ -14,7 +14,8 @@ from . import UsageError
 
 V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", "max_age": 6, "forecast_order": 2,
                "label_tolerance": None, "warmup": 0.0, "label_scale": "none", "max_cache_age": None,
-               "error_images": 0}
+               "error_images": 0, "targets": "attn,mlp", "branch_decisions": "each"}
+TARGET_CHOICES = ("attn,mlp", "block")
 
 
 def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,13 @@ def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-images", type=int, default=None,
                         help="v2: measure forecast errors (feature and harm) over this many images per CFG branch, "
                              "as a run with --error-images does; recorded in the card's use_with (default 0: all)")
+    parser.add_argument("--targets", default=None,
+                        help=f"v2: what the training runs cache and measure, {' or '.join(TARGET_CHOICES)} (the error "
+                             "feature sums a layer's targets); recorded in the card's use_with (default attn,mlp)")
+    parser.add_argument("--branch-decisions", default=None,
+                        help="v2: each (every CFG branch measured and decided on its own, default) or cond (the "
+                             "conditional branch measured, its plan serving both: rows of that branch only), as a "
+                             "run with --branch-decisions does; recorded in the card's use_with")
 
 
 def v2_settings(args: argparse.Namespace) -> dict:
@@ -68,6 +76,13 @@ def v2_settings(args: argparse.Namespace) -> dict:
     for name, low in (("n_runs", 2), ("per_class", 1), ("max_age", 1), ("max_cache_age", 1), ("error_images", 0)):
         if s[name] is not None and s[name] < low:
             raise UsageError(f"--{name.replace('_', '-')}={s[name]} is not allowed: must be >= {low}")
+    if s["targets"] not in TARGET_CHOICES:
+        raise UsageError(f"--targets={s['targets']!r} is not allowed: must be one of {', '.join(TARGET_CHOICES)}")
+    if "attn" not in s["targets"].split(",") and args.features == "v2":
+        raise UsageError(f"--targets {s['targets']} measures no attention entropy, which --features v2 reads; use "
+                         "--features v2-noentropy")
+    if s["branch_decisions"] not in ("each", "cond"):
+        raise UsageError(f"--branch-decisions={s['branch_decisions']!r} is not allowed: must be each or cond")
     if s["forecast_order"] not in (0, 1, 2):
         raise UsageError(f"--forecast-order={s['forecast_order']} is not allowed: must be 0, 1 or 2")
     tol = s["label_tolerance"]
@@ -93,6 +108,10 @@ def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
         parts.append(f"--max-cache-age {s['max_cache_age']}")
     if s["error_images"]:
         parts.append(f"--error-images {s['error_images']}")
+    if s["targets"] != V2_DEFAULTS["targets"]:
+        parts.append(f"--targets {s['targets']}")
+    if s["branch_decisions"] != V2_DEFAULTS["branch_decisions"]:
+        parts.append(f"--branch-decisions {s['branch_decisions']}")
     if args.from_dir:
         parts.append(f"--from {args.from_dir}")
     if args.threads is not None:
@@ -130,6 +149,12 @@ def read_rows(from_dir: str, s: dict, steps: int) -> list:
     if measured_over != {s["error_images"]}:
         raise UsageError(f"--from={from_dir!r} holds rows measured with error_images {sorted(measured_over)}, not "
                          f"--error-images {s['error_images']}")
+    # Rows from before these options: attention and MLP, every branch on its own.
+    for field, flag in (("targets", "--targets"), ("branch_decisions", "--branch-decisions")):
+        found = {r.get(field, V2_DEFAULTS[field]) for r in rows}
+        if found != {s[field]}:
+            raise UsageError(f"--from={from_dir!r} holds rows measured with {field} {sorted(found)}, not {flag} "
+                             f"{s[field]}")
     if {r["total_steps"] for r in rows} != {steps}:
         raise UsageError(f"--from={from_dir!r} holds rows of {sorted({r['total_steps'] for r in rows})} steps, "
                          f"not --steps {steps}")
@@ -163,7 +188,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
         try:
             rows = pv.collect_rows_v2(model, plan, max_age=s["max_age"], steps=args.steps, cfg_scale=cfg_scale,
                                       sampler=args.sampler, forecast_order=s["forecast_order"], warmup=s["warmup"],
-                                      error_images=s["error_images"], progress=bar)
+                                      error_images=s["error_images"], targets=tuple(s["targets"].split(",")),
+                                      branch_decisions=s["branch_decisions"], progress=bar)
         finally:
             bar.close()
     if not rows:
@@ -185,15 +211,17 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
                        "steps": args.steps, "cfg_scale": cfg_scale, "runs": len(plan),
                        "images_per_run": len(plan[0][1]), "seeds": [plan[0][2][0], plan[-1][2][-1]],
                        "rows": len(rows), "positive_rate": float(y.mean()),
-                       "targets": ["attn", "mlp"], "forecast_order": s["forecast_order"], "max_age": s["max_age"],
-                       "p_forecast": s["p_forecast"], "warmup": s["warmup"], "error_images": s["error_images"]},
+                       "targets": s["targets"].split(","), "forecast_order": s["forecast_order"],
+                       "max_age": s["max_age"], "p_forecast": s["p_forecast"], "warmup": s["warmup"],
+                       "error_images": s["error_images"], "branch_decisions": s["branch_decisions"]},
         "labels": {"rule": "1 if harm <= tolerance; harm = the adaLN-gated effect of forecasting there given the "
                            f"actual history, max over {over}, summed over the layer's targets (ErrorControl.observe)"
                            + ("; divided by the step's median one-step harm" if scales else ""), "tolerance": tol,
                    "scale": s["label_scale"], "step_scales": {str(k): v for k, v in sorted((scales or {}).items())},
                    "tolerance_from": "given" if s["label_tolerance"] is not None else "median (scaled) harm at cache age 2"},
-        "use_with": {"schedule": "policy", "targets": ["attn", "mlp"], "forecast_order": s["forecast_order"],
-                     "warmup": s["warmup"], "error_images": s["error_images"]},
+        "use_with": {"schedule": "policy", "targets": s["targets"].split(","), "forecast_order": s["forecast_order"],
+                     "warmup": s["warmup"], "error_images": s["error_images"],
+                     "branch_decisions": s["branch_decisions"]},
         "signal_auc": pv.signal_auc(rows, y),
         "training": {"epochs": args.epochs, "lr": args.lr, "l2": args.l2, "optimizer": "Adam, full batch",
                      "val_fraction": args.val_fraction, "seed": args.seed, "split": "by training run"},

@@ -50,6 +50,7 @@ class RefreshSchedule(Schedule):
             raise ValueError(f"max_age={max_age!r} is not allowed: must be an integer >= 1")
         self.p_forecast, self.max_age, self.seed = p_forecast, max_age, seed
         self.history = None
+        self.measures_entropy = "attn" in config.targets
         self.rows: list[dict] = []
         self._rng = random.Random(seed)
         self._pending: dict[tuple, dict] = {}     # (layer, branch) -> snapshot taken at its last plan
@@ -68,9 +69,11 @@ class RefreshSchedule(Schedule):
             age = self.history.age(layer, branch, t)
             measured = self.history.measured(layer, branch)
             if (self._computes.get(key, 0) <= self.config.forecast_order or measured is None
-                    or layer not in entropies or step.snr is None):
+                    or (self.measures_entropy and layer not in entropies) or step.snr is None):
                 continue                       # the controller could not forecast here / the policy not decide
-            feats = policy_features(entropies[layer], step.snr, step.latent_norm or 0.0, step.progress,
+            # Without the attention target no entropy is measured: the rows then train v2-noentropy only.
+            entropy = entropies[layer] if self.measures_entropy else 0.0
+            feats = policy_features(entropy, step.snr, step.latent_norm or 0.0, step.progress,
                                     step.prompt_length) + history_features(age, *measured)
             self._pending[key] = {"step": t, "total_steps": step.total_steps, "layer": layer, "branch": branch,
                                   **dict(zip(POLICY_FEATURE_NAMES_V2, feats))}
@@ -99,14 +102,15 @@ class RefreshSchedule(Schedule):
 def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int], *, p_forecast: float,
                       max_age: int, run_seed: int, steps: int = 50, cfg_scale: float = 1.5, sampler: str = "ddim",
                       targets: tuple = ("attn", "mlp"), forecast_order: int = 2, warmup: float = 0.0,
-                      error_images: int = 0) -> list[dict]:
+                      error_images: int = 0, branch_decisions: str = "each") -> list[dict]:
     """Rows of one generation of `labels`/`seeds` (one batch) under RefreshSchedule, tagged with `run_seed`.
 
     `error_images` (DQARConfig's) measures errors, the feature and the harm alike, over that many images per
-    branch, so a policy meant to run with it is trained on what it will see."""
+    branch, so a policy meant to run with it is trained on what it will see; `branch_decisions="cond"` measures
+    and plans the conditional branch only (its plan serves both), so the rows are that branch's."""
     # schedule="adaptive" makes apply_dqar install the block probes; the swapped-in schedule then decides alone.
     config = DQARConfig(schedule="adaptive", warmup=warmup, targets=targets, forecast_order=forecast_order,
-                        record_entropy=True, error_images=error_images)
+                        record_entropy=True, error_images=error_images, branch_decisions=branch_decisions)
     ctl = apply_dqar(model, config)
     schedule = RefreshSchedule(config, p_forecast, max_age, run_seed)
     ctl.use_schedule(schedule)
@@ -118,7 +122,7 @@ def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequ
         remove_dqar(model)
     for r in schedule.rows:
         r.update(run=int(run_seed), p_forecast=float(p_forecast), reuse_fraction=summary["reuse_fraction"],
-                 error_images=int(error_images))
+                 error_images=int(error_images), targets=",".join(targets), branch_decisions=branch_decisions)
     return schedule.rows
 
 
@@ -206,13 +210,14 @@ def run_plan(n_runs: int, per_class: int, num_classes: int, first_seed: int, p_f
 def collect_rows_v2(model: torch.nn.Module, plan: Sequence[tuple], *, max_age: int, steps: int = 50,
                     cfg_scale: float = 1.5, sampler: str = "ddim", targets: tuple = ("attn", "mlp"),
                     forecast_order: int = 2, warmup: float = 0.0, error_images: int = 0,
-                    progress=None) -> list[dict]:
+                    branch_decisions: str = "each", progress=None) -> list[dict]:
     """Rows of every run of `plan` (see run_plan), in order."""
     rows = []
     for n, (k, labels, seeds, p) in enumerate(plan):
         rows += trace_refresh_run(model, labels, seeds, p_forecast=p, max_age=max_age, run_seed=k, steps=steps,
                                   cfg_scale=cfg_scale, sampler=sampler, targets=targets,
-                                  forecast_order=forecast_order, warmup=warmup, error_images=error_images)
+                                  forecast_order=forecast_order, warmup=warmup, error_images=error_images,
+                                  branch_decisions=branch_decisions)
         if progress:
             progress(n + 1, len(plan))
     return rows

@@ -23,6 +23,7 @@ CACHE_BITS = (16, 8, 4)
 GRANULARITIES = ("tensor", "channel", "token")
 LAYER_ROUNDINGS = ("slides", "code")
 ADAPTIVE_SCOPES = ("module", "step")
+BRANCH_DECISIONS = ("each", "cond")
 # The seed's depth-aware phases for 28 layers, {0,1,2} / {0..12} / all, as fractions of depth.
 SEED_DEPTH_PHASES = ((0.3, 3 / 28), (0.7, 13 / 28), (1.0, 1.0))
 
@@ -98,6 +99,11 @@ class DQARConfig:
                value and a tolerance spends less work. The errors of a step are reduced together at the next
                step's start; on a small model that reduction is memory traffic over the measured rows, which
                the sample cuts (docs: BENCHMARKS.md, stop 18).
+    branch_decisions  the adaptive schedule and policy v2 under CFG: "each" (default) decides every branch from its
+               own measured forecast error; "cond" measures the conditional branch only and its decisions serve
+               the unconditional branch too (one plan per layer instead of two: half the measurements, on a
+               small model half the decision work). A policy for it is trained that way
+               (`dqar train-policy --branch-decisions cond`).
     cache_bits 16 stores outputs unquantized, in the model's own dtype (32-bit on an fp32 model); 8 / 4
                quantize them (every forecast slot: output and differences).
     tau0       entropy threshold base: tau(p_len) = tau0 * sqrt(p_len / 64); class-conditional
@@ -143,6 +149,7 @@ class DQARConfig:
     max_age: int = 4
     adaptive_scope: str = "step"
     error_images: int = 0
+    branch_decisions: str = "each"
     trace: bool = False
 
     def __post_init__(self):
@@ -161,7 +168,8 @@ class DQARConfig:
     def _validate(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("mode", MODES), ("order", ORDERS),
                               ("snr_form", SNR_FORMS), ("quant_granularity", GRANULARITIES),
-                              ("layer_rounding", LAYER_ROUNDINGS), ("adaptive_scope", ADAPTIVE_SCOPES)):
+                              ("layer_rounding", LAYER_ROUNDINGS), ("adaptive_scope", ADAPTIVE_SCOPES),
+                              ("branch_decisions", BRANCH_DECISIONS)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
         if self.gate_with not in GATE_WITH:
@@ -219,6 +227,10 @@ class DQARConfig:
             _fail("max_age", self.max_age, "must be an integer >= 1 (most steps a cached output may serve)")
         if not _is_int(self.error_images) or self.error_images < 0:
             _fail("error_images", self.error_images, "must be an integer >= 0 (0: every image)")
+        if self.branch_decisions != "each" and self.schedule not in ("adaptive", "policy"):
+            _fail("branch_decisions", self.branch_decisions, "applies to the schedules that measure forecast errors, "
+                                                             f"adaptive and policy (schedule is {self.schedule!r}); "
+                                                             "use 'each'")
         if self.schedule == "adaptive" and self.mode == "kv":
             _fail("schedule", self.schedule, "the adaptive schedule controls forecast errors of module outputs; "
                                              "mode='kv' caches keys/values, so use mode='output'")

@@ -105,6 +105,11 @@ class DQARController:
         """Whether commits need the block probes' gates and input norms (apply_dqar installs them)."""
         return self.error_control is not None or self.effect_meter is not None
 
+    def measures(self, branch: str) -> bool:
+        """Whether a compute of `branch` has its forecast error measured (branch_decisions="cond": the
+        conditional branch's only)."""
+        return self.config.branch_decisions == "each" or branch == "cond"
+
     def use_schedule(self, schedule) -> None:
         """Swap in a schedule built outside the config (harness measurements on a private controller); it
         decides alone (no error control), and gets the module history if it reads one."""
@@ -265,10 +270,11 @@ class DQARController:
             previous = self.cache.get(layer_id, branch, target)
             # The new differences serve both the cache and the error measurement (the forecast's miss).
             diffs = differences(previous, output, step_index, cfg.forecast_order)
-            if self.error_control is not None:
-                self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
-            if self.effect_meter is not None:
-                self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
+            if self.measures(branch):
+                if self.error_control is not None:
+                    self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
+                if self.effect_meter is not None:
+                    self.effect_meter.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
             entry.output, entry.d1, entry.d2, entry.steps = advance(previous, output, step_index,
                                                                     cfg.forecast_order, keep, diffs)
         if keys is not None:

@@ -96,6 +96,8 @@ class ErrorControl:
         self.order = config.forecast_order
         self.images = config.error_images
         self.per_step = plans and config.adaptive_scope == "step"
+        # branch_decisions="cond": only the conditional branch is measured; its plan serves every branch.
+        self.only_cond = config.branch_decisions == "cond"
         self.on_measured = on_measured
         self.plans = plans
         self.reset()
@@ -122,12 +124,16 @@ class ErrorControl:
         if self.per_step:
             self._close_step(step_index)
             key = _STEP_KEY
+        elif self.only_cond and key[1] != "cond":
+            key = (key[0], "cond", key[2])
         return step_index < self._refresh_at.get(key, step_index)
 
     def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect,
                 diffs: tuple | None = None) -> None:
         """Queue the forecast error of a compute; `resolve` measures it and plans this key's (or this step's)
         next refresh. `diffs`: this compute's forecast.differences(...), when the caller formed them."""
+        if self.only_cond and key[1] != "cond":
+            return                      # decided by the conditional branch's measurement
         if previous is None or previous.output is None or effect is None or effect[1] is None:
             self._pending.append(_Measurement(key, step_index))
             return
@@ -136,7 +142,7 @@ class ErrorControl:
             diffs = differences(previous, fresh, step_index, self.order)
         rows = spread_rows(fresh.shape[0], self.images) if self.images else _ALL
         a, b, factor = miss_terms(previous, fresh, step_index, self.order, diffs, rows)
-        if rows != _ALL:
+        if rows != _ALL and not (size.__class__ is InputRows and size.sampled):     # the probe cut them already
             gate = None if gate is None else gate[rows]
             size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
         used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
@@ -224,17 +230,49 @@ class ErrorControl:
 
 def _effect_ratios(pending: list[_Measurement]) -> list[float | None]:
     """Per queued compute: max over its images of ||gate * miss|| / ||block input|| (None: not measured)."""
-    ratios: list[float | None] = [None] * len(pending)
     measured = [m for m in pending if m.a is not None]
     if not measured:
-        return ratios
+        return [None] * len(pending)
+    one = all(m.a.shape[0] == 1 and m.a.dtype == torch.float32 and isinstance(m.size, InputRows) for m in measured)
+    values = iter(_one_image_ratios(measured) if one else _stacked_ratios(measured))
+    return [None if m.a is None else next(values) for m in pending]
+
+
+def _stacked_ratios(measured: list[_Measurement]) -> list[float]:
+    """_effect_ratios of measured computes, with one stack per group of equal shapes."""
     misses = iter(_grouped_norms(measured, lambda m: m.a, lambda m: (m.b is None, m.gate is None), _gated_misses))
     sizes = iter(_input_norms(measured))
-    for i, m in enumerate(pending):
-        if m.a is not None:
-            # A handful of images: the ratios and their maximum in Python cost less than more tensor ops.
-            ratios[i] = max(a / (b + _TINY) for a, b in zip(next(misses), next(sizes)))
-    return ratios
+    # A handful of images: the ratios and their maximum in Python cost less than more tensor ops.
+    return [max(a / (b + _TINY) for a, b in zip(next(misses), next(sizes))) for _ in measured]
+
+
+def _one_image_ratios(measured: list[_Measurement]) -> list[float]:
+    """_effect_ratios where every measurement is of one image (`error_images=1`, float32): the norms of the
+    views themselves (torch's multi-tensor ops, a dispatch for the whole list) instead of stacking copies of
+    them first, which on a small model is most of the measurement's cost."""
+    misses: list = [m.a for m in measured]
+    pairs = [i for i, m in enumerate(measured) if m.b is not None]
+    if pairs:
+        for i, miss in zip(pairs, torch._foreach_sub([measured[i].a for i in pairs], [measured[i].b for i in pairs])):
+            misses[i] = miss
+    fresh = [i for i in pairs if measured[i].gate is not None]            # differences of our own: scaled in place
+    if fresh:
+        torch._foreach_mul_([misses[i] for i in fresh], [measured[i].gate.unsqueeze(1) for i in fresh])
+    held = [i for i, m in enumerate(measured) if m.b is None and m.gate is not None]    # a is the cache's
+    if held:
+        for i, miss in zip(held, torch._foreach_mul([misses[i] for i in held],
+                                                    [measured[i].gate.unsqueeze(1) for i in held])):
+            misses[i] = miss
+    # The modules of one block (attention and MLP) and branch hold the same rows: each view is reduced once.
+    distinct: dict[tuple, torch.Tensor] = {}
+    keys = []
+    for m in measured:
+        m.size.changed()            # written in place since: this once the norm is of the changed tensor
+        keys.append(_view_key(m.size.rows))
+        distinct.setdefault(keys[-1], m.size.rows)
+    norms = torch.stack(torch._foreach_norm(misses + list(distinct.values()))).tolist()
+    size_of = dict(zip(distinct, norms[len(measured):]))
+    return [miss / (size_of[key] + _TINY) for miss, key in zip(norms, keys)]
 
 
 def _norms(t: torch.Tensor) -> list[list[float]]:

@@ -66,23 +66,27 @@ def miss_terms(previous, fresh: torch.Tensor, step: int, order: int, diffs: tupl
     completes, which `diffs` (this compute's differences(...)) already holds or is one subtraction from.
     So the miss costs at most one pass over the output, not a forecast and a subtraction."""
     whole = rows == slice(None)
-
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        return t if whole else t[rows]
-
     d1, d2 = diffs
     s2 = previous.steps[-1]
     if order == 0 or previous.d1 is None:                       # the forecast was F(s2) itself
         if d1 is not None:
-            return cut(d1), None, float(step - s2)
+            return _cut(d1, rows, whole, d1.dtype), None, float(step - s2)
         work = torch.promote_types(fresh.dtype, torch.float32)
-        return cut(fresh).to(work), cut(previous.output.dequantize()).to(work), 1.0
+        return _cut(fresh, rows, whole, work), _cut(previous.output.dequantize(), rows, whole, work), 1.0
     s1 = previous.steps[-2]
     if order == 1 or previous.d2 is None:                       # the forecast was a line through s1, s2
         if d2 is not None:
-            return cut(d2), None, float((step - s2) * (step - s1))
-        return cut(d1), cut(previous.d1.dequantize()).to(d1.dtype), float(step - s2)
-    return cut(d2), cut(previous.d2.dequantize()).to(d2.dtype), float((step - s2) * (step - s1))
+            return _cut(d2, rows, whole, d2.dtype), None, float((step - s2) * (step - s1))
+        return _cut(d1, rows, whole, d1.dtype), _cut(previous.d1.dequantize(), rows, whole, d1.dtype), float(step - s2)
+    return _cut(d2, rows, whole, d2.dtype), _cut(previous.d2.dequantize(), rows, whole, d2.dtype), \
+        float((step - s2) * (step - s1))
+
+
+def _cut(t: torch.Tensor, rows: slice, whole: bool, dtype: torch.dtype) -> torch.Tensor:
+    """t's `rows` in `dtype` (a view where nothing changes: the miss is measured often, on small models each
+    dispatch shows)."""
+    t = t if whole else t[rows]
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def points(entry) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -117,20 +118,27 @@ class ReusePolicy(nn.Module):
     def mask_from(self, p: torch.Tensor, num_layers: int, threshold: float | None = None,
                   budget: float | None = None) -> torch.Tensor:
         """reuse_mask's rule applied to probabilities already formed (several plans' rows in one forward)."""
+        return torch.tensor(self.chosen(p.tolist(), num_layers, threshold, budget), dtype=torch.bool)
+
+    def chosen(self, p: list[float], num_layers: int, threshold: float | None = None,
+               budget: float | None = None) -> list[bool]:
+        """reuse_mask's rule on the probabilities as a list (a plan reads them once: a few rows' threshold and
+        budget cost less in Python than as tensor ops). The threshold is compared as float32, as a tensor
+        comparison with it would be."""
         thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold")
-        mask = p >= thr
+        thr = array("f", (thr,))[0]
+        mask = [x >= thr for x in p]
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
                 raise ValueError(f"budget={budget!r} is not allowed: must be None or a number in (0, 1]")
             if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
                 raise ValueError(f"num_layers={num_layers!r} is not allowed: must be an integer >= 1")
             cap = math.floor(budget * num_layers + 1e-9)
-            if int(mask.sum()) > cap:
-                # Stable sort on -p: equal probabilities keep row order.
-                order = torch.sort((-p).masked_fill(~mask, float("inf")), stable=True).indices
-                keep = torch.zeros_like(mask)
-                keep[order[:cap]] = True
-                mask = keep
+            picked = [i for i, m in enumerate(mask) if m]
+            if len(picked) > cap:
+                # The most confident first; sorted() is stable, so equal probabilities keep row order.
+                keep = set(sorted(picked, key=lambda i: -p[i])[:cap])
+                mask = [i in keep for i in range(len(p))]
         return mask
 
 

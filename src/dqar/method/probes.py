@@ -11,23 +11,28 @@ hands out the rows (`InputRows`) and the error control reduces them with the ste
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from .layouts import BlockLayout
-from .stats import per_sample_norm
+from .stats import per_sample_norm, spread_rows
+
+_ALL = slice(None)
 
 
 class InputRows:
     """Rows of a block input whose per-sample norms are wanted once the step is over (a plain class: one is
     made per measured module and branch, where a dataclass's init shows)."""
 
-    __slots__ = ("rows", "version", "probe")
+    __slots__ = ("rows", "version", "probe", "sampled")
 
-    def __init__(self, rows: torch.Tensor, version: int, probe: "BlockProbe"):
+    def __init__(self, rows: torch.Tensor, version: int, probe: "BlockProbe", sampled: bool = False):
         self.rows = rows            # a view of the block input
         self.version = version      # the input's version counter when the view was taken
         self.probe = probe
+        self.sampled = sampled      # already the measured images (and the gate handed out with it too)
 
     def cut(self, rows: slice) -> "InputRows":
         return InputRows(self.rows[rows], self.version, self.probe)
@@ -41,6 +46,13 @@ class InputRows:
         return True
 
 
+@functools.lru_cache(maxsize=256)
+def measured_rows(start: int, stop: int, images: int) -> slice:
+    """Batch rows start:stop's measured images (dqar.method.stats.spread_rows), as rows of the whole batch."""
+    rows = spread_rows(stop - start, images)
+    return slice(start, stop) if rows == _ALL else slice(start + rows.start, start + rows.stop, rows.step)
+
+
 class BlockProbe:
     def __init__(self, block: nn.Module, layout: BlockLayout, images: int = 0):
         self.images = images
@@ -49,6 +61,7 @@ class BlockProbe:
         self._input_norm: torch.Tensor | None = None
         self._eager = False                                # a block that changed its input in place: norm on entry
         self.gates: dict[str, torch.Tensor] = {}          # target -> (N, D) adaLN gate
+        self._sampled: dict[tuple, InputRows] = {}        # (start, stop) -> the measured rows of this forward
         self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True),
                          block.register_forward_hook(self._release_input)]
         source = layout.gate_source(block) if layout.gate_source is not None else None
@@ -62,6 +75,7 @@ class BlockProbe:
         # forecast never needs it), and then with the step's other norms.
         x = args[0] if args else kwargs["hidden_states"]
         self.gates = {}
+        self._sampled = {}
         if self._eager or x.is_inference():
             # An inference-mode tensor keeps no version counter, so an in-place write could not be noticed.
             self._input, self._input_norm = None, per_sample_norm(x)
@@ -87,11 +101,17 @@ class BlockProbe:
 
     def effect(self, target: str, start: int, stop: int):
         """(gate or None, block input size) of batch rows start:stop for `target` ("block" has no gate): the
-        size is their (n,) norms, or with `images` the rows themselves (`InputRows`, a view), or None."""
+        size is their (n,) norms, or None; with `images`, only the measured images' gate rows and input rows
+        (`InputRows`, a view marked `sampled`: each tensor is cut once, and the modules of the block that
+        measure the same rows share one)."""
         gate = self.gates.get(target)
-        gate = gate[start:stop] if gate is not None else None
         if self.images and self._input is not None and self._input_norm is None:
-            return gate, InputRows(self._input[start:stop], self._input_version, self)
+            rows = measured_rows(start, stop, self.images)
+            held = self._sampled.get((start, stop))
+            if held is None:
+                held = self._sampled[start, stop] = InputRows(self._input[rows], self._input_version, self, True)
+            return (gate[rows] if gate is not None else None), held
+        gate = gate[start:stop] if gate is not None else None
         norm = self.input_norm
         return gate, norm[start:stop] if norm is not None else None
 

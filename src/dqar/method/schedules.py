@@ -8,6 +8,7 @@ The static and depth schedules then run on the clock of the reuse window, a = (p
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,11 @@ class Schedule:
 
     def plan_branches(self, step: StepState, entropies: dict[str, dict[int, float]],
                       branches: tuple[str, ...]) -> dict[str, frozenset[int]]:
-        """Every branch's plan for this step (a schedule may form them together)."""
-        return {b: self.plan(step, b, entropies.get(b, {})) for b in branches}
+        """Every branch's plan for this step (a schedule may form them together); with branch_decisions="cond"
+        the conditional branch's plan serves every branch."""
+        deciding = decided_by(self.config, branches)
+        plans = {b: self.plan(step, b, entropies.get(b, {})) for b in deciding}
+        return plans if deciding == branches else {b: plans["cond"] for b in branches}
 
     def in_warmup(self, step: StepState) -> bool:
         # warmup = 1.0 means never reuse, the last step (progress 1.0) included, as in ReusableLayers(p).
@@ -237,7 +241,7 @@ class PolicySchedule(Schedule):
     """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
-             "entropy_seed", "entropy_images", "error_images")
+             "entropy_seed", "entropy_images", "error_images", "branch_decisions")
 
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
@@ -268,18 +272,26 @@ class PolicySchedule(Schedule):
         plans = {b: frozenset() for b in branches}
         if self.in_warmup(step) or step.snr is None:
             return plans
-        parts = [(b, *self._rows(step, b, entropies.get(b, {}))) for b in branches]
-        rows = [row for _, _, branch_rows in parts for row in branch_rows]
-        if not rows:
+        deciding = decided_by(self.config, branches)
+        parts = [(b, *self._rows(step, b, entropies.get(b, {}))) for b in deciding]
+        flat = array("f")
+        for _, _, branch_rows in parts:
+            for row in branch_rows:
+                flat.extend(row)
+        if not flat:
             return plans
-        p = self.policy(torch.tensor(rows, dtype=torch.float32))
+        # From a float32 buffer: a list of lists through torch.tensor costs more than the policy's forward.
+        features = torch.frombuffer(flat, dtype=torch.float32).view(-1, len(self.policy.feature_names))
+        p = self.policy.forward(features).tolist()
         start = 0
         for branch, layers, branch_rows in parts:
             if branch_rows:
-                mask = self.policy.mask_from(p[start:start + len(branch_rows)], step.num_layers,
-                                             self.config.policy_threshold, self.config.policy_budget)
-                plans[branch] = frozenset(i for i, m in zip(layers, mask.tolist()) if m)
+                mask = self.policy.chosen(p[start:start + len(branch_rows)], step.num_layers,
+                                          self.config.policy_threshold, self.config.policy_budget)
+                plans[branch] = frozenset(i for i, m in zip(layers, mask) if m)
                 start += len(branch_rows)
+        if deciding != branches:
+            plans = {b: plans["cond"] for b in branches}
         return plans
 
     def _rows(self, step, branch, entropies) -> tuple[list[int], list[list[float]]]:
@@ -307,11 +319,16 @@ class PolicySchedule(Schedule):
         return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
 
 
+def decided_by(config: DQARConfig, branches: tuple[str, ...]) -> tuple[str, ...]:
+    """The branches whose own measurements decide (`branch_decisions`): all, or the conditional one for all."""
+    return ("cond",) if config.branch_decisions == "cond" and "cond" in branches else branches
+
+
 class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "error_images")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "error_images", "branch_decisions")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))
