@@ -98,6 +98,14 @@ def dqar_contenders(group: str) -> list[tuple[str, dict]]:
                     out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o2-err{images}",
                                 dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
                                      forecast_order=2, error_images=images)))
+    if group == "branch-decisions":
+        # One decision for both CFG branches from the conditional branch's errors (every image), at the same
+        # adaptive points: half the measurements; the step's summed effect then has half the terms.
+        for targets, tolerances in ((("attn", "mlp"), (0.4, 0.3, 0.15, 0.1)), (("block",), (0.4, 0.15))):
+            for tol in tolerances:
+                out.append((f"adaptive-step{tol:g}-{'+'.join(targets)}-o2-bcond",
+                            dict(schedule="adaptive", tolerance=tol, max_age=6, warmup=0.0, targets=targets,
+                                 forecast_order=2, branch_decisions="cond")))
     if group in ("all", "quant"):
         for targets in (("attn", "mlp"), ("block",)):
             for bits, diff_bits in ((8, 8), (4, 4), (8, 4)):
@@ -225,7 +233,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model card's recommended scale")
     p.add_argument("--only", choices=("all", "fixed", "grid", "adaptive", "stack", "seed", "quant", "peers", "entropy-images",
-                                            "error-images"), default="all")
+                                      "error-images", "branch-decisions"), default="all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

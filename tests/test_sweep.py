@@ -48,7 +48,7 @@ def test_grids_are_cartesian_products_in_order():
 
 
 @pytest.mark.parametrize("token, message", [
-    ("bogus=1,2", "--grid name 'bogus' is not a DQAR option or config field; allowed: adaptive-scope, cache-bits"),
+    ("bogus=1,2", "--grid name 'bogus' is not a DQAR option or config field; allowed: adaptive-scope, branch-decisions, cache-bits"),
     ("warmup=", "empty value in the list for 'warmup'"),
     ("warmup=0.2,,0.4", "empty value in the list for 'warmup'"),
     ("warmup", "must look like NAME=V1,V2"),

@@ -145,9 +145,10 @@ class ErrorControl:
         if rows != _ALL and not (size.__class__ is InputRows and size.sampled):     # the probe cut them already
             gate = None if gate is None else gate[rows]
             size = size.cut(rows) if isinstance(size, InputRows) else size[rows]
-        used = previous.steps[-(min(self.order, len(previous.steps) - 1) + 1):]
+        used = previous.steps[-(self.order + 1):]            # the history positions the forecast used
         age = step_index - previous.steps[-1]
-        if not self._pending and a.numel() > _DEFER_ELEMENTS:
+        large = a.numel() > _DEFER_ELEMENTS
+        if large and not self._pending:
             # A large miss, measured at once while its tensors are in cache, without the queue's bookkeeping
             # (which showed as 1% of a run on the embedded model).
             norms = per_sample_norm(_gated_miss(a, b, gate)).tolist()
@@ -160,8 +161,8 @@ class ErrorControl:
         self._pending.append(_Measurement(key, step_index, age, a, b, gate, size, factor, used))
         # What the queue keeps alive, about: the tensors behind a, b and the input rows, each about one branch's
         # full output (a and b are often views of the measured rows).
-        self._held += 3 * fresh.numel() * fresh.element_size()
-        if self._held > _HELD_BYTES or a.numel() > _DEFER_ELEMENTS:
+        self._held += 3 * fresh.nbytes
+        if large or self._held > _HELD_BYTES:
             self.resolve()
 
     def resolve(self) -> None:
@@ -255,14 +256,17 @@ def _one_image_ratios(measured: list[_Measurement]) -> list[float]:
     if pairs:
         for i, miss in zip(pairs, torch._foreach_sub([measured[i].a for i in pairs], [measured[i].b for i in pairs])):
             misses[i] = miss
-    fresh = [i for i in pairs if measured[i].gate is not None]            # differences of our own: scaled in place
-    if fresh:
-        torch._foreach_mul_([misses[i] for i in fresh], [measured[i].gate.unsqueeze(1) for i in fresh])
-    held = [i for i, m in enumerate(measured) if m.b is None and m.gate is not None]    # a is the cache's
-    if held:
-        for i, miss in zip(held, torch._foreach_mul([misses[i] for i in held],
-                                                    [measured[i].gate.unsqueeze(1) for i in held])):
-            misses[i] = miss
+    gated = [i for i, m in enumerate(measured) if m.gate is not None]
+    if gated:
+        # (1, 1, D) per measurement from one stack: a view op per gate costs more than the product it feeds.
+        gates = dict(zip(gated, torch.stack([measured[i].gate for i in gated]).unsqueeze(2).unbind(0)))
+        fresh = [i for i in gated if measured[i].b is not None]           # differences of our own: scaled in place
+        if fresh:
+            torch._foreach_mul_([misses[i] for i in fresh], [gates[i] for i in fresh])
+        held = [i for i in gated if measured[i].b is None]                # a is the cache's: a new product
+        if held:
+            for i, miss in zip(held, torch._foreach_mul([misses[i] for i in held], [gates[i] for i in held])):
+                misses[i] = miss
     # The modules of one block (attention and MLP) and branch hold the same rows: each view is reduced once.
     distinct: dict[tuple, torch.Tensor] = {}
     keys = []

@@ -61,7 +61,7 @@ class BlockProbe:
         self._input_norm: torch.Tensor | None = None
         self._eager = False                                # a block that changed its input in place: norm on entry
         self.gates: dict[str, torch.Tensor] = {}          # target -> (N, D) adaLN gate
-        self._sampled: dict[tuple, InputRows] = {}        # (start, stop) -> the measured rows of this forward
+        self._sampled: dict[tuple, tuple] = {}            # (start, stop) -> (InputRows, rows) of this forward
         self._handles = [block.register_forward_pre_hook(self._record_input, with_kwargs=True),
                          block.register_forward_hook(self._release_input)]
         source = layout.gate_source(block) if layout.gate_source is not None else None
@@ -106,11 +106,12 @@ class BlockProbe:
         measure the same rows share one)."""
         gate = self.gates.get(target)
         if self.images and self._input is not None and self._input_norm is None:
-            rows = measured_rows(start, stop, self.images)
             held = self._sampled.get((start, stop))
             if held is None:
-                held = self._sampled[start, stop] = InputRows(self._input[rows], self._input_version, self, True)
-            return (gate[rows] if gate is not None else None), held
+                rows = measured_rows(start, stop, self.images)
+                held = self._sampled[start, stop] = (InputRows(self._input[rows], self._input_version, self, True),
+                                                     rows)
+            return (gate[held[1]] if gate is not None else None), held[0]
         gate = gate[start:stop] if gate is not None else None
         norm = self.input_norm
         return gate, norm[start:stop] if norm is not None else None
