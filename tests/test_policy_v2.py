@@ -478,3 +478,27 @@ def test_train_policy_on_the_block_target_with_conditional_decisions(tmp_path, c
     assert main([*common, "--out", str(tmp_path / "mixed"), "--from", str(tmp_path / "each"), "--branch-decisions",
                  "cond"]) == 2
     assert "measured with branch_decisions ['each'], not --branch-decisions cond" in capsys.readouterr().err
+
+
+def test_a_policy_run_measured_otherwise_than_trained_warns(tmp_path):
+    """The card's use_with (also in the file's metadata) says how the error feature was measured; a run that
+    measures it otherwise gets a warning naming each difference, a matching run none."""
+    import warnings
+
+    from dqar.method.schedules import build_schedule
+
+    path, _ = save_policy(_constant_policy(0.0, feature_set="v2-noentropy"), tmp_path / "p.safetensors",
+                          info={"use_with": {"targets": ["attn", "mlp"], "error_images": 1, "branch_decisions": "cond"}})
+    matching = dict(schedule="policy", policy_path=str(path), targets=("attn", "mlp"), error_images=1,
+                    branch_decisions="cond")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_schedule(DQARConfig(**matching))
+    with pytest.warns(RuntimeWarning, match=r"trained with targets=\('attn', 'mlp'\) \(this run: \('attn',\)\), "
+                                            r"error_images=1 \(this run: 0\), branch_decisions='cond' \(this run: 'each'\)"):
+        build_schedule(DQARConfig(schedule="policy", policy_path=str(path)))
+    # A file without use_with (written before it existed) warns about nothing it does not record.
+    bare, _ = save_policy(_constant_policy(0.0, feature_set="v2-noentropy"), tmp_path / "bare.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_schedule(DQARConfig(schedule="policy", policy_path=str(bare), targets=("block",)))

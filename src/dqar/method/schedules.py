@@ -8,6 +8,7 @@ The static and depth schedules then run on the clock of the reuse window, a = (p
 from __future__ import annotations
 
 import math
+import warnings
 from array import array
 from dataclasses import dataclass
 
@@ -254,6 +255,8 @@ class PolicySchedule(Schedule):
         if policy.uses_history and config.mode == "kv":
             raise ValueError(f"{where} has feature set {policy.feature_set!r}, which reads forecast errors of "
                              "module outputs; mode='kv' keeps none: use mode='output'")
+        if policy.uses_history:
+            _warn_if_measured_otherwise(where, policy.info.get("use_with") or {}, config)
 
     @property
     def uses_history(self) -> bool:
@@ -317,6 +320,25 @@ class PolicySchedule(Schedule):
 
     def reusable_ever(self, num_layers):
         return frozenset(range(num_layers)) if self.config.warmup < 1.0 else frozenset()
+
+
+# What a v2 policy's error feature was measured over in training, and its value in files that predate it.
+_MEASURED_BY = (("targets", None), ("error_images", 0), ("branch_decisions", "each"))
+
+
+def _warn_if_measured_otherwise(where: str, use_with: dict, config: DQARConfig) -> None:
+    """A v2 policy reads its error feature as training measured it; measured otherwise (other targets, fewer
+    images, one branch for both) the values shift and the policy decides worse (docs/POLICY.md, stop 18)."""
+    differ = []
+    for field, before in _MEASURED_BY:
+        trained = use_with.get(field, before)
+        trained = tuple(trained) if isinstance(trained, list) else trained
+        if trained is not None and trained != getattr(config, field):
+            differ.append(f"{field}={trained!r} (this run: {getattr(config, field)!r})")
+    if differ:
+        warnings.warn(f"{where} was trained with {', '.join(differ)}; its forecast-error feature is measured "
+                      "differently here, so its decisions may be worse than measured (the card's use_with)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def decided_by(config: DQARConfig, branches: tuple[str, ...]) -> tuple[str, ...]:
