@@ -51,7 +51,7 @@ from dqar.sampling import sample
 
 def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | None = None,
             error_images: int = 0, policy_targets: tuple | None = None,
-            branch_decisions: str = "each") -> dict[str, DQARConfig]:
+            branch_decisions: str = "each", error_targets: tuple | None = None) -> dict[str, DQARConfig]:
     common = dict(warmup=0.0, targets=targets, forecast_order=order)
     # The policy runs on the targets its card names (use_with): those its error feature was measured on.
     policy_targets = policy_targets or policy_use_with(policy).get("targets", ("attn",))
@@ -66,7 +66,7 @@ def configs(targets: tuple, order: int, entropy_images: int = 0, policy: str | N
         "policy": DQARConfig(schedule="policy", policy_path=policy, policy_threshold=1.0, policy_budget=0.01,
                              warmup=0.0, forecast_order=order, entropy_images=entropy_images,
                              error_images=error_images, targets=tuple(policy_targets),
-                             branch_decisions=branch_decisions),
+                             branch_decisions=branch_decisions, error_targets=error_targets),
     }
 
 
@@ -166,6 +166,7 @@ def main() -> int:
                     help="the policy contender's targets (default: its card's use_with, else attn)")
     ap.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
                     help="adaptive and policy: each branch decides on its own (each) or cond's plan serves both")
+    ap.add_argument("--error-targets", default="", help="the policy: measure these targets only (default: all)")
     ap.add_argument("--only", default=None, help="comma list of contenders to time besides plain and hooks+history")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -190,7 +191,7 @@ def main() -> int:
     contenders = {"plain": run}
     chosen = configs(tuple(args.targets.split(",")), args.forecast_order, args.entropy_images, args.policy,
                      args.error_images, tuple(args.policy_targets.split(",")) if args.policy_targets else None,
-                     args.branch_decisions)
+                     args.branch_decisions, tuple(t for t in args.error_targets.split(",") if t) or None)
     if args.only:
         keep = {"hooks+history", *args.only.split(",")}
         unknown = keep - set(chosen)

@@ -25,18 +25,20 @@ ROOT = HERE.parent
 
 
 def contenders(policies: dict, thresholds: list, order: int, warmup: float, targets=("attn", "mlp"),
-               entropy_images: int = 0, error_images: int = 0, branch_decisions: str = "each") -> list:
+               entropy_images: int = 0, error_images: int = 0, branch_decisions: str = "each",
+               error_targets: tuple | None = None) -> list:
     out = []      # (row name, config kwargs, tag)
     # The cheaper statistics get a name suffix; the exact ones keep the names of the rows measured before them.
     cheap = ((f"-e{entropy_images}" if entropy_images else "") + (f"-err{error_images}" if error_images else "")
-             + ("-bcond" if branch_decisions == "cond" else ""))
+             + ("-bcond" if branch_decisions == "cond" else "")
+             + (f"-et{'+'.join(error_targets)}" if error_targets else ""))
     for tag, path in policies.items():
         for t in thresholds:
             out.append((f"policy-{tag}-thr{t:g}-{'+'.join(targets)}-o{order}-w{warmup:g}{cheap}",
                         dict(schedule="policy", policy_path=None if path == "shipped" else path, policy_threshold=t,
                              warmup=warmup, targets=tuple(targets), forecast_order=order,
                              entropy_images=entropy_images, error_images=error_images,
-                             branch_decisions=branch_decisions), tag))
+                             branch_decisions=branch_decisions, error_targets=error_targets), tag))
     return out
 
 
@@ -74,6 +76,7 @@ def main() -> int:
                    help="forecast error over this many images per branch (0: all)")
     p.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
                    help="each CFG branch decides on its own (each, default) or cond's plan serves both")
+    p.add_argument("--error-targets", default="", help="measure the error of these targets only (default: all)")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -119,7 +122,8 @@ def measure(args, policies: dict, thresholds: list) -> None:
     done = {r["name"] for r in read_rows(args.rows)}
     targets = tuple(t for t in args.targets.split(",") if t)
     todo = [c for c in contenders(policies, thresholds, args.order, args.warmup, targets, args.entropy_images,
-                                   args.error_images, args.branch_decisions)
+                                   args.error_images, args.branch_decisions,
+                                   tuple(t for t in args.error_targets.split(",") if t) or None)
             if c[0] not in done]
     if not todo:
         return

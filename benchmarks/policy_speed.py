@@ -46,6 +46,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default="attn,mlp", help="what the policies and intervals cache (default attn,mlp)")
     p.add_argument("--branch-decisions", default="each", choices=("each", "cond"),
                    help="the policies: each CFG branch decides on its own (each) or cond's plan serves both")
+    p.add_argument("--error-targets", default="", help="the policies: measure these targets only (default: all)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup-runs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -80,7 +81,9 @@ def configs(args) -> dict:
             out[f"policy-{tag}-thr{t:g}"] = DQARConfig(schedule="policy", policy_path=path, policy_threshold=t,
                                                        warmup=0.0, targets=targets,
                                                        forecast_order=args.order, error_images=args.error_images,
-                                                       branch_decisions=args.branch_decisions)
+                                                       branch_decisions=args.branch_decisions,
+                                                       error_targets=tuple(t for t in args.error_targets.split(",")
+                                                                           if t) or None)
     for k in args.interval_list:
         out[f"interval{k}"] = DQARConfig(schedule="interval", interval=k, warmup=0.0, targets=targets,
                                          forecast_order=args.order)

@@ -162,6 +162,10 @@ def test_adaptive_fires_and_no_decision_state_survives(model, baseline, scope, t
                                                            r"of each, cond"),
     (dict(schedule="interval", branch_decisions="cond"), r"branch_decisions='cond' is not allowed: applies to the "
                                                          r"schedules that measure forecast errors"),
+    (dict(schedule="adaptive", targets=("attn", "mlp"), error_targets=("block",)),
+     r"error_targets=\('block',\) is not allowed: must be None \(every target\) or a non-empty tuple"),
+    (dict(schedule="static", targets=("attn", "mlp"), error_targets=("mlp",)),
+     r"error_targets=\('mlp',\) is not allowed: applies to the schedules that measure"),
 ])
 def test_bad_adaptive_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -408,3 +412,20 @@ def test_probe_hands_the_modules_of_a_block_one_set_of_measured_rows(model):
             by.setdefault((layer, branch, step), {})[target] = effect
     assert by and all(e["attn"][1] is e["mlp"][1] and e["attn"][1].sampled for e in by.values())
     assert all(e["attn"][1].rows.shape[0] == 1 and e["attn"][0].shape[0] == 1 for e in by.values())
+
+
+def test_error_targets_under_the_adaptive_schedule(model, baseline):
+    """Module scope with error_targets=("mlp",): only MLP computes are measured and attention refreshes with its
+    layer's MLP; a tiny tolerance still computes everything."""
+    config = DQARConfig(schedule="adaptive", adaptive_scope="module", warmup=0.0, tolerance=0.05, max_age=4,
+                        forecast_order=1, targets=("attn", "mlp"), error_targets=("mlp",))
+    ctl = apply_dqar(model, config)
+    try:
+        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        s, targets = ctl.summary(), {e[3] for e in ctl.error_control.errors}
+    finally:
+        remove_dqar(model)
+    assert s["reuse_events"] > 0 and targets == {"mlp"}
+    assert all(n % 2 == 0 for n in s["events_per_step"])          # attention and MLP of a layer alike
+    exact, s0, _ = run(model, DQARConfig(**{**config.__dict__, "tolerance": 1e-12}))
+    assert s0["reuse_events"] == 0 and torch.equal(exact, baseline)

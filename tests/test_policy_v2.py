@@ -505,3 +505,44 @@ def test_a_policy_run_measured_otherwise_than_trained_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_schedule(DQARConfig(schedule="policy", policy_path=str(bare), targets=("block",)))
+
+
+def test_error_targets_measure_only_those_targets(model, tmp_path, monkeypatch):
+    """error_targets=("mlp",): only MLP computes are measured (the history's error is theirs alone), attention
+    still forecasts with its layer's plan; a policy that never forecasts keeps the plain model's images."""
+    from dqar.method.controller import ModuleHistory
+    from dqar.method.error_control import ErrorControl
+
+    keys, observe = [], ErrorControl.observe
+    monkeypatch.setattr(ErrorControl, "observe", lambda self, key, *a, **k: keys.append(key) or observe(self, key, *a, **k))
+    path, _ = save_policy(_constant_policy(10.0, max_cache_age=2, feature_set="v2-noentropy"), tmp_path / "y.safetensors")
+    images, summary, ctl, seen = _run(model, path, error_targets=("mlp",))
+    assert keys and {k[2] for k in keys} == {"mlp"}
+    assert summary["reuse_events"] > 0 and all(m is not None for plans in seen for _, m in plans.values())
+    # Attention and MLP of a planned layer both forecast: the events come in pairs per layer and branch.
+    assert all(n % 2 == 0 for n in summary["events_per_step"])
+    again, summary2, _, _ = _run(model, path, error_targets=("mlp",))
+    assert torch.equal(images, again) and summary2["events_per_step"] == summary["events_per_step"]
+
+
+def test_train_policy_with_error_targets_records_them(tmp_path, capsys):
+    from dqar.cli import main
+
+    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
+              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
+              "--val-fraction", "0.5"]
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert main([*common, "--out", str(tmp_path / "mlp"), "--error-targets", "mlp"]) == 0
+    every, mlp = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]
+                  for d in ("all", "mlp"))
+    assert {r["error_targets"] for r in mlp} == {"mlp"} and {r["error_targets"] for r in every} == {None}
+    # The random refresh plan is the same, so the same positions; the MLP's error alone is at most the sum.
+    assert [(r["run"], r["step"], r["layer"], r["branch"]) for r in mlp] == \
+        [(r["run"], r["step"], r["layer"], r["branch"]) for r in every]
+    assert all(a["harm"] <= b["harm"] * (1 + 1e-6) for a, b in zip(mlp, every))
+    card = json.loads((tmp_path / "mlp" / "policy_digits.json").read_text())
+    assert card["use_with"]["error_targets"] == ["mlp"] and "--error-targets mlp" in card["command"]
+    assert main([*common, "--out", str(tmp_path / "x"), "--error-targets", "block"]) == 2
+    assert "--error-targets='block' is not allowed" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "y"), "--from", str(tmp_path / "all"), "--error-targets", "mlp"]) == 2
+    assert "measured with error_targets [None], not --error-targets mlp" in capsys.readouterr().err

@@ -145,6 +145,9 @@ OPTIONS: dict[str, tuple[str, object, str]] = {
     "error-images": ("error_images", _int,
                      "adaptive schedule and policy v2: forecast error over this many images per CFG branch, "
                      "spread over it (0: all)"),
+    "error-targets": ("error_targets", _Parser(lambda t: None if t.lower() in ("none", "") else _targets_fn(t),
+                                               "a comma list of targets or none"),
+                      "adaptive schedule and policy v2: the targets whose forecast error is measured (none: all)"),
     "branch-decisions": ("branch_decisions", _str,
                          "adaptive schedule and policy v2 under CFG: each (every branch its own, default) | cond (the "
                          "conditional branch is measured and decides for both)"),

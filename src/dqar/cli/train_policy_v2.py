@@ -14,7 +14,7 @@ from . import UsageError
 
 V2_DEFAULTS = {"n_runs": 12, "per_class": 10, "p_forecast": "0.3,0.5,0.7,0.85", "max_age": 6, "forecast_order": 2,
                "label_tolerance": None, "warmup": 0.0, "label_scale": "none", "max_cache_age": None,
-               "error_images": 0, "targets": "attn,mlp", "branch_decisions": "each"}
+               "error_images": 0, "targets": "attn,mlp", "branch_decisions": "each", "error_targets": None}
 TARGET_CHOICES = ("attn,mlp", "block")
 
 
@@ -53,6 +53,10 @@ def add_v2_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", default=None,
                         help=f"v2: what the training runs cache and measure, {' or '.join(TARGET_CHOICES)} (the error "
                              "feature sums a layer's targets); recorded in the card's use_with (default attn,mlp)")
+    parser.add_argument("--error-targets", default=None,
+                        help="v2: measure the forecast error of these targets only (a comma list from --targets, e.g. "
+                             "mlp; the error feature and harm are then their sum), as a run with --error-targets "
+                             "does; recorded in the card's use_with (default: every target)")
     parser.add_argument("--branch-decisions", default=None,
                         help="v2: each (every CFG branch measured and decided on its own, default) or cond (the "
                              "conditional branch measured, its plan serving both: rows of that branch only), as a "
@@ -81,6 +85,12 @@ def v2_settings(args: argparse.Namespace) -> dict:
     if "attn" not in s["targets"].split(",") and args.features == "v2":
         raise UsageError(f"--targets {s['targets']} measures no attention entropy, which --features v2 reads; use "
                          "--features v2-noentropy")
+    if s["error_targets"] is not None:
+        chosen = [t for t in s["error_targets"].split(",") if t]
+        if not chosen or len(set(chosen)) != len(chosen) or any(t not in s["targets"].split(",") for t in chosen):
+            raise UsageError(f"--error-targets={s['error_targets']!r} is not allowed: a comma list of distinct targets "
+                             f"from --targets {s['targets']}")
+        s["error_targets"] = ",".join(chosen)
     if s["branch_decisions"] not in ("each", "cond"):
         raise UsageError(f"--branch-decisions={s['branch_decisions']!r} is not allowed: must be each or cond")
     if s["forecast_order"] not in (0, 1, 2):
@@ -112,6 +122,8 @@ def reproduce_v2(args: argparse.Namespace, s: dict, cfg_scale: float) -> str:
         parts.append(f"--targets {s['targets']}")
     if s["branch_decisions"] != V2_DEFAULTS["branch_decisions"]:
         parts.append(f"--branch-decisions {s['branch_decisions']}")
+    if s["error_targets"] is not None:
+        parts.append(f"--error-targets {s['error_targets']}")
     if args.from_dir:
         parts.append(f"--from {args.from_dir}")
     if args.threads is not None:
@@ -150,7 +162,8 @@ def read_rows(from_dir: str, s: dict, steps: int) -> list:
         raise UsageError(f"--from={from_dir!r} holds rows measured with error_images {sorted(measured_over)}, not "
                          f"--error-images {s['error_images']}")
     # Rows from before these options: attention and MLP, every branch on its own.
-    for field, flag in (("targets", "--targets"), ("branch_decisions", "--branch-decisions")):
+    for field, flag in (("targets", "--targets"), ("branch_decisions", "--branch-decisions"),
+                        ("error_targets", "--error-targets")):
         found = {r.get(field, V2_DEFAULTS[field]) for r in rows}
         if found != {s[field]}:
             raise UsageError(f"--from={from_dir!r} holds rows measured with {field} {sorted(found)}, not {flag} "
@@ -189,7 +202,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
             rows = pv.collect_rows_v2(model, plan, max_age=s["max_age"], steps=args.steps, cfg_scale=cfg_scale,
                                       sampler=args.sampler, forecast_order=s["forecast_order"], warmup=s["warmup"],
                                       error_images=s["error_images"], targets=tuple(s["targets"].split(",")),
-                                      branch_decisions=s["branch_decisions"], progress=bar)
+                                      branch_decisions=s["branch_decisions"], error_targets=s["error_targets"],
+                                      progress=bar)
         finally:
             bar.close()
     if not rows:
@@ -213,7 +227,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
                        "rows": len(rows), "positive_rate": float(y.mean()),
                        "targets": s["targets"].split(","), "forecast_order": s["forecast_order"],
                        "max_age": s["max_age"], "p_forecast": s["p_forecast"], "warmup": s["warmup"],
-                       "error_images": s["error_images"], "branch_decisions": s["branch_decisions"]},
+                       "error_images": s["error_images"], "branch_decisions": s["branch_decisions"],
+                       "error_targets": s["error_targets"]},
         "labels": {"rule": "1 if harm <= tolerance; harm = the adaLN-gated effect of forecasting there given the "
                            f"actual history, max over {over}, summed over the layer's targets (ErrorControl.observe)"
                            + ("; divided by the step's median one-step harm" if scales else ""), "tolerance": tol,
@@ -221,7 +236,8 @@ def run_v2(args: argparse.Namespace, s: dict, cfg_scale: float, say, show: bool,
                    "tolerance_from": "given" if s["label_tolerance"] is not None else "median (scaled) harm at cache age 2"},
         "use_with": {"schedule": "policy", "targets": s["targets"].split(","), "forecast_order": s["forecast_order"],
                      "warmup": s["warmup"], "error_images": s["error_images"],
-                     "branch_decisions": s["branch_decisions"]},
+                     "branch_decisions": s["branch_decisions"],
+                     **({"error_targets": s["error_targets"].split(",")} if s["error_targets"] else {})},
         "signal_auc": pv.signal_auc(rows, y),
         "training": {"epochs": args.epochs, "lr": args.lr, "l2": args.l2, "optimizer": "Adam, full batch",
                      "val_fraction": args.val_fraction, "seed": args.seed, "split": "by training run"},

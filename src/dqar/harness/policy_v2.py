@@ -102,15 +102,18 @@ class RefreshSchedule(Schedule):
 def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int], *, p_forecast: float,
                       max_age: int, run_seed: int, steps: int = 50, cfg_scale: float = 1.5, sampler: str = "ddim",
                       targets: tuple = ("attn", "mlp"), forecast_order: int = 2, warmup: float = 0.0,
-                      error_images: int = 0, branch_decisions: str = "each") -> list[dict]:
+                      error_images: int = 0, branch_decisions: str = "each",
+                      error_targets: str | None = None) -> list[dict]:
     """Rows of one generation of `labels`/`seeds` (one batch) under RefreshSchedule, tagged with `run_seed`.
 
     `error_images` (DQARConfig's) measures errors, the feature and the harm alike, over that many images per
     branch, so a policy meant to run with it is trained on what it will see; `branch_decisions="cond"` measures
-    and plans the conditional branch only (its plan serves both), so the rows are that branch's."""
+    and plans the conditional branch only (its plan serves both), so the rows are that branch's; `error_targets`
+    (a comma list) measures those targets only."""
     # schedule="adaptive" makes apply_dqar install the block probes; the swapped-in schedule then decides alone.
     config = DQARConfig(schedule="adaptive", warmup=warmup, targets=targets, forecast_order=forecast_order,
-                        record_entropy=True, error_images=error_images, branch_decisions=branch_decisions)
+                        record_entropy=True, error_images=error_images, branch_decisions=branch_decisions,
+                        error_targets=error_targets)
     ctl = apply_dqar(model, config)
     schedule = RefreshSchedule(config, p_forecast, max_age, run_seed)
     ctl.use_schedule(schedule)
@@ -122,7 +125,8 @@ def trace_refresh_run(model: torch.nn.Module, labels: Sequence[int], seeds: Sequ
         remove_dqar(model)
     for r in schedule.rows:
         r.update(run=int(run_seed), p_forecast=float(p_forecast), reuse_fraction=summary["reuse_fraction"],
-                 error_images=int(error_images), targets=",".join(targets), branch_decisions=branch_decisions)
+                 error_images=int(error_images), targets=",".join(targets), branch_decisions=branch_decisions,
+                 error_targets=error_targets)
     return schedule.rows
 
 
@@ -210,14 +214,15 @@ def run_plan(n_runs: int, per_class: int, num_classes: int, first_seed: int, p_f
 def collect_rows_v2(model: torch.nn.Module, plan: Sequence[tuple], *, max_age: int, steps: int = 50,
                     cfg_scale: float = 1.5, sampler: str = "ddim", targets: tuple = ("attn", "mlp"),
                     forecast_order: int = 2, warmup: float = 0.0, error_images: int = 0,
-                    branch_decisions: str = "each", progress=None) -> list[dict]:
+                    branch_decisions: str = "each", error_targets: str | None = None,
+                    progress=None) -> list[dict]:
     """Rows of every run of `plan` (see run_plan), in order."""
     rows = []
     for n, (k, labels, seeds, p) in enumerate(plan):
         rows += trace_refresh_run(model, labels, seeds, p_forecast=p, max_age=max_age, run_seed=k, steps=steps,
                                   cfg_scale=cfg_scale, sampler=sampler, targets=targets,
                                   forecast_order=forecast_order, warmup=warmup, error_images=error_images,
-                                  branch_decisions=branch_decisions)
+                                  branch_decisions=branch_decisions, error_targets=error_targets)
         if progress:
             progress(n + 1, len(plan))
     return rows

@@ -99,6 +99,11 @@ class DQARConfig:
                value and a tolerance spends less work. The errors of a step are reduced together at the next
                step's start; on a small model that reduction is memory traffic over the measured rows, which
                the sample cuts (docs: BENCHMARKS.md, stop 18).
+    error_targets  the adaptive schedule and policy v2: which of `targets` have their forecast error measured
+               (None, default: all). The others follow their layer: policy v2's error feature is then the sum over
+               the measured targets only, and under the adaptive schedule an unmeasured target refreshes when the
+               first measured target of its layer does. A policy for it is trained that way
+               (`dqar train-policy --error-targets mlp`).
     branch_decisions  the adaptive schedule and policy v2 under CFG: "each" (default) decides every branch from its
                own measured forecast error; "cond" measures the conditional branch only and its decisions serve
                the unconditional branch too (one plan per layer instead of two: half the measurements, on a
@@ -150,13 +155,14 @@ class DQARConfig:
     adaptive_scope: str = "step"
     error_images: int = 0
     branch_decisions: str = "each"
+    error_targets: tuple | None = None
     trace: bool = False
 
     def __post_init__(self):
         # Normalise sequence fields to tuples (JSON and CLI give lists) without mutating caller data.
-        for name in ("depth_phases", "snr_range", "targets", "kv_bits"):
+        for name in ("depth_phases", "snr_range", "targets", "kv_bits", "error_targets"):
             value = getattr(self, name)
-            if isinstance(value, str) and name == "targets":
+            if isinstance(value, str) and name in ("targets", "error_targets"):
                 value = tuple(t.strip() for t in value.split(",") if t.strip())
             if isinstance(value, list):
                 value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -227,6 +233,15 @@ class DQARConfig:
             _fail("max_age", self.max_age, "must be an integer >= 1 (most steps a cached output may serve)")
         if not _is_int(self.error_images) or self.error_images < 0:
             _fail("error_images", self.error_images, "must be an integer >= 0 (0: every image)")
+        e = self.error_targets
+        if e is not None:
+            if (not isinstance(e, tuple) or not e or len(set(e)) != len(e)
+                    or any(x not in self.targets for x in e)):
+                _fail("error_targets", e, f"must be None (every target) or a non-empty tuple of distinct names from "
+                                          f"targets={self.targets!r}")
+            if self.schedule not in ("adaptive", "policy"):
+                _fail("error_targets", e, "applies to the schedules that measure forecast errors, adaptive and "
+                                          f"policy (schedule is {self.schedule!r}); use None")
         if self.branch_decisions != "each" and self.schedule not in ("adaptive", "policy"):
             _fail("branch_decisions", self.branch_decisions, "applies to the schedules that measure forecast errors, "
                                                              f"adaptive and policy (schedule is {self.schedule!r}); "

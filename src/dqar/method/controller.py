@@ -105,10 +105,12 @@ class DQARController:
         """Whether commits need the block probes' gates and input norms (apply_dqar installs them)."""
         return self.error_control is not None or self.effect_meter is not None
 
-    def measures(self, branch: str) -> bool:
-        """Whether a compute of `branch` has its forecast error measured (branch_decisions="cond": the
-        conditional branch's only)."""
-        return self.config.branch_decisions == "each" or branch == "cond"
+    def measures(self, branch: str, target: str) -> bool:
+        """Whether a compute of (`branch`, `target`) has its forecast error measured (branch_decisions="cond":
+        the conditional branch's only; error_targets: those targets only)."""
+        cfg = self.config
+        return ((cfg.branch_decisions == "each" or branch == "cond")
+                and (cfg.error_targets is None or target in cfg.error_targets))
 
     def use_schedule(self, schedule) -> None:
         """Swap in a schedule built outside the config (harness measurements on a private controller); it
@@ -270,7 +272,7 @@ class DQARController:
             previous = self.cache.get(layer_id, branch, target)
             # The new differences serve both the cache and the error measurement (the forecast's miss).
             diffs = differences(previous, output, step_index, cfg.forecast_order)
-            if self.measures(branch):
+            if self.measures(branch, target):
                 if self.error_control is not None:
                     self.error_control.observe((layer_id, branch, target), previous, output, step_index, effect, diffs)
                 if self.effect_meter is not None:

@@ -98,6 +98,8 @@ class ErrorControl:
         self.per_step = plans and config.adaptive_scope == "step"
         # branch_decisions="cond": only the conditional branch is measured; its plan serves every branch.
         self.only_cond = config.branch_decisions == "cond"
+        # error_targets: only these are measured; another target of a layer follows the layer's first measured one.
+        self.targets = config.error_targets
         self.on_measured = on_measured
         self.plans = plans
         self.reset()
@@ -124,16 +126,19 @@ class ErrorControl:
         if self.per_step:
             self._close_step(step_index)
             key = _STEP_KEY
-        elif self.only_cond and key[1] != "cond":
-            key = (key[0], "cond", key[2])
+        else:
+            if self.only_cond and key[1] != "cond":
+                key = (key[0], "cond", key[2])
+            if self.targets is not None and key[2] not in self.targets:
+                key = (key[0], key[1], self.targets[0])
         return step_index < self._refresh_at.get(key, step_index)
 
     def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect,
                 diffs: tuple | None = None) -> None:
         """Queue the forecast error of a compute; `resolve` measures it and plans this key's (or this step's)
         next refresh. `diffs`: this compute's forecast.differences(...), when the caller formed them."""
-        if self.only_cond and key[1] != "cond":
-            return                      # decided by the conditional branch's measurement
+        if (self.only_cond and key[1] != "cond") or (self.targets is not None and key[2] not in self.targets):
+            return                      # decided by the measurement of the conditional branch / a measured target
         if previous is None or previous.output is None or effect is None or effect[1] is None:
             self._pending.append(_Measurement(key, step_index))
             return

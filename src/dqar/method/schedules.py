@@ -242,7 +242,7 @@ class PolicySchedule(Schedule):
     """
 
     reads = ("warmup", "policy_path", "policy_threshold", "policy_budget", "snr_form", "entropy_rows",
-             "entropy_seed", "entropy_images", "error_images", "branch_decisions")
+             "entropy_seed", "entropy_images", "error_images", "branch_decisions", "error_targets")
 
     def __init__(self, config: DQARConfig, policy):
         super().__init__(config)
@@ -323,17 +323,19 @@ class PolicySchedule(Schedule):
 
 
 # What a v2 policy's error feature was measured over in training, and its value in files that predate it.
-_MEASURED_BY = (("targets", None), ("error_images", 0), ("branch_decisions", "each"))
+_MEASURED_BY = (("targets", None), ("error_images", 0), ("branch_decisions", "each"), ("error_targets", None))
 
 
 def _warn_if_measured_otherwise(where: str, use_with: dict, config: DQARConfig) -> None:
     """A v2 policy reads its error feature as training measured it; measured otherwise (other targets, fewer
     images, one branch for both) the values shift and the policy decides worse (docs/POLICY.md, stop 18)."""
+    if not use_with:
+        return                          # a file that records nothing about it
     differ = []
     for field, before in _MEASURED_BY:
         trained = use_with.get(field, before)
         trained = tuple(trained) if isinstance(trained, list) else trained
-        if trained is not None and trained != getattr(config, field):
+        if (trained is not None or field == "error_targets") and trained != getattr(config, field):
             differ.append(f"{field}={trained!r} (this run: {getattr(config, field)!r})")
     if differ:
         warnings.warn(f"{where} was trained with {', '.join(differ)}; its forecast-error feature is measured "
@@ -350,7 +352,7 @@ class AdaptiveSchedule(Schedule):
     """Error control: after warmup every layer is a candidate; the controller refreshes each (layer, target,
     branch) when its measured forecast error, grown with the cache age, would pass `tolerance`."""
 
-    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "error_images", "branch_decisions")
+    reads = ("warmup", "tolerance", "max_age", "adaptive_scope", "error_images", "branch_decisions", "error_targets")
 
     def plan(self, step, branch, entropies):
         return frozenset() if self.in_warmup(step) else frozenset(range(step.num_layers))

@@ -181,7 +181,7 @@ class TargetHook:
         ents = [float(e.mean()) for e in logits_entropy(logits).chunk(len(branches))] if now else None
         start, entries = first_row, []
         for i, (branch, o) in enumerate(zip(branches, chunks)):
-            measured = self.probe is not None and self.ctl.measures(branch)
+            measured = self.probe is not None and self.ctl.measures(branch, self.target)
             effect = self.probe.effect(self.target, start, start + o.shape[0]) if measured else None
             entries.append(self.ctl.commit(self.layer, branch, output=o, target=self.target,
                                            entropy=ents[i] if now else None, effect=effect))
