@@ -79,14 +79,15 @@ def test_v2_file_round_trip_records_its_feature_set_and_needs(tmp_path):
     with safe_open(str(v1), framework="pt") as f:
         assert f.metadata()["format"] == FORMAT and "feature_set" not in f.metadata()
     assert load_policy(v1).feature_set == "v1" and not load_policy(v1).uses_history
-    # The shipped file is v2 less the entropy, trained on the conditional branch's one-image errors (docs/POLICY.md,
-    # "One decision for both CFG branches"): forecasts at most 2 steps old, threshold 0.7, no attention statistic,
-    # and its metadata says how to measure what it reads.
+    # The shipped file is v2 less the entropy, trained on the MLP's one-image errors of the conditional branch
+    # (docs/POLICY.md, "The MLP's error alone"): forecasts at most 2 steps old, threshold 0.7, no attention
+    # statistic, and its metadata says how to measure what it reads.
     shipped = load_policy()
     assert shipped.feature_set == "v2-noentropy" and shipped.feature_names == POLICY_FEATURE_NAMES_V2_NOENTROPY
     assert shipped.max_cache_age == 2 and shipped.threshold == 0.7 and not shipped.reads_entropy
     assert shipped.info["use_with"] == {"schedule": "policy", "targets": ["attn", "mlp"], "forecast_order": 2,
-                                        "warmup": 0.0, "error_images": 1, "branch_decisions": "cond"}
+                                        "warmup": 0.0, "error_images": 1, "branch_decisions": "cond",
+                                        "error_targets": ["mlp"]}
 
 
 def test_the_seeds_five_feature_policy_stays_loadable_and_usable():
