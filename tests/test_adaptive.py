@@ -1,4 +1,6 @@
 """The adaptive schedule: error control from the measured forecast error, with exact expectations."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,6 +20,17 @@ def run(model, config):
     try:
         images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
         return images, ctl.summary(), ctl
+    finally:
+        remove_dqar(model)
+
+
+def run_measured(model, config):
+    """Images, summary and the error control's (step, layer, branch, target, age, error) list, read before
+    removal resets it."""
+    ctl = apply_dqar(model, config)
+    try:
+        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
+        return images, ctl.summary(), list(ctl.error_control.errors)
     finally:
         remove_dqar(model)
 
@@ -375,20 +388,15 @@ def test_conditional_decisions_refresh_both_branches_together(model, baseline):
     branch refreshes when the conditional one does; a tiny tolerance still computes everything."""
     config = DQARConfig(schedule="adaptive", adaptive_scope="module", warmup=0.0, tolerance=0.05, max_age=4,
                         forecast_order=1, targets=("attn", "mlp"), branch_decisions="cond")
-    ctl = apply_dqar(model, config)
-    try:
-        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
-        s, branches = ctl.summary(), {e[2] for e in ctl.error_control.errors}
-    finally:
-        remove_dqar(model)
-    assert s["reuse_events"] > 0 and branches == {"cond"}
-    each, s_each, _ = run(model, DQARConfig(**{**config.__dict__, "branch_decisions": "each"}))
+    images, s, errors = run_measured(model, config)
+    assert s["reuse_events"] > 0 and {e[2] for e in errors} == {"cond"}
+    each, s_each, _ = run(model, replace(config, branch_decisions="each"))
     assert s_each["reuse_events"] > 0 and not torch.equal(images, each)
     # Every reuse event is a pair: both branches of a layer and target decided alike.
     assert all(n % 2 == 0 for n in s["events_per_step"])
     again, s2, _ = run(model, config)
     assert torch.equal(images, again) and s2["events_per_step"] == s["events_per_step"]
-    exact, s0, _ = run(model, DQARConfig(**{**config.__dict__, "tolerance": 1e-12}))
+    exact, s0, _ = run(model, replace(config, tolerance=1e-12))
     assert s0["reuse_events"] == 0 and torch.equal(exact, baseline)
 
 
@@ -419,13 +427,8 @@ def test_error_targets_under_the_adaptive_schedule(model, baseline):
     layer's MLP; a tiny tolerance still computes everything."""
     config = DQARConfig(schedule="adaptive", adaptive_scope="module", warmup=0.0, tolerance=0.05, max_age=4,
                         forecast_order=1, targets=("attn", "mlp"), error_targets=("mlp",))
-    ctl = apply_dqar(model, config)
-    try:
-        images = sample(model, LABELS, SEEDS, steps=STEPS, cfg_scale=2.0)
-        s, targets = ctl.summary(), {e[3] for e in ctl.error_control.errors}
-    finally:
-        remove_dqar(model)
-    assert s["reuse_events"] > 0 and targets == {"mlp"}
+    _, s, errors = run_measured(model, config)
+    assert s["reuse_events"] > 0 and {e[3] for e in errors} == {"mlp"}
     assert all(n % 2 == 0 for n in s["events_per_step"])          # attention and MLP of a layer alike
-    exact, s0, _ = run(model, DQARConfig(**{**config.__dict__, "tolerance": 1e-12}))
+    exact, s0, _ = run(model, replace(config, tolerance=1e-12))
     assert s0["reuse_events"] == 0 and torch.equal(exact, baseline)

@@ -17,6 +17,10 @@ from dqar.method.stats import POLICY_FEATURE_NAMES, POLICY_FEATURE_NAMES_V2, POL
 from dqar.sampling import sample
 
 LABELS, SEEDS, STEPS = [1, 2], [0, 1], 12
+# `dqar train-policy` on a tiny model: two short v2-noentropy runs, the rows measured as the options say.
+TINY_NOENTROPY_RUNS = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2",
+                       "--per-class", "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3",
+                       "--no-progress", "--val-fraction", "0.5"]
 
 
 @pytest.fixture(autouse=True)
@@ -303,9 +307,7 @@ def test_train_policy_v2_with_error_images_measures_the_same_runs_on_fewer_image
     harm over one image per branch is at most the every-image maximum, and the card says what it was trained on."""
     from dqar.cli import main
 
-    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
-              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
-              "--val-fraction", "0.5"]
+    common = TINY_NOENTROPY_RUNS
     assert main([*common, "--out", str(tmp_path / "all")]) == 0
     assert main([*common, "--out", str(tmp_path / "one"), "--error-images", "1"]) == 0
     every, one = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]
@@ -465,9 +467,7 @@ def test_train_policy_on_the_block_target_with_conditional_decisions(tmp_path, c
     target (no entropy: v2-noentropy), recorded in the rows and the card; rows measured otherwise are refused."""
     from dqar.cli import main
 
-    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
-              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
-              "--val-fraction", "0.5", "--targets", "block"]
+    common = [*TINY_NOENTROPY_RUNS, "--targets", "block"]
     assert main([*common, "--out", str(tmp_path / "each")]) == 0
     assert main([*common, "--out", str(tmp_path / "cond"), "--branch-decisions", "cond"]) == 0
     each, cond = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]
@@ -529,9 +529,7 @@ def test_error_targets_measure_only_those_targets(model, tmp_path, monkeypatch):
 def test_train_policy_with_error_targets_records_them(tmp_path, capsys):
     from dqar.cli import main
 
-    common = ["train-policy", "--features", "v2-noentropy", "--model", "DiT-Tiny", "--n-runs", "2", "--per-class",
-              "2", "--steps", "8", "--epochs", "5", "--cfg-scale", "1.5", "--max-age", "3", "--no-progress",
-              "--val-fraction", "0.5"]
+    common = TINY_NOENTROPY_RUNS
     assert main([*common, "--out", str(tmp_path / "all")]) == 0
     assert main([*common, "--out", str(tmp_path / "mlp"), "--error-targets", "mlp"]) == 0
     every, mlp = ([json.loads(line) for line in (tmp_path / d / "rows.jsonl").read_text().splitlines()]

@@ -136,9 +136,9 @@ class ErrorControl:
     def observe(self, key: tuple, previous, fresh: torch.Tensor, step_index: int, effect,
                 diffs: tuple | None = None) -> None:
         """Queue the forecast error of a compute; `resolve` measures it and plans this key's (or this step's)
-        next refresh. `diffs`: this compute's forecast.differences(...), when the caller formed them."""
-        if (self.only_cond and key[1] != "cond") or (self.targets is not None and key[2] not in self.targets):
-            return                      # decided by the measurement of the conditional branch / a measured target
+        next refresh. `diffs`: this compute's forecast.differences(...), when the caller formed them. The
+        controller hands over only the computes it measures (DQARController.measures: branch_decisions,
+        error_targets); may_forecast maps the others to the measured key they follow."""
         if previous is None or previous.output is None or effect is None or effect[1] is None:
             self._pending.append(_Measurement(key, step_index))
             return

@@ -111,11 +111,16 @@ class Schedule:
 
     def plan_branches(self, step: StepState, entropies: dict[str, dict[int, float]],
                       branches: tuple[str, ...]) -> dict[str, frozenset[int]]:
-        """Every branch's plan for this step (a schedule may form them together); with branch_decisions="cond"
-        the conditional branch's plan serves every branch."""
+        """Every branch's plan for this step; with branch_decisions="cond" the conditional branch's plan serves
+        every branch."""
         deciding = decided_by(self.config, branches)
-        plans = {b: self.plan(step, b, entropies.get(b, {})) for b in deciding}
+        plans = self.plan_deciding(step, entropies, deciding)
         return plans if deciding == branches else {b: plans["cond"] for b in branches}
+
+    def plan_deciding(self, step: StepState, entropies: dict[str, dict[int, float]],
+                      branches: tuple[str, ...]) -> dict[str, frozenset[int]]:
+        """The plans of the branches that decide (a schedule may form them together)."""
+        return {b: self.plan(step, b, entropies.get(b, {})) for b in branches}
 
     def in_warmup(self, step: StepState) -> bool:
         # warmup = 1.0 means never reuse, the last step (progress 1.0) included, as in ReusableLayers(p).
@@ -267,16 +272,15 @@ class PolicySchedule(Schedule):
         return self.policy.reads_entropy
 
     def plan(self, step, branch, entropies):
-        return self.plan_branches(step, {branch: entropies}, (branch,))[branch]
+        return self.plan_deciding(step, {branch: entropies}, (branch,))[branch]
 
-    def plan_branches(self, step, entropies, branches):
-        """One policy forward for every branch's rows (a forward costs its op dispatch, not its size); the
-        threshold and the budget then apply per branch."""
+    def plan_deciding(self, step, entropies, branches):
+        """One policy forward for every deciding branch's rows (a forward costs its op dispatch, not its size);
+        the threshold and the budget then apply per branch."""
         plans = {b: frozenset() for b in branches}
         if self.in_warmup(step) or step.snr is None:
             return plans
-        deciding = decided_by(self.config, branches)
-        parts = [(b, *self._rows(step, b, entropies.get(b, {}))) for b in deciding]
+        parts = [(b, *self._rows(step, b, entropies.get(b, {}))) for b in branches]
         flat = array("f")
         for _, _, branch_rows in parts:
             for row in branch_rows:
@@ -293,8 +297,6 @@ class PolicySchedule(Schedule):
                                           self.config.policy_threshold, self.config.policy_budget)
                 plans[branch] = frozenset(i for i, m in zip(layers, mask) if m)
                 start += len(branch_rows)
-        if deciding != branches:
-            plans = {b: plans["cond"] for b in branches}
         return plans
 
     def _rows(self, step, branch, entropies) -> tuple[list[int], list[list[float]]]:
